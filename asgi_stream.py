@@ -1,0 +1,1043 @@
+"""asgi-stream: one handwritten ASGI callable that streams LLM tokens to HTTP
+clients as Server-Sent Events, keeps provider keys on the server, and stops
+the upstream generation when nobody is listening any more.
+
+Read top to bottom, in the order data flows: configuration, the request and
+its validation, SSE framing, the stream record, the generation that fills it,
+the writer that drains it to a client, and the ASGI entry point.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import math
+import os
+import re
+import secrets
+import sqlite3
+import sys
+import threading
+import time
+from array import array
+from collections.abc import Awaitable, Callable, Mapping
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl
+
+import anyio
+import httpx
+import orjson
+
+from providers import ChatRequest, Final, Provider, Upstream, UpstreamError, make_usage
+from providers.echo import stream_echo
+from providers.lines import LineTooLong
+from providers.openai import stream_openai
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+log = logging.getLogger("asgi_stream")
+
+
+# --- backends ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Backend:
+    stream: Provider
+    default_model: str
+    key_variable: str | None  # None: needs no key
+    url_variable: str | None
+    default_url: str
+    model_pattern: re.Pattern[str] = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-:/@+]{0,255}")
+
+
+BACKENDS: dict[str, Backend] = {
+    "echo": Backend(stream_echo, "echo", None, None, ""),
+    "openai": Backend(stream_openai, "gpt-4o-mini", "OPENAI_API_KEY", "OPENAI_BASE_URL", "https://api.openai.com/v1"),
+}
+
+
+# --- configuration ------------------------------------------------------------
+
+
+class ConfigError(Exception):
+    """An environment variable with an unusable value; names the variable."""
+
+
+@dataclass(frozen=True)
+class Config:
+    upstreams: dict[str, Upstream]  # the backends that can serve, with their keys
+    default_backend: str
+    default_model: str | None
+    max_tokens: int = 1024
+    max_tokens_limit: int = 8192
+    api_keys: dict[str, str] = field(default_factory=dict)  # key -> name
+    cors_origins: frozenset[str] = frozenset()
+    max_body_bytes: int = 1_048_576
+    max_streams: int = 1000
+    max_streams_per_key: int = 100
+    connect_timeout: float = 10.0
+    first_token_timeout: float = 120.0
+    idle_timeout: float = 60.0
+    total_timeout: float = 600.0
+    heartbeat: float = 15.0
+    resume_grace: float = 5.0
+    resume_ttl: float = 60.0
+    usage_db: str = "usage.db"
+    body_timeout: float = 30.0  # a client that does not finish its body in time gets 408
+    send_timeout: float = 30.0  # a client that takes no bytes for this long is dropped
+    stream_buffer_bytes: int = 1_048_576  # events held per stream for resume
+
+
+def _number(env: Mapping[str, str], name: str, default: float, *, integer: bool = False, low: float = 0) -> Any:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw) if integer else float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not {'an integer' if integer else 'a number'}") from None
+    if not value >= low or not math.isfinite(value):
+        raise ConfigError(f"{name}={raw!r} must be at least {low}")
+    return value
+
+
+def load_config(env: Mapping[str, str]) -> Config:
+    """Read every setting once; an invalid value stops startup."""
+    upstreams = {"echo": Upstream("", token_delay=_number(env, "ECHO_DELAY_SECONDS", 0.0))}
+    for name, backend in BACKENDS.items():
+        key = env.get(backend.key_variable, "") if backend.key_variable else ""
+        url = env.get(backend.url_variable, "") if backend.url_variable else ""
+        if key or (url and backend.key_variable is None):
+            base = url or backend.default_url
+            if not base.startswith(("http://", "https://")):
+                raise ConfigError(f"{backend.url_variable}={base!r} must start with http:// or https://")
+            upstreams[name] = Upstream(base, key)
+    default = env.get("DEFAULT_BACKEND", "").strip()
+    if default and default not in BACKENDS:
+        raise ConfigError(f"DEFAULT_BACKEND={default!r} is not one of {', '.join(BACKENDS)}")
+    if default and default not in upstreams:
+        raise ConfigError(f"DEFAULT_BACKEND={default!r} is not configured (its key is not set)")
+    if not default:
+        preferred = ("openai", "anthropic", "gemini", "ollama", "echo")
+        default = next(name for name in preferred if name in upstreams)
+    api_keys: dict[str, str] = {}
+    for entry in filter(None, (e.strip() for e in env.get("API_KEYS", "").split(","))):
+        name, colon, key = entry.partition(":")
+        if not colon or not name or not key:
+            raise ConfigError("API_KEYS must be name:key pairs separated by commas")
+        api_keys[key] = name
+    limit = _number(env, "MAX_TOKENS_LIMIT", 8192, integer=True, low=1)
+    max_tokens = _number(env, "MAX_TOKENS", min(1024, limit), integer=True, low=1)
+    if max_tokens > limit:
+        raise ConfigError(f"MAX_TOKENS={max_tokens} is above MAX_TOKENS_LIMIT={limit}")
+    return Config(
+        upstreams=upstreams,
+        default_backend=default,
+        default_model=env.get("DEFAULT_MODEL", "").strip() or None,
+        max_tokens=max_tokens,
+        max_tokens_limit=limit,
+        api_keys=api_keys,
+        cors_origins=frozenset(o.strip() for o in env.get("CORS_ORIGINS", "").split(",") if o.strip()),
+        max_body_bytes=_number(env, "MAX_BODY_BYTES", 1_048_576, integer=True, low=1),
+        max_streams=_number(env, "MAX_STREAMS", 1000, integer=True, low=1),
+        max_streams_per_key=_number(env, "MAX_STREAMS_PER_KEY", 100, integer=True, low=1),
+        connect_timeout=_number(env, "CONNECT_TIMEOUT_SECONDS", 10.0, low=0.001),
+        first_token_timeout=_number(env, "FIRST_TOKEN_TIMEOUT_SECONDS", 120.0, low=0.001),
+        idle_timeout=_number(env, "IDLE_TIMEOUT_SECONDS", 60.0, low=0.001),
+        total_timeout=_number(env, "TOTAL_TIMEOUT_SECONDS", 600.0, low=0.001),
+        heartbeat=_number(env, "HEARTBEAT_SECONDS", 15.0, low=0.001),
+        resume_grace=_number(env, "RESUME_GRACE_SECONDS", 5.0),
+        resume_ttl=_number(env, "RESUME_TTL_SECONDS", 60.0),
+        usage_db=env.get("USAGE_DB", "usage.db").strip(),
+        body_timeout=_number(env, "BODY_TIMEOUT_SECONDS", 30.0, low=0.001),
+        send_timeout=_number(env, "SEND_TIMEOUT_SECONDS", 30.0, low=0.001),
+        stream_buffer_bytes=_number(env, "STREAM_BUFFER_BYTES", 1_048_576, integer=True, low=1024),
+    )
+
+
+# --- requests and their validation -------------------------------------------
+
+
+class HTTPError(Exception):
+    """A refusal before any stream starts: status, error type, message."""
+
+    def __init__(self, status: int, type: str, message: str, headers: list[tuple[bytes, bytes]] | None = None):
+        super().__init__(message)
+        self.status, self.type, self.message, self.headers = status, type, message, headers or []
+
+
+def invalid(message: str) -> HTTPError:
+    return HTTPError(400, "invalid_request", message)
+
+
+ROLES = ("system", "user", "assistant")
+
+
+def parse_messages(value: Any) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise invalid("messages must be a non-empty array of {role, content} objects")
+    messages = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict):
+            raise invalid(f"messages[{i}] must be an object with role and content")
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise invalid(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {_show(role)}")
+        if not isinstance(content, str):
+            raise invalid(f"messages[{i}].content must be a string, got {_show(content)}")
+        messages.append({"role": role, "content": content})
+    return messages
+
+
+def _show(value: Any) -> str:
+    text = orjson.dumps(value).decode() if value is not None else "nothing"
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _loads(data: bytes | str, what: str) -> Any:
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise invalid(f"{what} is not valid JSON: {exc}") from None
+
+
+def _body_field(fields: dict[str, Any], query: dict[str, str], name: str, kind: type) -> Any:
+    """A body field of exactly `kind`, else the query parameter (a string)."""
+    if name in fields and fields[name] is not None:
+        value = fields[name]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if type(value) is not kind:
+            raise invalid(f"{name} must be {'a number' if kind is float else 'an ' + kind.__name__ if kind is int else 'a string'}, got {_show(value)}")
+        return value
+    if name not in query:
+        return None
+    raw = query[name]
+    if kind is int:
+        if not raw.isascii() or not raw.isdigit():
+            raise invalid(f"{name} must be an integer, got {raw[:40]!r}")
+        return int(raw)
+    if kind is float:
+        try:
+            return float(raw)
+        except ValueError:
+            raise invalid(f"{name} must be a number, got {raw[:40]!r}") from None
+    return raw
+
+
+def parse_chat_request(method: str, query: dict[str, str], body: bytes, config: Config) -> ChatRequest:
+    """Validate a start-stream request (any of the three forms) strictly."""
+    fields: dict[str, Any] = {}
+    if method == "GET":
+        if "prompt" in query and "messages" in query:
+            raise invalid("give prompt or messages, not both")
+        if "prompt" in query:
+            messages = [{"role": "user", "content": query["prompt"]}]
+        elif "messages" in query:
+            messages = parse_messages(_loads(query["messages"], "messages"))
+        else:
+            raise invalid("prompt (or messages, a JSON array) is required")
+    else:
+        data = _loads(body, "the request body")
+        if isinstance(data, dict):
+            fields = data
+            if "messages" not in data:
+                raise invalid("messages is required")
+            messages = parse_messages(data["messages"])
+        elif isinstance(data, list):
+            messages = parse_messages(data)  # the article's form: a bare array
+        else:
+            raise invalid("the body must be a JSON object or an array of messages")
+
+    backend = _body_field(fields, query, "backend", str) or config.default_backend
+    if backend not in BACKENDS:
+        raise invalid(f"backend must be one of {', '.join(BACKENDS)}, got {_show(backend)}")
+    if backend not in config.upstreams:
+        raise invalid(f"backend {backend!r} is not configured on this server ({BACKENDS[backend].key_variable} is not set)")
+    spec = BACKENDS[backend]
+    default_model = config.default_model if backend == config.default_backend and config.default_model else spec.default_model
+    model = _body_field(fields, query, "model", str) or default_model
+    if not spec.model_pattern.fullmatch(model):
+        raise invalid(f"model {_show(model)} is not a valid model name for {backend}")
+    max_tokens = _body_field(fields, query, "max_tokens", int)
+    if max_tokens is None:
+        max_tokens = config.max_tokens
+    if not 1 <= max_tokens <= config.max_tokens_limit:
+        raise invalid(f"max_tokens must be from 1 to {config.max_tokens_limit}, got {max_tokens}")
+    temperature = _body_field(fields, query, "temperature", float)
+    if temperature is not None and not 0 <= temperature <= 2:
+        raise invalid(f"temperature must be from 0 to 2, got {temperature}")
+    return ChatRequest(messages, backend, model, max_tokens, temperature)
+
+
+def is_json_media_type(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+async def read_body(receive: Receive, headers: dict[str, str], config: Config) -> bytes:
+    """The request body, read piece by piece and refused at the limit."""
+    limit = config.max_body_bytes
+    too_large = HTTPError(413, "payload_too_large", f"the request body is larger than {limit} bytes")
+    declared = headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    body = bytearray()
+    with anyio.move_on_after(config.body_timeout) as scope:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientGone
+            body += message.get("body", b"")
+            if len(body) > limit:
+                raise too_large
+            if not message.get("more_body", False):
+                return bytes(body)
+    assert scope.cancelled_caught
+    raise HTTPError(408, "request_timeout", f"the request body did not arrive within {config.body_timeout:g} s")
+
+
+class ClientGone(Exception):
+    """The client left before the request was complete."""
+
+
+# --- SSE framing ----------------------------------------------------------------
+
+SAFE_FIELD = re.compile(r"[!-~]+")  # printable ASCII, no space: no CR, LF or NUL
+LINE_BREAK = re.compile(r"\r\n|\r|\n")
+HEARTBEAT = b":\n"  # one comment line, no blank line: dispatches nothing anywhere
+FIRST_CHUNK = b"retry: 1000\n"  # gets the headers out on servers that hold them
+
+
+def encode_event(event: str, data: str, event_id: str) -> bytes:
+    """One complete SSE event. Multi-line data becomes one `data:` line per line
+    (the receiver joins them with LF); event names and ids that would break
+    the framing are refused."""
+    if not SAFE_FIELD.fullmatch(event) or not SAFE_FIELD.fullmatch(event_id):
+        raise ValueError("event names and ids must be printable ASCII without spaces")
+    return _frame(event, event_id, data)
+
+
+def _frame(event: str, event_id: str, data: str) -> bytes:
+    if "\n" in data or "\r" in data:
+        data = "\ndata: ".join(LINE_BREAK.split(data))
+    # lone surrogates (possible from JSON escapes) cannot be UTF-8: replace them
+    return f"event: {event}\nid: {event_id}\ndata: {data}\n\n".encode("utf-8", "replace")
+
+
+# --- the stream record ---------------------------------------------------------
+
+
+class StreamRecord:
+    """The encoded events of one generation, for every client that reads it.
+
+    Clients are readers; the generation is the only writer. The interface
+    (append, read, wait, finish) is all a replica-shared store such as Redis
+    Streams would need to provide. Events are held in one bytearray with an
+    array of end offsets, bounded by `max_bytes` (oldest dropped first).
+    """
+
+    def __init__(self, stream_id: str, key_name: str | None, request: ChatRequest, max_bytes: int):
+        self.id = stream_id
+        self.key_name = key_name
+        self.request = request
+        self.max_bytes = max_bytes
+        self.started = time.time()
+        self.started_clock = anyio.current_time()
+        self.first_token_after: float | None = None
+        self.tokens = 0
+        self.readers = 0
+        self.ever_disconnected = False
+        self.finished = False
+        self.finish_reason: str | None = None
+        self.usage: dict[str, Any] | None = None
+        self.error: UpstreamError | None = None
+        self.cancel_reason: str | None = None
+        self.generation: anyio.CancelScope | None = None
+        self._buffer = bytearray()
+        self._ends = array("Q")  # end offset of event n+1 in the buffer
+        self._first = 0  # events before this were dropped to bound memory
+        self._dropped_bytes = 0
+        self._changed: anyio.Event | None = None
+        self._id_prefix = stream_id + "."
+
+    @property
+    def count(self) -> int:
+        return self._first + len(self._ends)
+
+    def append(self, event: str, data: str) -> None:
+        self._buffer += _frame(event, self._id_prefix + str(self.count + 1), data)
+        self._ends.append(self._dropped_bytes + len(self._buffer))
+        if len(self._buffer) > self.max_bytes:
+            self._drop_oldest()
+        self.notify()
+
+    def _drop_oldest(self) -> None:
+        keep_from = self._dropped_bytes + len(self._buffer) - self.max_bytes // 2
+        dropped = 0
+        while dropped < len(self._ends) - 1 and self._ends[dropped] <= keep_from:
+            dropped += 1
+        if dropped:
+            cut = self._ends[dropped - 1]
+            del self._buffer[: cut - self._dropped_bytes]
+            del self._ends[:dropped]
+            self._first += dropped
+            self._dropped_bytes = cut
+
+    def read(self, position: int) -> bytes | None:
+        """Every event after the first `position` as one bytes (b"" if none
+        yet); None if some of them were dropped and cannot be replayed."""
+        if position < self._first:
+            return None
+        if position >= self.count:
+            return b""
+        start = self._ends[position - self._first - 1] if position > self._first else self._dropped_bytes
+        return bytes(self._buffer[start - self._dropped_bytes :])
+
+    def holds_position(self, position: int) -> bool:
+        return self._first <= position <= self.count
+
+    async def wait(self) -> None:
+        """Until something is appended, a reader comes or goes, or it ends."""
+        if self._changed is None:
+            self._changed = anyio.Event()
+        await self._changed.wait()
+
+    def notify(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
+    def cancel(self, reason: str) -> bool:
+        """Stop the generation (DELETE, or no reader after the grace)."""
+        if self.finished or self.generation is None:
+            return False
+        self.cancel_reason = reason
+        self.generation.cancel()
+        return True
+
+    def finish(self, finish_reason: str, usage: dict[str, Any] | None, error: UpstreamError | None) -> None:
+        """Append the closing events: usage?, error?, done; exactly once."""
+        if self.finished:
+            return
+        self.finish_reason, self.usage, self.error = finish_reason, usage, error
+        if usage is not None:
+            self.append("usage", orjson.dumps(usage).decode())
+        if error is not None:
+            self.append("error", orjson.dumps(error.as_event_data()).decode())
+        self.append("done", finish_reason)
+        self.finished = True
+        self.notify()
+
+
+class StreamRegistry:
+    """Held streams by id, for resume and cancel; finished ones expire."""
+
+    def __init__(self, ttl: float):
+        self.ttl = ttl
+        self._streams: dict[str, StreamRecord] = {}
+        self._expiry: dict[str, float] = {}
+        self._next_sweep = 0.0
+
+    def add(self, record: StreamRecord) -> None:
+        self._sweep()
+        self._streams[record.id] = record
+
+    def get(self, stream_id: str, key_name: str | None) -> StreamRecord | None:
+        self._sweep()
+        record = self._streams.get(stream_id)
+        return record if record is not None and record.key_name == key_name else None
+
+    def expire_later(self, record: StreamRecord) -> None:
+        if self.ttl <= 0:
+            self._streams.pop(record.id, None)
+        else:
+            self._expiry[record.id] = time.monotonic() + self.ttl
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + 1.0
+        for stream_id in [s for s, t in self._expiry.items() if t <= now]:
+            del self._expiry[stream_id]
+            self._streams.pop(stream_id, None)
+
+
+# --- metrics, usage ledger, per-stream log line -------------------------------
+
+
+class Histogram:
+    BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+    def __init__(self) -> None:
+        self.counts = [0] * len(self.BUCKETS)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.sum += value
+        self.count += 1
+        for i, bound in enumerate(self.BUCKETS):
+            if value <= bound:
+                self.counts[i] += 1
+
+    def render(self, name: str) -> list[str]:
+        lines = [f'{name}_bucket{{le="{b:g}"}} {c}' for b, c in zip(self.BUCKETS, self.counts)]
+        return lines + [f'{name}_bucket{{le="+Inf"}} {self.count}', f"{name}_sum {self.sum:.6f}", f"{name}_count {self.count}"]
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.active = 0
+        self.active_by_key: dict[str | None, int] = {}
+        self.streams: dict[tuple[str, str], int] = {}  # (backend, finish reason) -> count
+        self.tokens: dict[str, int] = {}
+        self.upstream_errors: dict[str, int] = {}
+        self.rejected: dict[str, int] = {}
+        self.time_to_first_token = Histogram()
+        self.stream_duration = Histogram()
+
+    def render(self, held: int) -> bytes:
+        def counter(name: str, help: str, label: str, values: Mapping[Any, int]) -> list[str]:
+            lines = [f"# HELP {name} {help}", f"# TYPE {name} counter"]
+            for key, value in sorted(values.items()):
+                labels = ",".join(f'{n}="{v}"' for n, v in zip(label.split(","), key if isinstance(key, tuple) else (key,)))
+                lines.append(f"{name}{{{labels}}} {value}")
+            return lines
+
+        lines = [
+            "# HELP asgi_stream_active_streams Streams admitted and not yet done.",
+            "# TYPE asgi_stream_active_streams gauge",
+            f"asgi_stream_active_streams {self.active}",
+            "# HELP asgi_stream_held_streams Streams held for resume (running or finished).",
+            "# TYPE asgi_stream_held_streams gauge",
+            f"asgi_stream_held_streams {held}",
+            *counter("asgi_stream_streams_total", "Finished streams.", "backend,finish_reason", self.streams),
+            *counter("asgi_stream_tokens_total", "Token events sent.", "backend", self.tokens),
+            *counter("asgi_stream_upstream_errors_total", "Streams that ended in an error.", "type", self.upstream_errors),
+            *counter("asgi_stream_rejected_total", "Requests refused before a stream.", "type", self.rejected),
+            "# HELP asgi_stream_time_to_first_token_seconds From admission to the first token.",
+            "# TYPE asgi_stream_time_to_first_token_seconds histogram",
+            *self.time_to_first_token.render("asgi_stream_time_to_first_token_seconds"),
+            "# HELP asgi_stream_duration_seconds From admission to done.",
+            "# TYPE asgi_stream_duration_seconds histogram",
+            *self.stream_duration.render("asgi_stream_duration_seconds"),
+        ]
+        return ("\n".join(lines) + "\n").encode()
+
+
+LEDGER_COLUMNS = (
+    "stream_id", "key_name", "backend", "model", "started_at", "time_to_first_token_ms", "duration_ms",
+    "prompt_tokens", "completion_tokens", "total_tokens", "estimated", "finish_reason", "error_type",
+    "client_disconnected",
+)  # fmt: skip
+
+
+class UsageLedger:
+    """One SQLite row per stream. sqlite3 blocks, so every call runs in a
+    worker thread; one connection, serialized by a lock."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._lock = threading.Lock()
+        self._db: sqlite3.Connection | None = None
+
+    def _connect(self) -> sqlite3.Connection:
+        if self._db is None:
+            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS usage (stream_id TEXT PRIMARY KEY, key_name TEXT, backend TEXT,"
+                " model TEXT, started_at TEXT, time_to_first_token_ms REAL, duration_ms REAL,"
+                " prompt_tokens INTEGER, completion_tokens INTEGER, total_tokens INTEGER, estimated INTEGER,"
+                " finish_reason TEXT, error_type TEXT, client_disconnected INTEGER)"
+            )
+            self._db = db
+        return self._db
+
+    def write(self, row: dict[str, Any]) -> None:
+        with self._lock:
+            self._connect().execute(
+                f"INSERT OR REPLACE INTO usage VALUES ({', '.join('?' * len(LEDGER_COLUMNS))})",
+                [row[c] for c in LEDGER_COLUMNS],
+            )
+
+    def close(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+    def summary(self) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return self._connect().execute(
+                "SELECT coalesce(key_name, '-'), backend, model, count(*), sum(prompt_tokens),"
+                " sum(completion_tokens), sum(total_tokens), sum(estimated) FROM usage"
+                " GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
+            ).fetchall()
+
+
+def stream_facts(record: StreamRecord, ended_clock: float) -> dict[str, Any]:
+    """What the ledger row and the log line say about a finished stream."""
+    usage = record.usage or {}
+    ttft = record.first_token_after
+    return {
+        "stream_id": record.id,
+        "key_name": record.key_name,
+        "backend": record.request.backend,
+        "model": record.request.model,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.started)),
+        "time_to_first_token_ms": round(ttft * 1000, 3) if ttft is not None else None,
+        "duration_ms": round((ended_clock - record.started_clock) * 1000, 3),
+        "prompt_tokens": usage.get("prompt_tokens", 0),
+        "completion_tokens": usage.get("completion_tokens", 0),
+        "total_tokens": usage.get("total_tokens", 0),
+        "estimated": int(bool(usage.get("estimated"))),
+        "finish_reason": record.finish_reason,
+        "error_type": record.error.type if record.error else None,
+        "client_disconnected": int(record.ever_disconnected),
+    }
+
+
+def estimate_usage(record: StreamRecord) -> dict[str, Any]:
+    """When the provider sent no counts: tokens as streamed, prompt at ~4 chars a token."""
+    prompt_chars = sum(len(m["content"]) for m in record.request.messages)
+    return make_usage(-(-prompt_chars // 4), record.tokens, estimated=True)
+
+
+# --- the gateway ---------------------------------------------------------------
+
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+ROUTES: dict[str, tuple[str, ...]] = {"/": ("GET",), "/healthz": ("GET",), "/metrics": ("GET",), "/chat/stream": ("GET", "POST")}
+INDEX_FILE = Path(__file__).with_name("index.html")
+
+
+class Gateway:
+    """The ASGI application. Settings are read once, at lifespan startup or,
+    under servers without lifespan (daphne), at the first request."""
+
+    def __init__(self, environ: Mapping[str, str] | None = None):
+        self._environ = environ
+        self._config: Config | None = None
+        self._http: httpx.AsyncClient | None = None
+        self.metrics = Metrics()
+        self.registry = StreamRegistry(60.0)
+        self.ledger: UsageLedger | None = None
+        self._index = b""
+
+    @property
+    def config(self) -> Config:
+        if self._config is None:
+            config = load_config(os.environ if self._environ is None else self._environ)
+            self.registry = StreamRegistry(config.resume_ttl)
+            self.ledger = UsageLedger(config.usage_db) if config.usage_db else None
+            self._index = INDEX_FILE.read_bytes() if INDEX_FILE.exists() else b"<!doctype html><title>asgi-stream</title>"
+            self._config = config
+        return self._config
+
+    @property
+    def http(self) -> httpx.AsyncClient:
+        """The one shared upstream client (opened on first use without lifespan)."""
+        if self._http is None:
+            cfg = self.config
+            self._http = httpx.AsyncClient(
+                timeout=httpx.Timeout(connect=cfg.connect_timeout, read=cfg.idle_timeout, write=cfg.connect_timeout, pool=cfg.connect_timeout),
+                limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
+                follow_redirects=False,
+            )
+        return self._http
+
+    async def aclose(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+        if self.ledger is not None:
+            await anyio.to_thread.run_sync(self.ledger.close)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self.lifespan(receive, send)
+        elif scope["type"] == "http":
+            try:
+                await self.route(scope, receive, send)
+            except HTTPError as exc:
+                self.metrics.rejected[exc.type] = self.metrics.rejected.get(exc.type, 0) + 1
+                body = orjson.dumps({"error": {"type": exc.type, "message": exc.message}})
+                await send_response(send, exc.status, body, b"application/json", exc.headers + self.cors_headers(scope))
+            except ClientGone:
+                pass
+
+    async def lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    self.http  # noqa: B018 - reads the settings and opens the shared client
+                except ConfigError as exc:
+                    await send({"type": "lifespan.startup.failed", "message": f"asgi-stream: {exc}"})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.aclose()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    # --- routing, auth, CORS, limits
+
+    async def route(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path, method = scope["path"], scope["method"]
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True))
+        allowed = ROUTES.get(path) or (("DELETE",) if path.startswith("/chat/stream/") else None)
+        if allowed is None:
+            raise HTTPError(404, "not_found", f"no route for {path[:100]}")
+        if method == "OPTIONS":
+            return await self.preflight(headers, send)
+        if method not in allowed:
+            raise HTTPError(405, "method_not_allowed", f"{path} allows {', '.join(allowed)}", [(b"allow", ", ".join(allowed).encode())])
+        if path == "/healthz":
+            return await send_response(send, 200, b'{"status":"ok"}', b"application/json")
+        if path == "/":
+            self.config  # noqa: B018 - loads the page with the settings
+            return await send_response(send, 200, self._index, b"text/html; charset=utf-8")
+        key_name = self.authenticate(headers, query)
+        if path == "/metrics":
+            return await send_response(send, 200, self.metrics.render(len(self.registry)), b"text/plain; version=0.0.4")
+        if method == "DELETE":
+            return await self.cancel_stream(path.removeprefix("/chat/stream/"), key_name, scope, send)
+        last_event_id = _last_event_id(scope)
+        if last_event_id is not None:
+            return await self.resume_stream(last_event_id, key_name, scope, receive, send)
+        await self.start_stream(scope, headers, query, key_name, receive, send)
+
+    def authenticate(self, headers: dict[str, str], query: dict[str, str]) -> str | None:
+        """The API key's name; None when no keys are configured (open)."""
+        keys = self.config.api_keys
+        if not keys:
+            return None
+        auth = headers.get("authorization", "")
+        offered = auth[7:].strip() if auth[:7].lower() == "bearer " else query.get("access_token", "")
+        name = None
+        for key, key_name in keys.items():  # compare with every key, in constant time
+            if hmac.compare_digest(key.encode(), offered.encode("utf-8", "replace")):
+                name = key_name
+        if not offered or name is None:
+            raise HTTPError(401, "unauthorized", "a valid API key is required: Authorization: Bearer <key>", [(b"www-authenticate", b"Bearer")])
+        return name
+
+    def cors_headers(self, scope: Scope) -> list[tuple[bytes, bytes]]:
+        origins = self._config.cors_origins if self._config else frozenset()
+        origin = next((v.decode("latin-1") for k, v in scope["headers"] if k.lower() == b"origin"), None)
+        if not origins or origin is None or not ("*" in origins or origin in origins):
+            return []
+        return [(b"access-control-allow-origin", origin.encode("latin-1")), (b"vary", b"Origin"), (b"access-control-expose-headers", b"X-Stream-ID")]
+
+    async def preflight(self, headers: dict[str, str], send: Send) -> None:
+        origins = self.config.cors_origins
+        origin = headers.get("origin")
+        if not origins or origin is None or not ("*" in origins or origin in origins):
+            raise HTTPError(403, "forbidden", "this origin is not allowed (CORS_ORIGINS)")
+        await send_response(send, 204, b"", None, [
+            (b"access-control-allow-origin", origin.encode("latin-1")), (b"vary", b"Origin"),
+            (b"access-control-allow-methods", b"GET, POST, DELETE, OPTIONS"),
+            (b"access-control-allow-headers", b"Authorization, Content-Type, Last-Event-ID"),
+            (b"access-control-max-age", b"600"),
+        ])  # fmt: skip
+
+    def admit(self, key_name: str | None) -> None:
+        cfg, metrics = self.config, self.metrics
+        if metrics.active >= cfg.max_streams:
+            raise HTTPError(503, "overloaded", f"the server is at its limit of {cfg.max_streams} streams", [(b"retry-after", b"1")])
+        if cfg.api_keys and metrics.active_by_key.get(key_name, 0) >= cfg.max_streams_per_key:
+            raise HTTPError(429, "rate_limited", f"this key is at its limit of {cfg.max_streams_per_key} streams", [(b"retry-after", b"1")])
+        metrics.active += 1
+        metrics.active_by_key[key_name] = metrics.active_by_key.get(key_name, 0) + 1
+
+    def release(self, key_name: str | None) -> None:
+        self.metrics.active -= 1
+        left = self.metrics.active_by_key[key_name] - 1
+        if left:
+            self.metrics.active_by_key[key_name] = left
+        else:
+            del self.metrics.active_by_key[key_name]
+
+    # --- starting, resuming and cancelling streams
+
+    async def start_stream(self, scope: Scope, headers: dict[str, str], query: dict[str, str], key_name: str | None, receive: Receive, send: Send) -> None:
+        cfg = self.config
+        body = b""
+        if scope["method"] == "POST":
+            if not is_json_media_type(headers.get("content-type", "")):
+                raise HTTPError(415, "unsupported_media_type", "POST bodies must be application/json")
+            body = await read_body(receive, headers, cfg)
+        request = parse_chat_request(scope["method"], query, body, cfg)
+        self.admit(key_name)
+        record = StreamRecord(secrets.token_urlsafe(16), key_name, request, cfg.stream_buffer_bytes)
+        self.registry.add(record)
+        backend = BACKENDS[request.backend]
+        try:
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(self.generate, record, backend.stream, cfg.upstreams[request.backend])
+                await self.serve_reader(record, 0, scope, receive, send)
+                await self.linger(record)
+        finally:
+            if record.generation is None:  # cancelled before the generation ran: still account for it
+                self.conclude(record, UpstreamError("shutdown", "the server is shutting down"))
+
+    async def resume_stream(self, last_event_id: str, key_name: str | None, scope: Scope, receive: Receive, send: Send) -> None:
+        """Replay what followed `last_event_id`, then follow the generation.
+        Whatever cannot be resumed gets 204, which stops EventSource."""
+        stream_id, _, position = last_event_id.rpartition(".")
+        record = self.registry.get(stream_id, key_name) if position.isascii() and position.isdigit() else None
+        if record is None or not record.holds_position(int(position)) or (record.finished and int(position) >= record.count):
+            return await send_response(send, 204, b"", None, self.cors_headers(scope))
+        await self.serve_reader(record, int(position), scope, receive, send)
+
+    async def cancel_stream(self, stream_id: str, key_name: str | None, scope: Scope, send: Send) -> None:
+        record = self.registry.get(stream_id, key_name)
+        if record is None or not record.cancel("cancelled"):
+            raise HTTPError(404, "not_found", "no running stream with this id")
+        await send_response(send, 204, b"", None, self.cors_headers(scope))
+
+    # --- the generation: provider chunks into the record
+
+    async def generate(self, record: StreamRecord, provider: Provider, upstream: Upstream) -> None:
+        outcome: Final | UpstreamError | None = None  # None: cancelled by record.cancel
+        try:
+            with anyio.CancelScope() as record.generation:
+                outcome = await self.drive(record, provider, upstream)
+        except UpstreamError as exc:
+            outcome = exc
+        except anyio.get_cancelled_exc_class():
+            outcome = UpstreamError("shutdown", "the server is shutting down")
+            raise
+        finally:
+            self.conclude(record, outcome)
+            with anyio.CancelScope(shield=True):
+                await self.account(record)
+
+    async def drive(self, record: StreamRecord, provider: Provider, upstream: Upstream) -> Final:
+        """Run the provider under the deadlines; every failure becomes UpstreamError."""
+        cfg = self.config
+        start = anyio.current_time()
+        first_token = anyio.CancelScope(deadline=start + cfg.first_token_timeout)
+        total = anyio.CancelScope(deadline=start + cfg.total_timeout)
+        final: Final | None = None
+        try:
+            with total, first_token:
+                async with aclosing(provider(self.http, upstream, record.request)) as chunks:
+                    async for chunk in chunks:
+                        if type(chunk) is str:
+                            if not chunk:
+                                continue
+                            if not record.tokens:
+                                first_token.deadline = math.inf
+                                record.first_token_after = anyio.current_time() - start
+                            record.tokens += 1
+                            record.append("token", chunk)
+                        elif isinstance(chunk, Final):
+                            final = chunk
+        except httpx.ReadTimeout:
+            raise UpstreamError("timeout", f"idle deadline: the upstream sent nothing for {cfg.idle_timeout:g} s") from None
+        except httpx.ConnectTimeout:
+            raise UpstreamError("timeout", f"connect deadline: no connection within {cfg.connect_timeout:g} s") from None
+        except httpx.TimeoutException as exc:
+            raise UpstreamError("timeout", f"upstream {type(exc).__name__}") from None
+        except (httpx.HTTPError, LineTooLong) as exc:
+            raise UpstreamError("protocol_error", f"the upstream stream broke: {exc or type(exc).__name__}") from None
+        if first_token.cancelled_caught:
+            raise UpstreamError("timeout", f"first-token deadline: no token within {cfg.first_token_timeout:g} s")
+        if total.cancelled_caught:
+            raise UpstreamError("timeout", f"total deadline: the generation ran past {cfg.total_timeout:g} s")
+        if final is None:
+            raise UpstreamError("protocol_error", "the upstream stream ended without a final chunk")
+        return final
+
+    def conclude(self, record: StreamRecord, outcome: Final | UpstreamError | None) -> None:
+        """Write usage?, error?, done (once) and free the stream's slot."""
+        if record.finished:
+            return
+        if isinstance(outcome, Final):
+            reason, usage, error = outcome.finish_reason, outcome.usage, None
+        elif isinstance(outcome, UpstreamError):
+            reason, usage, error = "error", outcome.usage, outcome
+            error.message = self.redact(error.message)
+        else:
+            reason, usage, error = "cancelled", None, None
+        if usage is None and record.tokens:
+            usage = estimate_usage(record)
+        record.finish(reason, usage, error)
+        self.release(record.key_name)
+
+    def redact(self, text: str) -> str:
+        """Upstreams sometimes echo the key they were given; never pass it on."""
+        for upstream in self.config.upstreams.values():
+            if upstream.api_key and upstream.api_key in text:
+                text = text.replace(upstream.api_key, "[redacted]")
+        return text
+
+    async def account(self, record: StreamRecord) -> None:
+        """After done: metrics, the log line and the ledger row."""
+        facts = stream_facts(record, anyio.current_time())
+        metrics, backend = self.metrics, record.request.backend
+        key = (backend, record.finish_reason or "error")
+        metrics.streams[key] = metrics.streams.get(key, 0) + 1
+        metrics.tokens[backend] = metrics.tokens.get(backend, 0) + record.tokens
+        if record.error is not None:
+            metrics.upstream_errors[record.error.type] = metrics.upstream_errors.get(record.error.type, 0) + 1
+        if record.first_token_after is not None:
+            metrics.time_to_first_token.observe(record.first_token_after)
+        metrics.stream_duration.observe(facts["duration_ms"] / 1000)
+        self.registry.expire_later(record)
+        log.info(orjson.dumps({"event": "stream_end", **facts}).decode())
+        if self.ledger is not None:
+            try:
+                await anyio.to_thread.run_sync(self.ledger.write, facts)
+            except sqlite3.Error:
+                log.exception("usage ledger write failed for stream %s", record.id)
+
+    async def linger(self, record: StreamRecord) -> None:
+        """While the generation runs without a reader, wait the resume grace
+        for one to come back; then cancel it (and its upstream request)."""
+        grace = self.config.resume_grace
+        while not record.finished:
+            if record.readers:
+                await record.wait()
+                continue
+            with anyio.move_on_after(grace):
+                while not record.readers and not record.finished:
+                    await record.wait()
+            if not record.readers:
+                record.cancel("client gone")
+                return
+
+    # --- the writer: record to client
+
+    async def serve_reader(self, record: StreamRecord, position: int, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = [*SSE_HEADERS, (b"x-stream-id", record.id.encode()), *self.cors_headers(scope)]
+        record.readers += 1
+        record.notify()
+        cursor = [position]
+        completed = False
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": FIRST_CHUNK, "more_body": True})
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(watch_disconnect, receive, tasks.cancel_scope, record)
+                completed = await self.write_events(record, cursor, send)
+                tasks.cancel_scope.cancel()
+            if completed:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:  # ASGI 2.4 servers raise it on a send to a gone client
+            record.ever_disconnected = True
+        except anyio.get_cancelled_exc_class():
+            # Server shutdown: no server sends http.disconnect, cancellation is
+            # the only signal. Tell the client why, briefly, then let go.
+            with anyio.CancelScope(shield=True), anyio.move_on_after(1):
+                self.conclude(record, UpstreamError("shutdown", "the server is shutting down"))
+                rest = record.read(cursor[0])
+                if rest:
+                    await send({"type": "http.response.body", "body": rest, "more_body": False})
+            raise
+        finally:
+            record.readers -= 1
+            record.notify()
+
+    async def write_events(self, record: StreamRecord, cursor: list[int], send: Send) -> bool:
+        """Send everything pending in one body message per wake-up, heartbeat
+        when silent; True once `done` went out, False if the client fell
+        behind the held events or stopped taking bytes."""
+        cfg = self.config
+        last_write = anyio.current_time()
+        while True:
+            pending = record.read(cursor[0])
+            if pending is None:
+                return False
+            if pending:
+                cursor[0] = record.count
+                with anyio.move_on_after(cfg.send_timeout) as sending:
+                    await send({"type": "http.response.body", "body": pending, "more_body": True})
+                if sending.cancelled_caught:
+                    return False
+                last_write = anyio.current_time()
+                continue
+            if record.finished:
+                return True
+            with anyio.CancelScope(deadline=last_write + cfg.heartbeat) as waiting:
+                await record.wait()
+            if waiting.cancelled_caught:
+                await send({"type": "http.response.body", "body": HEARTBEAT, "more_body": True})
+                last_write = anyio.current_time()
+
+
+async def watch_disconnect(receive: Receive, scope: anyio.CancelScope, record: StreamRecord) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    record.ever_disconnected = True
+    scope.cancel()
+
+
+def _last_event_id(scope: Scope) -> str | None:
+    for name, value in scope["headers"]:
+        if name.lower() == b"last-event-id":
+            return str(value.decode("utf-8", "replace").strip())  # browsers send UTF-8
+    return None
+
+
+async def send_response(send: Send, status: int, body: bytes, content_type: bytes | None, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    head = [(b"content-length", str(len(body)).encode()), *(headers or [])]
+    if content_type is not None:
+        head.append((b"content-type", content_type))
+    if status >= 400:
+        head.append((b"cache-control", b"no-store"))
+    await send({"type": "http.response.start", "status": status, "headers": head})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+app = Gateway()
+
+
+# --- command line ----------------------------------------------------------------
+
+
+def main(argv: list[str]) -> int:
+    """`python -m asgi_stream` serves; `python -m asgi_stream usage` sums the ledger."""
+    try:
+        config = load_config(os.environ)
+    except ConfigError as exc:
+        print(f"asgi-stream: {exc}", file=sys.stderr)
+        return 2
+    if argv[1:2] == ["usage"]:
+        if not config.usage_db or not Path(config.usage_db).exists():
+            print(f"no usage ledger at {config.usage_db!r}", file=sys.stderr)
+            return 1
+        print(f"{'key':<16} {'backend':<10} {'model':<28} {'streams':>8} {'prompt':>10} {'completion':>11} {'total':>10} {'estimated':>9}")
+        for row in UsageLedger(config.usage_db).summary():
+            print(f"{row[0]:<16} {row[1]:<10} {row[2]:<28} {row[3]:>8} {row[4]:>10} {row[5]:>11} {row[6]:>10} {row[7]:>9}")
+        return 0
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    host = os.environ.get("HOST", "127.0.0.1")
+    port = int(os.environ.get("PORT", "8000"))
+    uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=5, log_level="info")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

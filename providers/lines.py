@@ -1,0 +1,134 @@
+"""Upstream byte streams to lines and SSE events, shared by every provider.
+
+Lines end at CRLF, LF or a lone CR and nowhere else (httpx's `aiter_lines`
+also splits at U+2028 and friends, which occur in model text). Splitting is
+done on bytes, before UTF-8 decoding, so a character cut between two network
+reads is never damaged: 0x0A and 0x0D never occur inside a UTF-8 sequence.
+The SSE rules are WHATWG HTML 9.2.6; comments cite the steps.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+MAX_LINE_BYTES = 4 * 1024 * 1024  # a longer upstream line fails the stream
+BOM = b"\xef\xbb\xbf"
+
+
+class LineTooLong(Exception):
+    pass
+
+
+class LineSplitter:
+    """Incremental splitter; a CR at the end of one read may pair with an LF
+    at the start of the next, and that pair is one line end."""
+
+    __slots__ = ("_pending", "_skip_lf", "max_line")
+
+    def __init__(self, max_line: int = MAX_LINE_BYTES) -> None:
+        self._pending = b""
+        self._skip_lf = False
+        self.max_line = max_line
+
+    def feed(self, data: bytes) -> list[bytes]:
+        if not data:
+            return []
+        if self._skip_lf:
+            self._skip_lf = False
+            if data[0] == 0x0A:
+                data = data[1:]
+        if self._pending:
+            data = self._pending + data
+        if b"\r" in data:
+            self._skip_lf = data[-1] == 0x0D
+            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        lines = data.split(b"\n")
+        self._pending = lines.pop()
+        if len(self._pending) > self.max_line:
+            raise LineTooLong(f"an upstream line exceeded {self.max_line} bytes")
+        return lines
+
+    def finish(self) -> list[bytes]:
+        """The unterminated last line, if any (end of stream ends it)."""
+        rest, self._pending = self._pending, b""
+        return [rest] if rest else []
+
+
+class SSEEvent(NamedTuple):
+    event: str  # "message" when the stream named none
+    data: bytes  # raw UTF-8; JSON payloads go to orjson without decoding
+    id: str  # the last event ID in force at dispatch (it persists)
+
+
+class SSEDecoder:
+    """Turns upstream bytes into dispatched SSE events."""
+
+    __slots__ = ("_data", "_event", "_lines", "_started", "error_field", "last_event_id", "retry")
+
+    def __init__(self, max_line: int = MAX_LINE_BYTES) -> None:
+        self._lines = LineSplitter(max_line)
+        self._data: list[bytes] = []
+        self._event = b""
+        self._started = False
+        self.last_event_id = b""
+        self.retry: int | None = None
+        # llama.cpp before PR #16109 sent errors as a non-standard `error:`
+        # field; the spec ignores it, but it is the only message we get.
+        self.error_field: bytes | None = None
+
+    def feed(self, chunk: bytes) -> list[SSEEvent]:
+        return self._interpret(self._lines.feed(chunk))
+
+    def finish(self, lenient: bool = False) -> list[SSEEvent]:
+        """End of stream. The spec discards an event missing its blank line;
+        `lenient` dispatches it (llama-server ends with `data: [DONE]`)."""
+        events = self._interpret(self._lines.finish())
+        if lenient and self._data:
+            events += self._interpret([b""])
+        return events
+
+    def _interpret(self, lines: list[bytes]) -> list[SSEEvent]:
+        events: list[SSEEvent] = []
+        for line in lines:
+            if not self._started:
+                self._started = True
+                if line.startswith(BOM):  # only one BOM, only at the very start
+                    line = line[3:]
+            if line.startswith(b"data:"):  # the common case first
+                value = line[5:]
+                self._data.append(value[1:] if value[:1] == b" " else value)
+            elif not line:  # blank line: dispatch
+                if self._data:
+                    event = self._event.decode("utf-8", "replace") or "message"
+                    events.append(SSEEvent(event, b"\n".join(self._data), self._decoded_id()))
+                    self._data = []
+                self._event = b""
+            elif line[0] != 0x3A:  # not a comment
+                name, colon, value = line.partition(b":")
+                if colon and value[:1] == b" ":
+                    value = value[1:]
+                self._field(name, value)
+        return events
+
+    def _field(self, name: bytes, value: bytes) -> None:
+        if name == b"data":  # `data` with no colon: an empty data line
+            self._data.append(value)
+        elif name == b"event":
+            self._event = value
+        elif name == b"id":
+            if b"\0" not in value:
+                self.last_event_id = value
+        elif name == b"retry":
+            if value and value.isdigit() and value.isascii():
+                self.retry = int(value)
+        elif name == b"error":
+            self.error_field = value
+
+    def _decoded_id(self) -> str:
+        return self.last_event_id.decode("utf-8", "replace") if self.last_event_id else ""
+
+
+def split_ndjson(splitter: LineSplitter, chunk: bytes | None) -> list[bytes]:
+    """Non-blank NDJSON lines from `chunk` (None: end of stream)."""
+    lines = splitter.feed(chunk) if chunk is not None else splitter.finish()
+    return [line for line in lines if line.strip()]
