@@ -638,6 +638,7 @@ class Gateway:
         self.metrics = Metrics()
         self.registry = StreamRegistry(60.0)
         self.ledger: UsageLedger | None = None
+        self.unaccounted = 0  # streams admitted whose ledger row is not written yet
         self._index = b""
 
     @property
@@ -663,6 +664,11 @@ class Gateway:
         return self._http
 
     async def aclose(self) -> None:
+        # Servers cancel open streams before the lifespan shutdown but do not
+        # wait for them: give their last ledger rows time to be written.
+        with anyio.move_on_after(5):
+            while self.unaccounted:
+                await anyio.sleep(0.01)
         if self._http is not None:
             await self._http.aclose()
             self._http = None
@@ -766,6 +772,7 @@ class Gateway:
         if cfg.api_keys and metrics.active_by_key.get(key_name, 0) >= cfg.max_streams_per_key:
             raise HTTPError(429, "rate_limited", f"this key is at its limit of {cfg.max_streams_per_key} streams", [(b"retry-after", b"1")])
         metrics.active += 1
+        self.unaccounted += 1
         metrics.active_by_key[key_name] = metrics.active_by_key.get(key_name, 0) + 1
 
     def release(self, key_name: str | None) -> None:
@@ -798,6 +805,8 @@ class Gateway:
         finally:
             if record.generation is None:  # cancelled before the generation ran: still account for it
                 self.conclude(record, UpstreamError("shutdown", "the server is shutting down"))
+                with anyio.CancelScope(shield=True):
+                    await self.account(record)
 
     async def resume_stream(self, last_event_id: str, key_name: str | None, scope: Scope, receive: Receive, send: Send) -> None:
         """Replay what followed `last_event_id`, then follow the generation.
@@ -905,11 +914,13 @@ class Gateway:
         metrics.stream_duration.observe(facts["duration_ms"] / 1000)
         self.registry.expire_later(record)
         log.info(orjson.dumps({"event": "stream_end", **facts}).decode())
-        if self.ledger is not None:
-            try:
+        try:
+            if self.ledger is not None:
                 await anyio.to_thread.run_sync(self.ledger.write, facts)
-            except sqlite3.Error:
-                log.exception("usage ledger write failed for stream %s", record.id)
+        except sqlite3.Error:
+            log.exception("usage ledger write failed for stream %s", record.id)
+        finally:
+            self.unaccounted -= 1
 
     async def linger(self, record: StreamRecord) -> None:
         """While the generation runs without a reader, wait the resume grace
@@ -994,7 +1005,7 @@ async def watch_disconnect(receive: Receive, scope: anyio.CancelScope, record: S
 
 def _last_event_id(scope: Scope) -> str | None:
     for name, value in scope["headers"]:
-        if name.lower() == b"last-event-id":
+        if name.lower() == b"last-event-id" and value.strip():
             return str(value.decode("utf-8", "replace").strip())  # browsers send UTF-8
     return None
 
