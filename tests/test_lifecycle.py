@@ -44,7 +44,10 @@ def tokens_of(events: list[tuple[str, str, str]]) -> str:
     return "".join(data for event, data, _ in events if event == "token")
 
 
-def resume_until_done(url: str, first_cut: int, rng: random.Random, headers: dict[str, str] | None = None) -> tuple[list[tuple[str, str, str]], int]:
+Events = list[tuple[str, str, str]]
+
+
+def resume_until_done(url: str, first_cut: int, rng: random.Random, headers: dict[str, str] | None = None) -> tuple[Events, int]:
     """Read a stream, cutting the connection at random points and resuming
     with the last id received, the way EventSource does; (events, connections)."""
     headers = headers or {}
