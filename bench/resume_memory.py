@@ -11,8 +11,8 @@ from pathlib import Path
 import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import asgi_stream  # noqa: E402
-from providers import ChatRequest  # noqa: E402
+import asgi_stream
+from providers import ChatRequest
 
 STREAMS = 1000
 
