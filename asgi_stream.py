@@ -215,7 +215,8 @@ def _body_field(fields: dict[str, Any], query: dict[str, str], name: str, kind: 
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             return float(value)
         if type(value) is not kind:
-            raise invalid(f"{name} must be {'a number' if kind is float else 'an ' + kind.__name__ if kind is int else 'a string'}, got {_show(value)}")
+            wanted = "a number" if kind is float else "an integer" if kind is int else "a string"
+            raise invalid(f"{name} must be {wanted}, got {_show(value)}")
         return value
     if name not in query:
         return None
@@ -493,8 +494,8 @@ class Histogram:
                 self.counts[i] += 1
 
     def render(self, name: str) -> list[str]:
-        lines = [f'{name}_bucket{{le="{b:g}"}} {c}' for b, c in zip(self.BUCKETS, self.counts)]
-        return lines + [f'{name}_bucket{{le="+Inf"}} {self.count}', f"{name}_sum {self.sum:.6f}", f"{name}_count {self.count}"]
+        lines = [f'{name}_bucket{{le="{b:g}"}} {c}' for b, c in zip(self.BUCKETS, self.counts, strict=True)]
+        return [*lines, f'{name}_bucket{{le="+Inf"}} {self.count}', f"{name}_sum {self.sum:.6f}", f"{name}_count {self.count}"]
 
 
 class Metrics:
@@ -512,7 +513,8 @@ class Metrics:
         def counter(name: str, help: str, label: str, values: Mapping[Any, int]) -> list[str]:
             lines = [f"# HELP {name} {help}", f"# TYPE {name} counter"]
             for key, value in sorted(values.items()):
-                labels = ",".join(f'{n}="{v}"' for n, v in zip(label.split(","), key if isinstance(key, tuple) else (key,)))
+                values_of_key = key if isinstance(key, tuple) else (key,)
+                labels = ",".join(f'{n}="{v}"' for n, v in zip(label.split(","), values_of_key, strict=True))
                 lines.append(f"{name}{{{labels}}} {value}")
             return lines
 
@@ -569,7 +571,7 @@ class UsageLedger:
     def write(self, row: dict[str, Any]) -> None:
         with self._lock:
             self._connect().execute(
-                f"INSERT OR REPLACE INTO usage VALUES ({', '.join('?' * len(LEDGER_COLUMNS))})",
+                f"INSERT OR REPLACE INTO usage VALUES ({', '.join('?' * len(LEDGER_COLUMNS))})",  # noqa: S608 - placeholders only
                 [row[c] for c in LEDGER_COLUMNS],
             )
 
@@ -655,8 +657,9 @@ class Gateway:
         """The one shared upstream client (opened on first use without lifespan)."""
         if self._http is None:
             cfg = self.config
+            connect = cfg.connect_timeout
             self._http = httpx.AsyncClient(
-                timeout=httpx.Timeout(connect=cfg.connect_timeout, read=cfg.idle_timeout, write=cfg.connect_timeout, pool=cfg.connect_timeout),
+                timeout=httpx.Timeout(connect=connect, read=cfg.idle_timeout, write=connect, pool=connect),
                 limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
                 follow_redirects=False,
             )
@@ -709,7 +712,8 @@ class Gateway:
         if method == "OPTIONS":
             return await self.preflight(headers, send)
         if method not in allowed:
-            raise HTTPError(405, "method_not_allowed", f"{path} allows {', '.join(allowed)}", [(b"allow", ", ".join(allowed).encode())])
+            allow = ", ".join(allowed)
+            raise HTTPError(405, "method_not_allowed", f"{path} allows {allow}", [(b"allow", allow.encode())])
         if path == "/healthz":
             return await send_response(send, 200, b'{"status":"ok"}', b"application/json")
         if path == "/":
@@ -737,7 +741,8 @@ class Gateway:
             if hmac.compare_digest(key.encode(), offered.encode("utf-8", "replace")):
                 name = key_name
         if not offered or name is None:
-            raise HTTPError(401, "unauthorized", "a valid API key is required: Authorization: Bearer <key>", [(b"www-authenticate", b"Bearer")])
+            message = "a valid API key is required: Authorization: Bearer <key>"
+            raise HTTPError(401, "unauthorized", message, [(b"www-authenticate", b"Bearer")])
         return name
 
     def cors_headers(self, scope: Scope) -> list[tuple[bytes, bytes]]:
@@ -745,7 +750,8 @@ class Gateway:
         origin = next((v.decode("latin-1") for k, v in scope["headers"] if k.lower() == b"origin"), None)
         if not origins or origin is None or not ("*" in origins or origin in origins):
             return []
-        return [(b"access-control-allow-origin", origin.encode("latin-1")), (b"vary", b"Origin"), (b"access-control-expose-headers", b"X-Stream-ID")]
+        allow = origin.encode("latin-1")
+        return [(b"access-control-allow-origin", allow), (b"vary", b"Origin"), (b"access-control-expose-headers", b"X-Stream-ID")]
 
     async def preflight(self, headers: dict[str, str], send: Send) -> None:
         origins = self.config.cors_origins
@@ -760,11 +766,11 @@ class Gateway:
         ])  # fmt: skip
 
     def admit(self, key_name: str | None) -> None:
-        cfg, metrics = self.config, self.metrics
+        cfg, metrics, retry = self.config, self.metrics, [(b"retry-after", b"1")]
         if metrics.active >= cfg.max_streams:
-            raise HTTPError(503, "overloaded", f"the server is at its limit of {cfg.max_streams} streams", [(b"retry-after", b"1")])
+            raise HTTPError(503, "overloaded", f"the server is at its limit of {cfg.max_streams} streams", retry)
         if cfg.api_keys and metrics.active_by_key.get(key_name, 0) >= cfg.max_streams_per_key:
-            raise HTTPError(429, "rate_limited", f"this key is at its limit of {cfg.max_streams_per_key} streams", [(b"retry-after", b"1")])
+            raise HTTPError(429, "rate_limited", f"this key is at its limit of {cfg.max_streams_per_key} streams", retry)
         metrics.active += 1
         metrics.active_by_key[key_name] = metrics.active_by_key.get(key_name, 0) + 1
 
@@ -778,7 +784,9 @@ class Gateway:
 
     # --- starting, resuming and cancelling streams
 
-    async def start_stream(self, scope: Scope, headers: dict[str, str], query: dict[str, str], key_name: str | None, receive: Receive, send: Send) -> None:
+    async def start_stream(
+        self, scope: Scope, headers: dict[str, str], query: dict[str, str], key_name: str | None, receive: Receive, send: Send
+    ) -> None:
         cfg = self.config
         body = b""
         if scope["method"] == "POST":
@@ -999,7 +1007,9 @@ def _last_event_id(scope: Scope) -> str | None:
     return None
 
 
-async def send_response(send: Send, status: int, body: bytes, content_type: bytes | None, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+async def send_response(
+    send: Send, status: int, body: bytes, content_type: bytes | None, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
     head = [(b"content-length", str(len(body)).encode()), *(headers or [])]
     if content_type is not None:
         head.append((b"content-type", content_type))
@@ -1026,9 +1036,10 @@ def main(argv: list[str]) -> int:
         if not config.usage_db or not Path(config.usage_db).exists():
             print(f"no usage ledger at {config.usage_db!r}", file=sys.stderr)
             return 1
-        print(f"{'key':<16} {'backend':<10} {'model':<28} {'streams':>8} {'prompt':>10} {'completion':>11} {'total':>10} {'estimated':>9}")
+        row_format = "{:<16} {:<10} {:<28} {:>8} {:>10} {:>11} {:>10} {:>9}"
+        print(row_format.format("key", "backend", "model", "streams", "prompt", "completion", "total", "estimated"))
         for row in UsageLedger(config.usage_db).summary():
-            print(f"{row[0]:<16} {row[1]:<10} {row[2]:<28} {row[3]:>8} {row[4]:>10} {row[5]:>11} {row[6]:>10} {row[7]:>9}")
+            print(row_format.format(*row))
         return 0
     import uvicorn
 
