@@ -263,7 +263,7 @@ def test_an_unknown_backend_is_refused_naming_the_known_ones(backend: str) -> No
 
 def test_a_known_but_unconfigured_backend_is_refused_naming_its_key_variable() -> None:
     message = refusal(lambda: post({"messages": HI, "backend": "openai"}, config=ECHO_ONLY))
-    assert message == "backend 'openai' is not configured on this server (OPENAI_API_KEY is not set)"
+    assert message.startswith("backend 'openai' is not configured") and "(OPENAI_API_KEY is not set)" in message
 
 
 @pytest.mark.parametrize("backend", [5, True, ["echo"]])
