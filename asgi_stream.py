@@ -1029,6 +1029,7 @@ def main(argv: list[str]) -> int:
     """`python -m asgi_stream` serves; `python -m asgi_stream usage` sums the ledger."""
     try:
         config = load_config(os.environ)
+        port = _number(os.environ, "PORT", 8000, integer=True, low=1)
     except ConfigError as exc:
         print(f"asgi-stream: {exc}", file=sys.stderr)
         return 2
@@ -1038,14 +1039,15 @@ def main(argv: list[str]) -> int:
             return 1
         row_format = "{:<16} {:<10} {:<28} {:>8} {:>10} {:>11} {:>10} {:>9}"
         print(row_format.format("key", "backend", "model", "streams", "prompt", "completion", "total", "estimated"))
-        for row in UsageLedger(config.usage_db).summary():
+        ledger = UsageLedger(config.usage_db)
+        for row in ledger.summary():
             print(row_format.format(*row))
+        ledger.close()
         return 0
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     host = os.environ.get("HOST", "127.0.0.1")
-    port = int(os.environ.get("PORT", "8000"))
     uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=5, log_level="info")
     return 0
 
