@@ -867,7 +867,7 @@ class Gateway:
         except httpx.TimeoutException as exc:
             raise UpstreamError("timeout", f"upstream {type(exc).__name__}") from None
         except (httpx.HTTPError, LineTooLong) as exc:
-            raise UpstreamError("protocol_error", f"the upstream stream broke: {exc or type(exc).__name__}") from None
+            raise UpstreamError("protocol_error", f"the upstream stream broke: {str(exc) or type(exc).__name__}") from None
         if first_token.cancelled_caught:
             raise UpstreamError("timeout", f"first-token deadline: no token within {cfg.first_token_timeout:g} s")
         if total.cancelled_caught:
