@@ -947,7 +947,10 @@ class Gateway:
             await send({"type": "http.response.body", "body": FIRST_CHUNK, "more_body": True})
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(watch_disconnect, receive, tasks.cancel_scope, record)
-                completed = await self.write_events(record, cursor, send)
+                try:
+                    completed = await self.write_events(record, cursor, send)
+                except OSError:  # as below; caught here, or the task group wraps it in an ExceptionGroup
+                    record.ever_disconnected = True
                 tasks.cancel_scope.cancel()
             if completed:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
