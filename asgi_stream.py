@@ -512,7 +512,8 @@ class Metrics:
         def counter(name: str, help: str, label: str, values: Mapping[Any, int]) -> list[str]:
             lines = [f"# HELP {name} {help}", f"# TYPE {name} counter"]
             for key, value in sorted(values.items()):
-                labels = ",".join(f'{n}="{v}"' for n, v in zip(label.split(","), key if isinstance(key, tuple) else (key,), strict=True))
+                values_of_key = key if isinstance(key, tuple) else (key,)
+                labels = ",".join(f'{n}="{v}"' for n, v in zip(label.split(","), values_of_key, strict=True))
                 lines.append(f"{name}{{{labels}}} {value}")
             return lines
 
@@ -656,8 +657,9 @@ class Gateway:
         """The one shared upstream client (opened on first use without lifespan)."""
         if self._http is None:
             cfg = self.config
+            connect = cfg.connect_timeout
             self._http = httpx.AsyncClient(
-                timeout=httpx.Timeout(cfg.connect_timeout, read=cfg.idle_timeout),  # read: the idle deadline
+                timeout=httpx.Timeout(connect=connect, read=cfg.idle_timeout, write=connect, pool=connect),
                 limits=httpx.Limits(max_connections=None, max_keepalive_connections=256),
                 follow_redirects=False,
             )
@@ -715,7 +717,8 @@ class Gateway:
         if method == "OPTIONS":
             return await self.preflight(headers, send)
         if method not in allowed:
-            raise HTTPError(405, "method_not_allowed", f"{path} allows {', '.join(allowed)}", [(b"allow", ", ".join(allowed).encode())])
+            allow = ", ".join(allowed)
+            raise HTTPError(405, "method_not_allowed", f"{path} allows {allow}", [(b"allow", allow.encode())])
         if path == "/healthz":
             return await send_response(send, 200, b'{"status":"ok"}', b"application/json")
         if path == "/":
@@ -768,11 +771,11 @@ class Gateway:
         ])  # fmt: skip
 
     def admit(self, key_name: str | None) -> None:
-        cfg, metrics = self.config, self.metrics
+        cfg, metrics, retry = self.config, self.metrics, [(b"retry-after", b"1")]
         if metrics.active >= cfg.max_streams:
-            raise HTTPError(503, "overloaded", f"the server is at its limit of {cfg.max_streams} streams", [(b"retry-after", b"1")])
+            raise HTTPError(503, "overloaded", f"the server is at its limit of {cfg.max_streams} streams", retry)
         if cfg.api_keys and metrics.active_by_key.get(key_name, 0) >= cfg.max_streams_per_key:
-            raise HTTPError(429, "rate_limited", f"this key is at its limit of {cfg.max_streams_per_key} streams", [(b"retry-after", b"1")])
+            raise HTTPError(429, "rate_limited", f"this key is at its limit of {cfg.max_streams_per_key} streams", retry)
         metrics.active += 1
         self.unaccounted += 1
         metrics.active_by_key[key_name] = metrics.active_by_key.get(key_name, 0) + 1
@@ -872,7 +875,7 @@ class Gateway:
         except httpx.TimeoutException as exc:
             raise UpstreamError("timeout", f"upstream {type(exc).__name__}") from None
         except (httpx.HTTPError, LineTooLong) as exc:
-            raise UpstreamError("protocol_error", f"the upstream stream broke: {exc or type(exc).__name__}") from None
+            raise UpstreamError("protocol_error", f"the upstream stream broke: {str(exc) or type(exc).__name__}") from None
         if first_token.cancelled_caught:
             raise UpstreamError("timeout", f"first-token deadline: no token within {cfg.first_token_timeout:g} s")
         if total.cancelled_caught:
@@ -954,7 +957,10 @@ class Gateway:
             await send({"type": "http.response.body", "body": FIRST_CHUNK, "more_body": True})
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(watch_disconnect, receive, tasks.cancel_scope, record)
-                completed = await self.write_events(record, cursor, send)
+                try:
+                    completed = await self.write_events(record, cursor, send)
+                except OSError:  # as below; caught here, or the task group wraps it in an ExceptionGroup
+                    record.ever_disconnected = True
                 tasks.cancel_scope.cancel()
             if completed:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -1036,6 +1042,7 @@ def main(argv: list[str]) -> int:
     """`python -m asgi_stream` serves; `python -m asgi_stream usage` sums the ledger."""
     try:
         config = load_config(os.environ)
+        port = int(_number(os.environ, "PORT", 8000, 1))
     except ConfigError as exc:
         print(f"asgi-stream: {exc}", file=sys.stderr)
         return 2
@@ -1043,16 +1050,17 @@ def main(argv: list[str]) -> int:
         if not config.usage_db or not Path(config.usage_db).exists():
             print(f"no usage ledger at {config.usage_db!r}", file=sys.stderr)
             return 1
-        line = "{:<16} {:<10} {:<28} {:>8} {:>10} {:>11} {:>10} {:>9}"
-        print(line.format("key", "backend", "model", "streams", "prompt", "completion", "total", "estimated"))
-        for row in UsageLedger(config.usage_db).summary():
-            print(line.format(*row))
+        row_format = "{:<16} {:<10} {:<28} {:>8} {:>10} {:>11} {:>10} {:>9}"
+        print(row_format.format("key", "backend", "model", "streams", "prompt", "completion", "total", "estimated"))
+        ledger = UsageLedger(config.usage_db)
+        for row in ledger.summary():
+            print(row_format.format(*row))
+        ledger.close()
         return 0
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     host = os.environ.get("HOST", "127.0.0.1")
-    port = int(os.environ.get("PORT", "8000"))
     uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=5, log_level="info")
     return 0
 
