@@ -134,6 +134,8 @@ def _number(env: Mapping[str, str], name: str, default: float, low: float) -> fl
 def load_config(env: Mapping[str, str]) -> Config:
     """Read every setting once; an invalid value stops startup."""
     numbers = {attr: _number(env, *spec) for attr, spec in NUMBERS.items()}
+    if not env.get("MAX_TOKENS", "").strip():  # the default never exceeds a lower limit
+        numbers["max_tokens"] = min(numbers["max_tokens"], numbers["max_tokens_limit"])
     if numbers["max_tokens"] > numbers["max_tokens_limit"]:
         raise ConfigError(f"MAX_TOKENS={numbers['max_tokens']} is above MAX_TOKENS_LIMIT={numbers['max_tokens_limit']}")
     upstreams = {"echo": Upstream("", token_delay=numbers["echo_delay"])}
@@ -146,8 +148,10 @@ def load_config(env: Mapping[str, str]) -> Config:
                 raise ConfigError(f"{backend.url_variable}={base!r} must start with http:// or https://")
             upstreams[name] = Upstream(base, key)
     default = env.get("DEFAULT_BACKEND", "").strip()
+    if default and default not in BACKENDS:
+        raise ConfigError(f"DEFAULT_BACKEND={default!r} is not one of {', '.join(BACKENDS)}")
     if default and default not in upstreams:
-        raise ConfigError(f"DEFAULT_BACKEND={default!r} is not a configured backend ({', '.join(upstreams)})")
+        raise ConfigError(f"DEFAULT_BACKEND={default!r} is not configured (its key is not set)")
     preferred = ("openai", "anthropic", "gemini", "ollama", "echo")
     default = default or next(name for name in preferred if name in upstreams)
     api_keys: dict[str, str] = {}

@@ -47,7 +47,7 @@ def test_every_setting_is_read() -> None:
         api_keys={"k1": "alice", "k:2": "bob"}, cors_origins=frozenset({"https://a.example", "*"}), max_body_bytes=7,
         max_streams=8, max_streams_per_key=9, connect_timeout=1.5, first_token_timeout=2, idle_timeout=3, total_timeout=4,
         heartbeat=0.5, resume_grace=0, resume_ttl=0, usage_db="/tmp/x.db", body_timeout=11, send_timeout=12,
-        stream_buffer_bytes=1024,
+        stream_buffer_bytes=1024, echo_delay=0.25,
     )  # fmt: skip
     assert config.upstreams["echo"].token_delay == 0.25
 
