@@ -10,7 +10,7 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,8 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     end: str = "finish"  # finish | hang (never end) | close (cut mid-body) | reset (RST)
     raw: bytes | None = None  # sent instead of a whole HTTP response (garbage, half headers)
-    delay_headers: float = 0.0  # pause before the status line
+    delay_headers: float = 0.0  # pause before the status line (3600: accepts, never answers)
+    repeat: list[bytes | float] = field(default_factory=list)  # after `pieces`, sent again and again until the gateway hangs up
 
 
 @dataclass
@@ -84,6 +85,7 @@ class FakeUpstream:
         self.seen: list[Seen] = []
         self.connections = 0
         self.open_connections = 0
+        self.bytes_sent = 0  # body bytes written to the gateway, all replies together
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -183,7 +185,7 @@ class FakeUpstream:
         head = [f"HTTP/1.1 {reply.status} X", f"content-type: {reply.content_type}", "transfer-encoding: chunked"]
         head += [f"{k}: {v}" for k, v in reply.headers.items()]
         writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
-        for piece in reply.pieces:
+        for piece in _pieces(reply):
             if isinstance(piece, float | int):
                 if await pause(float(piece)):
                     return False
@@ -192,7 +194,12 @@ class FakeUpstream:
                 seen.closed_by_client = seen.closed_by_client or time.monotonic()
                 return False
             writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
-            await writer.drain()
+            try:
+                await writer.drain()
+            except ConnectionError:  # the gateway hung up while we were writing
+                seen.closed_by_client = seen.closed_by_client or time.monotonic()
+                raise
+            self.bytes_sent += len(piece)
         if reply.end == "hang":
             await pause(3600)
             return False
@@ -206,3 +213,9 @@ class FakeUpstream:
         await writer.drain()
         seen.completed = True
         return True
+
+
+def _pieces(reply: Reply) -> Iterator[bytes | float]:
+    yield from reply.pieces
+    while reply.repeat:
+        yield from reply.repeat
