@@ -76,8 +76,14 @@ def assert_nothing_left(served: Served, baseline_tasks: int, timeout: float = 5.
     """Wait for the gateway to settle, then insist that it holds nothing."""
 
     def settled(alive: Alive) -> bool:
-        return (alive.active_streams, alive.readers, alive.running_generations, alive.pool_requests,
-                alive.busy_connections, alive.server_connections) == (0, 0, 0, 0, 0, 0) and alive.tasks <= baseline_tasks
+        return (
+            alive.active_streams,
+            alive.readers,
+            alive.running_generations,
+            alive.pool_requests,
+            alive.busy_connections,
+            alive.server_connections,
+        ) == (0, 0, 0, 0, 0, 0) and alive.tasks <= baseline_tasks
 
     last = probe(served)
     deadline = time.monotonic() + timeout
@@ -136,4 +142,4 @@ def assert_no_secret(text: str | bytes, *secrets: str) -> None:
     haystack = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
     for secret in secrets:
         for form in {secret, quote(secret, safe=""), secret.encode().hex()}:
-            assert form not in haystack, f"a secret leaked: ...{haystack[max(0, haystack.find(form) - 60):][:160]!r}"
+            assert form not in haystack, f"a secret leaked: ...{haystack[max(0, haystack.find(form) - 60) :][:160]!r}"

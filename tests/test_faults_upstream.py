@@ -27,7 +27,9 @@ FAULT_PROMPT = "break something"
 
 
 def chunk(token: str) -> bytes:
-    return b"data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": token}, "finish_reason": None}]}).encode() + b"\n\n"
+    return (
+        b"data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": token}, "finish_reason": None}]}).encode() + b"\n\n"
+    )
 
 
 def error_body(message: str) -> list[bytes | float]:
@@ -57,60 +59,151 @@ SIXTEEN_MIB_LINE = [b"data: ", *([b"x" * 65536] * 256)]
 FAULTS: dict[str, Fault] = {
     "connection refused": Fault(None, "upstream_unavailable", "cannot connect", attempts=3, address="refused", hangup=False),
     "connect timeout (accept queue full)": Fault(
-        None, "timeout", "connect timeout", attempts=3, address="unaccepted", hangup=False,
-        env={"CONNECT_TIMEOUT_SECONDS": "0.2"}, not_before=0.6, within=3.0),
+        None,
+        "timeout",
+        "connect timeout",
+        attempts=3,
+        address="unaccepted",
+        hangup=False,
+        env={"CONNECT_TIMEOUT_SECONDS": "0.2"},
+        not_before=0.6,
+        within=3.0,
+    ),
     "accepts but never answers": Fault(
-        lambda: Reply(delay_headers=3600), "timeout", "idle deadline", env={"IDLE_TIMEOUT_SECONDS": "0.4"}, not_before=0.4, within=2),
+        lambda: Reply(delay_headers=3600),
+        "timeout",
+        "idle deadline",
+        env={"IDLE_TIMEOUT_SECONDS": "0.4"},
+        not_before=0.4,
+        within=2,
+    ),
     "headers then silence": Fault(
-        lambda: Reply(end="hang"), "timeout", "first-token deadline", env={"FIRST_TOKEN_TIMEOUT_SECONDS": "0.5"}, not_before=0.5, within=2),
+        lambda: Reply(end="hang"),
+        "timeout",
+        "first-token deadline",
+        env={"FIRST_TOKEN_TIMEOUT_SECONDS": "0.5"},
+        not_before=0.5,
+        within=2,
+    ),
     "tokens then silence": Fault(
-        lambda: Reply(pieces=[chunk("Hel"), chunk("lo")], end="hang"), "timeout", "idle deadline", tokens=2,
-        env={"IDLE_TIMEOUT_SECONDS": "0.4"}, not_before=0.4, within=2),
+        lambda: Reply(pieces=[chunk("Hel"), chunk("lo")], end="hang"),
+        "timeout",
+        "idle deadline",
+        tokens=2,
+        env={"IDLE_TIMEOUT_SECONDS": "0.4"},
+        not_before=0.4,
+        within=2,
+    ),
     "a stream that never ends": Fault(
-        lambda: Reply(repeat=[chunk(" more"), 0.02]), "timeout", "total deadline", tokens=-1,
-        env={"TOTAL_TIMEOUT_SECONDS": "1"}, not_before=1, within=3),
+        lambda: Reply(repeat=[chunk(" more"), 0.02]),
+        "timeout",
+        "total deadline",
+        tokens=-1,
+        env={"TOTAL_TIMEOUT_SECONDS": "1"},
+        not_before=1,
+        within=3,
+    ),
     "keep-alive comments and no tokens": Fault(
-        lambda: Reply(repeat=[b": keep-alive\n\n", 0.01]), "timeout", "first-token deadline",
-        env={"FIRST_TOKEN_TIMEOUT_SECONDS": "0.8", "IDLE_TIMEOUT_SECONDS": "0.3"}, not_before=0.8, within=2.5),
+        lambda: Reply(repeat=[b": keep-alive\n\n", 0.01]),
+        "timeout",
+        "first-token deadline",
+        env={"FIRST_TOKEN_TIMEOUT_SECONDS": "0.8", "IDLE_TIMEOUT_SECONDS": "0.3"},
+        not_before=0.8,
+        within=2.5,
+    ),
     "closed mid-line after a token": Fault(
-        lambda: Reply(pieces=[chunk("Hi"), b'data: {"choi'], end="close"), "protocol_error", "the upstream stream broke", tokens=1),
+        lambda: Reply(pieces=[chunk("Hi"), b'data: {"choi'], end="close"), "protocol_error", "the upstream stream broke", tokens=1
+    ),
     "closed mid-line before any token": Fault(
-        lambda: Reply(pieces=[b'data: {"choi'], end="close"), "protocol_error", "the upstream stream broke"),
+        lambda: Reply(pieces=[b'data: {"choi'], end="close"), "protocol_error", "the upstream stream broke"
+    ),
     "reset mid-line": Fault(
-        lambda: Reply(pieces=[chunk("Hi"), b'data: {"choi'], end="reset"), "protocol_error", "the upstream stream broke", tokens=1),
+        lambda: Reply(pieces=[chunk("Hi"), b'data: {"choi'], end="reset"), "protocol_error", "the upstream stream broke", tokens=1
+    ),
     "closed cleanly without a finish reason": Fault(
-        lambda: Reply(pieces=[chunk("Hi")]), "protocol_error", "without a finish reason", tokens=1, hangup=False),
-    "HTTP 401": Fault(lambda: Reply(401, "application/json", error_body("bad key")), "upstream_error", "bad key", status=401, hangup=False),
-    "HTTP 404": Fault(lambda: Reply(404, "application/json", error_body("no such model")), "upstream_error", "no such model", status=404, hangup=False),
+        lambda: Reply(pieces=[chunk("Hi")]), "protocol_error", "without a finish reason", tokens=1, hangup=False
+    ),
+    "HTTP 401": Fault(
+        lambda: Reply(401, "application/json", error_body("bad key")), "upstream_error", "bad key", status=401, hangup=False
+    ),
+    "HTTP 404": Fault(
+        lambda: Reply(404, "application/json", error_body("no such model")),
+        "upstream_error",
+        "no such model",
+        status=404,
+        hangup=False,
+    ),
     "HTTP 429 with Retry-After": Fault(
         lambda: Reply(429, "application/json", error_body("slow down"), headers={"retry-after": "0.05"}),
-        "upstream_error", "slow down", attempts=3, status=429, hangup=False, retry_after=0.05, not_before=0.1),
+        "upstream_error",
+        "slow down",
+        attempts=3,
+        status=429,
+        hangup=False,
+        retry_after=0.05,
+        not_before=0.1,
+    ),
     "HTTP 500": Fault(
         lambda: Reply(500, "application/json", error_body("internal"), headers={"retry-after": "0"}),
-        "upstream_error", "internal", attempts=3, status=500, hangup=False, retry_after=0.0),
+        "upstream_error",
+        "internal",
+        attempts=3,
+        status=500,
+        hangup=False,
+        retry_after=0.0,
+    ),
     "HTTP 502 with an HTML body": Fault(
         lambda: Reply(502, "text/html", [b"<html><body><h1>502 Bad Gateway</h1></body></html>"]),
-        "upstream_error", "upstream answered HTTP 502: <html>", attempts=3, status=502, hangup=False),
+        "upstream_error",
+        "upstream answered HTTP 502: <html>",
+        attempts=3,
+        status=502,
+        hangup=False,
+    ),
     "HTTP 503": Fault(
         lambda: Reply(503, "application/json", error_body("overloaded"), headers={"retry-after-ms": "20"}),
-        "upstream_error", "overloaded", attempts=3, status=503, hangup=False, retry_after=0.02, not_before=0.04),
+        "upstream_error",
+        "overloaded",
+        attempts=3,
+        status=503,
+        hangup=False,
+        retry_after=0.02,
+        not_before=0.04,
+    ),
     "a data line that is not JSON": Fault(
-        lambda: Reply(pieces=[chunk("Hi"), b"data: hello there\n\n"], end="hang"), "protocol_error", "not JSON", tokens=1),
+        lambda: Reply(pieces=[chunk("Hi"), b"data: hello there\n\n"], end="hang"), "protocol_error", "not JSON", tokens=1
+    ),
     "JSON that is not an object": Fault(
-        lambda: Reply(pieces=[b"data: [1, 2, 3]\n\n"], end="hang"), "protocol_error", "not a chunk object"),
+        lambda: Reply(pieces=[b"data: [1, 2, 3]\n\n"], end="hang"), "protocol_error", "not a chunk object"
+    ),
     "a choice that is not an object": Fault(
-        lambda: Reply(pieces=[b'data: {"choices": ["x"]}\n\n'], end="hang"), "protocol_error", "choice that is not an object"),
+        lambda: Reply(pieces=[b'data: {"choices": ["x"]}\n\n'], end="hang"), "protocol_error", "choice that is not an object"
+    ),
     "bytes that are not UTF-8": Fault(
         lambda: Reply(pieces=[chunk("Hi"), b'data: {"choices": [{"delta": {"content": "\xff\xfe"}}]}\n\n'], end="hang"),
-        "protocol_error", "not JSON", tokens=1),
+        "protocol_error",
+        "not JSON",
+        tokens=1,
+    ),
     "one line of 16 MiB with no end": Fault(
-        lambda: Reply(pieces=SIXTEEN_MIB_LINE, end="hang"), "protocol_error", "exceeded", within=5),
+        lambda: Reply(pieces=SIXTEEN_MIB_LINE, end="hang"), "protocol_error", "exceeded", within=5
+    ),
     "an in-band error event after a token": Fault(
-        lambda: Reply(pieces=[chunk("Hi"), b'data: {"error": {"message": "model overloaded", "type": "server_error"}}\n\n'], end="hang"),
-        "upstream_error", "model overloaded", tokens=1),
-}  # fmt: skip
+        lambda: Reply(
+            pieces=[chunk("Hi"), b'data: {"error": {"message": "model overloaded", "type": "server_error"}}\n\n'], end="hang"
+        ),
+        "upstream_error",
+        "model overloaded",
+        tokens=1,
+    ),
+}
 
-BASE = {"CONNECT_TIMEOUT_SECONDS": "1", "FIRST_TOKEN_TIMEOUT_SECONDS": "3", "IDLE_TIMEOUT_SECONDS": "2", "TOTAL_TIMEOUT_SECONDS": "6"}
+BASE = {
+    "CONNECT_TIMEOUT_SECONDS": "1",
+    "FIRST_TOKEN_TIMEOUT_SECONDS": "3",
+    "IDLE_TIMEOUT_SECONDS": "2",
+    "TOTAL_TIMEOUT_SECONDS": "6",
+}
 
 
 def normal_reply() -> Reply:
@@ -208,9 +301,13 @@ def test_an_upstream_error_that_echoes_the_provider_key_comes_out_redacted(caplo
     caplog.set_level(logging.DEBUG)
     echoing = {
         "401": Reply(401, "application/json", error_body(f"Incorrect API key provided: {KEY}.")),
-        "502": Reply(502, "text/html", [f"<html>proxy: upstream refused Bearer {KEY}</html>".encode()], headers={"retry-after": "0"}),
-        "in-band": Reply(pieces=[chunk("Hi"), f'data: {{"error": {{"message": "key {KEY} has no quota"}}}}\n\n'.encode()], end="hang"),
-    }  # fmt: skip
+        "502": Reply(
+            502, "text/html", [f"<html>proxy: upstream refused Bearer {KEY}</html>".encode()], headers={"retry-after": "0"}
+        ),
+        "in-band": Reply(
+            pieces=[chunk("Hi"), f'data: {{"error": {{"message": "key {KEY} has no quota"}}}}\n\n'.encode()], end="hang"
+        ),
+    }
     with FakeUpstream(lambda seen: echoing[seen.json["messages"][0]["content"]]) as upstream:
         with serve_probed({**BASE, "OPENAI_API_KEY": KEY, "OPENAI_BASE_URL": upstream.url + "/v1"}) as gw:
             for prompt, status in [("401", 401), ("502", 502), ("in-band", None)]:
