@@ -39,9 +39,8 @@ def serve(env: dict[str, str] | None = None, **uvicorn_options: object) -> Itera
     """The gateway with `env` as its whole environment, on a real socket."""
     gateway = asgi_stream.Gateway({**BASE_ENV, **(env or {})})
     port = free_port()
-    config = uvicorn.Config(
-        gateway, host="127.0.0.1", port=port, log_level="warning", lifespan="on", timeout_graceful_shutdown=2, **uvicorn_options
-    )  # type: ignore[arg-type]
+    config = uvicorn.Config(gateway, host="127.0.0.1", port=port, log_level="warning", lifespan="on",
+                            timeout_graceful_shutdown=2, **uvicorn_options)  # type: ignore[arg-type]
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -44,13 +44,8 @@ def test_openai_fixture_streams_its_expected_output(name: str, piece_size: int) 
 
 def test_the_request_sent_upstream_is_an_openai_streaming_request() -> None:
     with FakeUpstream() as upstream, serve(openai_env(upstream)) as gw:
-        body = {
-            "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
-            "backend": "openai",
-            "model": "gpt-x",
-            "max_tokens": 7,
-            "temperature": 0.5,
-        }
+        body = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+                "backend": "openai", "model": "gpt-x", "max_tokens": 7, "temperature": 0.5}
         result = stream("POST", gw.url + "/chat/stream", json=body)
     assert result.text == "Hello world"
     (seen,) = upstream.seen
@@ -68,10 +63,8 @@ def test_client_disconnect_closes_the_upstream_connection_at_once() -> None:
         host, port = gw.url.removeprefix("http://").split(":")
         body = json.dumps({"messages": [{"role": "user", "content": "go"}]}).encode()
         sock = socket.create_connection((host, int(port)))
-        sock.sendall(
-            b"POST /chat/stream HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-            b"content-length: %d\r\n\r\n%s" % (len(body), body)
-        )
+        sock.sendall(b"POST /chat/stream HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                     b"content-length: %d\r\n\r\n%s" % (len(body), body))
         received = b""
         while received.count(b"event: token") < 3:
             received += sock.recv(65536)
@@ -84,11 +77,7 @@ def test_client_disconnect_closes_the_upstream_connection_at_once() -> None:
 
 
 def test_upstream_http_error_becomes_an_error_event_with_status() -> None:
-    reply = Reply(
-        401,
-        "application/json",
-        [b'{"error": {"message": "Incorrect API key provided: sk-test-SECRET.", "type": "invalid_request_error"}}'],
-    )
+    reply = Reply(401, "application/json", [b'{"error": {"message": "Incorrect API key provided: sk-test-SECRET.", "type": "invalid_request_error"}}'])
     with FakeUpstream(lambda seen: reply) as upstream, serve(openai_env(upstream)) as gw:
         result = stream("GET", gw.url + "/chat/stream?prompt=hi&backend=openai")
     assert result.names == ["error", "done"]
