@@ -188,6 +188,42 @@ FAULTS: dict[str, Fault] = {
     "one line of 16 MiB with no end": Fault(
         lambda: Reply(pieces=SIXTEEN_MIB_LINE, end="hang"), "protocol_error", "exceeded", within=5
     ),
+    "200 with a JSON body instead of a stream": Fault(
+        lambda: Reply(200, "application/json", [b'{"choices": [{"message": {"content": "Hi"}, "finish_reason": "stop"}]}']),
+        "protocol_error",
+        "without a finish reason",
+        hangup=False,
+    ),
+    "200 with an HTML page": Fault(
+        lambda: Reply(200, "text/html", [b"<html><body>Please log in to the Wi-Fi</body></html>"]),
+        "protocol_error",
+        "without a finish reason",
+        hangup=False,
+    ),
+    "a redirect": Fault(
+        lambda: Reply(302, "text/html", [b"moved"], headers={"location": "http://127.0.0.1:1/elsewhere"}),
+        "upstream_error",
+        "upstream answered HTTP 302",
+        status=302,
+        hangup=False,
+    ),
+    "a body that is not the gzip it claims": Fault(
+        lambda: Reply(pieces=[b"\x1f\x8b\x08\x00garbage" * 10], headers={"content-encoding": "gzip"}, end="hang"),
+        "protocol_error",
+        "the upstream stream broke",
+    ),
+    "response headers of 1 MiB": Fault(
+        lambda: Reply(headers={"x-huge": "a" * (1 << 20)}, pieces=[chunk("Hi")], end="hang"),
+        "protocol_error",
+        "broke the connection before answering",
+        attempts=3,
+    ),
+    "an answer that is not HTTP": Fault(
+        lambda: Reply(raw=b"SSH-2.0-OpenSSH_9.6\r\n\r\n"), "protocol_error", "illegal status line", attempts=3
+    ),
+    "closes the connection without answering": Fault(
+        lambda: Reply(raw=b""), "protocol_error", "Server disconnected without sending a response", attempts=3
+    ),
     "an in-band error event after a token": Fault(
         lambda: Reply(
             pieces=[chunk("Hi"), b'data: {"error": {"message": "model overloaded", "type": "server_error"}}\n\n'], end="hang"
@@ -318,3 +354,23 @@ def test_an_upstream_error_that_echoes_the_provider_key_comes_out_redacted(caplo
                 assert_no_secret(json.dumps(result.events), KEY)
             gw.nothing_left()
     assert_no_secret(caplog.text, KEY)
+
+
+def test_a_kept_alive_connection_the_upstream_drops_as_it_is_reused_is_retried_on_a_fresh_one() -> None:
+    """The keep-alive race: the upstream closes an idle connection just as the
+    gateway sends the next request on it ("Server disconnected without
+    sending a response"). Nothing was answered, so a retry is safe."""
+
+    def responder(seen: Seen) -> Reply:
+        return normal_reply() if seen.exchange == 1 else Reply(raw=b"")
+
+    with (
+        FakeUpstream(responder) as upstream,
+        serve_probed({**BASE, "OPENAI_API_KEY": KEY, "OPENAI_BASE_URL": upstream.url + "/v1"}) as gw,
+    ):
+        for _ in range(3):
+            result = stream("POST", gw.url + "/chat/stream", json={"messages": [{"role": "user", "content": "again"}]})
+            assert result.text == "still serving" and result.of("done") == ["stop"], result.events
+        assert [seen.exchange for seen in upstream.seen] == [1, 2, 1, 2, 1]
+        assert gw.attempts() == 5
+        gw.nothing_left()

@@ -39,6 +39,7 @@ class Seen:
     started: float
     closed_by_client: float | None = None  # monotonic time the gateway hung up mid-reply
     completed: bool = False
+    exchange: int = 1  # the request's number on its (kept-alive) connection
 
     @property
     def json(self) -> Any:
@@ -139,8 +140,9 @@ class FakeUpstream:
         self.connections += 1
         self.open_connections += 1
         try:
-            while await self._exchange(reader, writer):
-                pass
+            exchange = 1
+            while await self._exchange(reader, writer, exchange):
+                exchange += 1
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             pass
         finally:
@@ -148,7 +150,7 @@ class FakeUpstream:
             self.open_connections -= 1
             writer.close()
 
-    async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, exchange: int) -> bool:
         """One request and its reply; False when the connection is done."""
         try:
             head = await reader.readuntil(b"\r\n\r\n")
@@ -158,7 +160,7 @@ class FakeUpstream:
         method, path, _ = request_line.split(" ", 2)
         headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines if line)}
         body = await reader.readexactly(int(headers.get("content-length", "0")))
-        seen = Seen(method, path, headers, body, time.monotonic())
+        seen = Seen(method, path, headers, body, time.monotonic(), exchange=exchange)
         self.seen.append(seen)
         reply = self.responder(seen)
         if reply.raw is not None:
