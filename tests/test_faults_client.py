@@ -304,3 +304,93 @@ def test_random_bytes_get_4xx_or_a_closed_connection(echo_gateway: Probed) -> No
             reply = read_reply(sock, 3)
         assert reply == b"" or 400 <= (status_of(reply) or 0) < 500, (blob[:40], reply[:200])
     echo_gateway.nothing_left()
+
+
+def test_a_storm_within_the_resume_grace_cancels_every_generation_once_the_grace_is_over(upstream: FakeUpstream) -> None:
+    env = {"OPENAI_API_KEY": KEY, "OPENAI_BASE_URL": upstream.url + "/v1", "RESUME_GRACE_SECONDS": "0.5"}
+    with serve_probed(env) as gw:
+        asyncio.run(_storm(gw.url, 100))
+        left_at = time.monotonic()
+        assert upstream.wait_for(lambda: upstream.open_connections == 0, 5)
+        waited = time.monotonic() - left_at
+        assert 0.4 <= waited < 3, waited  # the generations outlived their clients for the grace, then stopped
+        assert all(seen.closed_by_client is not None for seen in upstream.seen)
+        gw.nothing_left()
+
+
+# --- leaving, or cancelling, while the gateway waits to retry
+
+
+def rate_limited(seen: object) -> Reply:
+    return Reply(429, "application/json", [b'{"error": {"message": "slow down"}}'], headers={"retry-after": "5"})
+
+
+def test_a_client_that_leaves_during_the_retry_backoff_stops_the_retries(tmp_path: Path) -> None:
+    db = tmp_path / "usage.db"
+    with FakeUpstream(rate_limited) as upstream:
+        with serve_probed({"OPENAI_API_KEY": KEY, "OPENAI_BASE_URL": upstream.url + "/v1", "USAGE_DB": str(db)}) as gw:
+            with socket.create_connection(host_port(gw.url)) as sock:
+                body = json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode()
+                sock.sendall(post_head(len(body)) + body)
+                assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+                assert upstream.wait_for(lambda: len(upstream.seen) == 1)
+            left_at = time.monotonic()
+            gw.nothing_left()  # the 5 s backoff sleep was cancelled at once...
+            assert time.monotonic() - left_at < 2
+            assert gw.attempts() == 1  # ...and no second attempt followed
+    (row,) = usage_rows(db)
+    assert (row["finish_reason"], row["client_disconnected"]) == ("cancelled", 1)
+
+
+def test_delete_during_the_retry_backoff_ends_the_stream_as_cancelled_at_once() -> None:
+    with FakeUpstream(rate_limited) as upstream:
+        with serve_probed({"OPENAI_API_KEY": KEY, "OPENAI_BASE_URL": upstream.url + "/v1", "RESUME_GRACE_SECONDS": "30"}) as gw:
+            with httpx.Client(base_url=gw.url, timeout=10) as client:
+                with client.stream("GET", "/chat/stream", params={"prompt": "hi"}) as response:
+                    assert upstream.wait_for(lambda: len(upstream.seen) == 1)
+                    started = time.monotonic()
+                    assert client.delete(f"/chat/stream/{response.headers['x-stream-id']}").status_code == 204
+                    text = response.read().decode()
+                assert time.monotonic() - started < 2
+                assert text.rstrip().endswith("event: done\nid: " + response.headers["x-stream-id"] + ".1\ndata: cancelled")
+                assert "event: error" not in text
+            gw.nothing_left()
+            assert gw.attempts() == 1
+
+
+# --- the server shutting down under open streams
+
+
+def test_shutdown_under_open_streams_ends_each_with_an_error_and_loses_no_usage_row(
+    upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    db = tmp_path / "usage.db"
+    streams = 20
+    env = {"OPENAI_API_KEY": KEY, "OPENAI_BASE_URL": upstream.url + "/v1", "USAGE_DB": str(db)}
+    clients = [httpx.Client(timeout=10) for _ in range(streams)]
+    try:
+        with serve_probed(env) as gw:
+            responses = [
+                c.send(
+                    c.build_request("POST", gw.url + "/chat/stream", json={"messages": [{"role": "user", "content": "x"}]}),
+                    stream=True,
+                )
+                for c in clients
+            ]
+            readers = [r.iter_lines() for r in responses]
+            for lines in readers:
+                while next(lines) != "event: token":
+                    pass
+            stopping = time.monotonic()
+        # uvicorn stopped: it waited its graceful timeout (2 s), then cancelled the streams
+        assert time.monotonic() - stopping < 6
+        endings = ["\n".join(lines) for lines in readers]
+    finally:
+        for c in clients:
+            c.close()
+    for text in endings:
+        assert '"type":"shutdown"' in text and text.rstrip().endswith("data: error"), text[-300:]
+    assert upstream.wait_for(lambda: upstream.open_connections == 0)
+    rows = usage_rows(db)
+    assert len(rows) == streams
+    assert {(row["finish_reason"], row["error_type"]) for row in rows} == {("error", "shutdown")}
