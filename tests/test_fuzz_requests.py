@@ -155,6 +155,22 @@ HOSTILE: list[tuple[str, str | None, bytes, int]] = [
     ("nested objects 100000 deep, unclosed", "application/json", b'{"a":' * 100_000, 400),
     ("messages nested 1100 deep", "application/json", b'{"messages": ' + b"[" * 1100 + b"]" * 1100 + b"}", 400),
     ("max_tokens 1e400 (too large for a float)", "application/json", raw_field("max_tokens", "1e400"), 400),
+    *[
+        (f"{name} nested 300 deep", "application/json", raw_field(name, "[" * 300 + "]" * 300), 400)
+        for name in ("backend", "model", "max_tokens", "temperature")
+    ],
+    (
+        "role nested 300 deep",
+        "application/json",
+        b'{"messages": [{"role": ' + b"[" * 300 + b"]" * 300 + b', "content": "hi"}]}',
+        400,
+    ),
+    (
+        "content nested 300 deep",
+        "application/json",
+        b'{"messages": [{"role": "user", "content": ' + b'{"a":' * 300 + b"1" + b"}" * 300 + b"}]}",
+        400,
+    ),
     ("max_tokens -1e400", "application/json", raw_field("max_tokens", "-1e400"), 400),
     ("max_tokens 10**30 (too large for an int64)", "application/json", raw_field("max_tokens", "1" + "0" * 30), 400),
     ("max_tokens 2**64", "application/json", raw_field("max_tokens", "18446744073709551616"), 400),
@@ -275,3 +291,102 @@ async def test_fuzzed_bodies_through_the_asgi_app_get_a_stream_or_a_4xx(body: An
     else:
         assert orjson.loads(response.content)["error"]["message"]
     assert gateway.metrics.active == 0
+
+
+# --- fuzzing the ASGI scope itself: what a lenient server might pass through
+
+LATIN1 = st.text(st.characters(codec="latin-1"), max_size=40)
+header_values = {
+    b"content-type": st.sampled_from(
+        ["application/json", "application/json; charset=utf-8", "text/plain", "", "application/+json"]
+    )
+    | LATIN1,
+    b"content-length": st.sampled_from(["0", "2", "-1", "1e3", " 12", "²", "١٢", "99999999999999999999999", "0x10", ""]) | LATIN1,
+    b"authorization": st.sampled_from(["Bearer key-a", "bearer key-a", "Bearer ", "Basic a2V5LWE=", "Bearer key-a\x00"]) | LATIN1,
+    b"last-event-id": st.sampled_from(["", ".", "x.1", "x.-1", "x.²", "x." + "9" * 50, "\xff.1"]) | LATIN1,
+    b"origin": st.sampled_from(["https://ok.example", "null", "https://evil.example"]) | LATIN1,
+    b"x-other": LATIN1,
+}
+
+
+def header_bytes(value: str) -> bytes:
+    """Latin-1 where it can be (servers decode headers so), else UTF-8."""
+    try:
+        return value.encode("latin-1")
+    except UnicodeEncodeError:
+        return value.encode()
+
+
+scope_headers = st.lists(
+    st.sampled_from(list(header_values)).flatmap(lambda name: st.tuples(st.just(name), header_values[name].map(header_bytes))),
+    max_size=6,
+)
+paths = st.sampled_from(["/chat/stream", "/chat/stream/", "/chat/stream/abc", "/", "/healthz", "/metrics", "/nope"]) | st.text(
+    max_size=30
+).map(lambda p: "/" + p)
+methods = st.sampled_from(["GET", "POST", "DELETE", "OPTIONS", "PUT", "HEAD", "PATCH"]) | st.text(max_size=8)
+query_strings = st.binary(max_size=60) | queries.map(
+    lambda q: "&".join(f"{k}={v}" for k, v in q.items()).encode("utf-8", "surrogatepass")
+)
+deep = st.integers(200, 1100).map(lambda depth: "[" * depth + "]" * depth)
+deep_bodies = st.builds(
+    raw_field, st.sampled_from(["backend", "model", "max_tokens", "temperature", "messages", "other"]), deep
+) | st.builds(
+    lambda field, nested: b'{"messages": [{"role": "user", "content": "hi", "%s": %s}]}' % (field.encode(), nested.encode()),
+    st.sampled_from(["role", "content", "name"]),
+    deep,
+)
+raw_bodies = st.binary(max_size=100) | bodies.map(orjson.dumps) | deep_bodies
+
+
+async def call_app(app: asgi_stream.Gateway, scope: dict[str, Any], body: bytes) -> list[dict[str, Any]]:
+    """One request straight into the ASGI callable; the client never leaves."""
+    sent: list[dict[str, Any]] = []
+    pieces = [body[:7], body[7:]] if len(body) > 7 else [body]
+    never = anyio.Event()
+
+    async def receive() -> dict[str, Any]:
+        if pieces:
+            piece = pieces.pop(0)
+            return {"type": "http.request", "body": piece, "more_body": bool(pieces)}
+        await never.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    with anyio.fail_after(10):
+        await app(scope, receive, send)
+    return sent
+
+
+@pytest.mark.anyio
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(
+    method=st.one_of(st.just("POST"), st.just("POST"), st.just("GET"), methods),
+    path=st.one_of(st.just("/chat/stream"), st.just("/chat/stream"), paths),
+    query=query_strings,
+    headers=scope_headers,
+    body=raw_bodies,
+)
+async def test_any_scope_gets_a_complete_answer_below_500(
+    method: str, path: str, query: bytes, headers: list[tuple[bytes, bytes]], body: bytes
+) -> None:
+    app = asgi_stream.Gateway({**ASGI_GATEWAY_ENV, "API_KEYS": "a:key-a", "CORS_ORIGINS": "https://ok.example"})
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "path": path,
+             "raw_path": path.encode("utf-8", "surrogatepass"), "query_string": query,
+             "headers": [(b"content-type", b"application/json"), (b"authorization", b"Bearer key-a"), *headers]}  # fmt: skip
+    sent = await call_app(app, scope, body)
+    start = sent[0]
+    assert start["type"] == "http.response.start" and 100 <= start["status"] < 500, (start, sent[1:2])
+    assert sent[-1]["type"] == "http.response.body" and not sent[-1].get("more_body", False)
+    event(f"HTTP {start['status']}")
+    assert app.metrics.active == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(deep_bodies)
+def test_values_nested_deeper_than_orjson_writes_get_a_400_naming_the_field(body: bytes) -> None:
+    """orjson reads 1024 levels but writes only 254: a refusal that quotes
+    the offending value must not fail on writing it."""
+    assert isinstance(parse_or_refusal("POST", {}, body), HTTPError)
