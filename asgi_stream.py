@@ -25,7 +25,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlencode
 
 import anyio
 import httpx
@@ -715,6 +715,8 @@ class Gateway:
         path, method = scope["path"], scope["method"]
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True))
+        if "access_token" in query:  # servers' access logs print this scope's query: keep the key out of them
+            scope["query_string"] = urlencode({**query, "access_token": "[redacted]"}).encode()
         allowed = ROUTES.get(path) or (("DELETE",) if path.startswith("/chat/stream/") else None)
         if allowed is None:
             raise HTTPError(404, "not_found", f"no route for {path[:100]}")

@@ -190,10 +190,14 @@ async def open_stream(
         request = http.build_request("POST", url, content=content, headers=headers)
         try:
             response = await http.send(request, stream=True)
-        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+        except (httpx.NetworkError, httpx.ConnectTimeout, httpx.RemoteProtocolError) as exc:
+            # Read/protocol errors before any answer include the keep-alive race: a pooled
+            # connection the upstream closed just as we reused it. Nothing was answered: retry.
             failure = UpstreamError("upstream_unavailable", f"cannot connect to the upstream: {type(exc).__name__}")
             if isinstance(exc, httpx.ConnectTimeout):
                 failure = UpstreamError("timeout", "connect timeout: no connection to the upstream")
+            elif isinstance(exc, httpx.RemoteProtocolError):
+                failure = protocol_error(f"the upstream broke the connection before answering: {exc}")
             if attempt == MAX_ATTEMPTS:
                 raise failure from None
             await anyio.sleep(backoff_delay(attempt, None))

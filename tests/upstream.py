@@ -10,7 +10,7 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,8 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     end: str = "finish"  # finish | hang (never end) | close (cut mid-body) | reset (RST)
     raw: bytes | None = None  # sent instead of a whole HTTP response (garbage, half headers)
-    delay_headers: float = 0.0  # pause before the status line
+    delay_headers: float = 0.0  # pause before the status line (3600: accepts, never answers)
+    repeat: list[bytes | float] = field(default_factory=list)  # after `pieces`, sent again and again until the gateway hangs up
 
 
 @dataclass
@@ -38,6 +39,7 @@ class Seen:
     started: float
     closed_by_client: float | None = None  # monotonic time the gateway hung up mid-reply
     completed: bool = False
+    exchange: int = 1  # the request's number on its (kept-alive) connection
 
     @property
     def json(self) -> Any:
@@ -84,6 +86,7 @@ class FakeUpstream:
         self.seen: list[Seen] = []
         self.connections = 0
         self.open_connections = 0
+        self.bytes_sent = 0  # body bytes written to the gateway, all replies together
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -124,7 +127,7 @@ class FakeUpstream:
 
     def _run(self) -> None:
         self._loop = asyncio.new_event_loop()
-        self._server = self._loop.run_until_complete(asyncio.start_server(self._serve, "127.0.0.1", 0))
+        self._server = self._loop.run_until_complete(asyncio.start_server(self._serve, "127.0.0.1", 0, backlog=2048))
         self.port = self._server.sockets[0].getsockname()[1]
         self._ready.set()
         self._loop.run_forever()
@@ -137,8 +140,9 @@ class FakeUpstream:
         self.connections += 1
         self.open_connections += 1
         try:
-            while await self._exchange(reader, writer):
-                pass
+            exchange = 1
+            while await self._exchange(reader, writer, exchange):
+                exchange += 1
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             pass
         finally:
@@ -146,7 +150,7 @@ class FakeUpstream:
             self.open_connections -= 1
             writer.close()
 
-    async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, exchange: int) -> bool:
         """One request and its reply; False when the connection is done."""
         try:
             head = await reader.readuntil(b"\r\n\r\n")
@@ -156,7 +160,7 @@ class FakeUpstream:
         method, path, _ = request_line.split(" ", 2)
         headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines if line)}
         body = await reader.readexactly(int(headers.get("content-length", "0")))
-        seen = Seen(method, path, headers, body, time.monotonic())
+        seen = Seen(method, path, headers, body, time.monotonic(), exchange=exchange)
         self.seen.append(seen)
         reply = self.responder(seen)
         if reply.raw is not None:
@@ -183,7 +187,7 @@ class FakeUpstream:
         head = [f"HTTP/1.1 {reply.status} X", f"content-type: {reply.content_type}", "transfer-encoding: chunked"]
         head += [f"{k}: {v}" for k, v in reply.headers.items()]
         writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
-        for piece in reply.pieces:
+        for piece in _pieces(reply):
             if isinstance(piece, float | int):
                 if await pause(float(piece)):
                     return False
@@ -192,7 +196,12 @@ class FakeUpstream:
                 seen.closed_by_client = seen.closed_by_client or time.monotonic()
                 return False
             writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
-            await writer.drain()
+            try:
+                await writer.drain()
+            except ConnectionError:  # the gateway hung up while we were writing
+                seen.closed_by_client = seen.closed_by_client or time.monotonic()
+                raise
+            self.bytes_sent += len(piece)
         if reply.end == "hang":
             await pause(3600)
             return False
@@ -206,3 +215,9 @@ class FakeUpstream:
         await writer.drain()
         seen.completed = True
         return True
+
+
+def _pieces(reply: Reply) -> Iterator[bytes | float]:
+    yield from reply.pieces
+    while reply.repeat:
+        yield from reply.repeat

@@ -1,0 +1,392 @@
+"""Request parsing under fuzzing and hostile hand-written cases: every request
+is either a valid ChatRequest or a 4xx that names what is wrong; never an
+exception, never a 5xx, never a hang. In-process (parse_chat_request), through
+the ASGI app on asyncio and trio (httpx.ASGITransport), and through uvicorn."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import anyio
+import httpx
+import orjson
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+import asgi_stream
+from asgi_stream import BACKENDS, ROLES, HTTPError, parse_chat_request
+from providers import ChatRequest
+from tests.faultkit import serve_probed
+
+CONFIG = asgi_stream.load_config({"OPENAI_API_KEY": "sk-fuzz-SECRET", "MAX_TOKENS_LIMIT": "4096"})
+FIELDS = ("messages", "backend", "model", "max_tokens", "temperature", "prompt", "body", "JSON")
+
+# Every JSON value orjson can write (its integers are at most 64 bits).
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=40)
+)
+json_values = st.recursive(
+    scalars, lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=12), inner, max_size=5), max_leaves=25
+)
+
+# Bodies shaped like requests, each field either plausible or anything at all,
+# so that the fuzzer reaches the checks behind `messages`.
+roles = st.sampled_from(ROLES) | json_values
+message = st.fixed_dictionaries({}, optional={"role": roles, "content": st.text(max_size=60) | json_values, "name": json_values})
+valid_messages = st.lists(
+    st.fixed_dictionaries({"role": st.sampled_from(ROLES), "content": st.text(max_size=60)}), min_size=1, max_size=4
+)
+messages = st.one_of(valid_messages, valid_messages, st.lists(message | json_values, max_size=4), json_values)
+model_names = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._\-:/@+]{0,20}", fullmatch=True)
+near_valid = st.fixed_dictionaries(
+    {"messages": messages},
+    optional={
+        "backend": st.one_of(st.sampled_from([*BACKENDS, *BACKENDS, "ollama", "ECHO", ""]), json_values),
+        "model": st.one_of(model_names, model_names, st.text(max_size=300), json_values),
+        "max_tokens": st.one_of(st.integers(1, 4096), st.integers(-5, 5000), json_values),
+        "temperature": st.one_of(st.floats(0, 2), st.floats(-1, 3), json_values),
+        "stream": json_values,
+    },
+)
+bodies = st.one_of(near_valid, near_valid, near_valid, json_values, valid_messages, st.lists(message, min_size=1, max_size=3))
+
+
+def check_parsed(request: ChatRequest) -> None:
+    """A request that passed validation satisfies every rule of DESIGN.md."""
+    assert request.messages and all(set(m) == {"role", "content"} for m in request.messages)
+    assert all(m["role"] in ROLES and isinstance(m["content"], str) for m in request.messages)
+    assert request.backend in CONFIG.upstreams
+    assert BACKENDS[request.backend].model_pattern.fullmatch(request.model)
+    assert type(request.max_tokens) is int and 1 <= request.max_tokens <= CONFIG.max_tokens_limit
+    assert request.temperature is None or (type(request.temperature) is float and 0 <= request.temperature <= 2)
+
+
+def parse_or_refusal(method: str, query: dict[str, str], body: bytes) -> ChatRequest | HTTPError:
+    try:
+        request = parse_chat_request(method, query, body, CONFIG)
+    except HTTPError as refusal:
+        assert (refusal.status, refusal.type) == (400, "invalid_request")
+        assert any(name in refusal.message for name in FIELDS), refusal.message  # names what is wrong
+        event("refused with 400")
+        return refusal
+    check_parsed(request)
+    event("valid request")
+    return request
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(bodies)
+def test_any_json_body_parses_to_a_valid_request_or_a_400_naming_the_field(body: Any) -> None:
+    parse_or_refusal("POST", {}, orjson.dumps(body))
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=200))
+def test_any_bytes_as_a_body_parse_or_get_a_400(body: bytes) -> None:
+    parse_or_refusal("POST", {}, body)
+
+
+query_values = (
+    st.text(max_size=30) | st.integers(-10, 10_000).map(str) | st.sampled_from(["nan", "inf", "-0", "1e3", "٣", "0x10", " 5"])
+)
+queries = st.dictionaries(
+    st.sampled_from(["prompt", "messages", "backend", "model", "max_tokens", "temperature", "access_token", "x"]),
+    query_values | json_values.map(lambda v: orjson.dumps(v).decode()),
+    max_size=6,
+)
+
+
+@settings(max_examples=800, deadline=None)
+@given(queries, st.sampled_from(["GET", "POST"]), json_values)
+def test_any_query_parses_to_a_valid_request_or_a_400_naming_the_field(query: dict[str, str], method: str, body: Any) -> None:
+    parse_or_refusal(method, query, orjson.dumps(body))
+
+
+# --- hand-written hostile cases: (name, content type, raw body, expected status)
+
+OK = {"messages": [{"role": "user", "content": "hi"}]}
+
+
+def with_(**fields: Any) -> bytes:
+    return orjson.dumps({**OK, **fields})
+
+
+def raw_field(name: str, literal: str) -> bytes:
+    return b'{"messages": [{"role": "user", "content": "hi"}], "%s": %s}' % (name.encode(), literal.encode())
+
+
+WRONG_TYPES = {
+    "messages": ["hi", 1, None, True, {}, [], ["hi"], [None], [[]], {"role": "user", "content": "hi"}],
+    "messages[0].role": ["robot", "", "USER", 1, None, ["user"], {"user": 1}, True],
+    "messages[0].content": [1, 1.5, None, True, ["hi"], {"text": "hi"}],
+    "backend": [1, True, ["echo"], {"echo": 1}, "nonexistent", "ollama"],
+    "model": [1, True, ["m"], {"m": 1}, "-starts-with-dash", "has space", "x" * 257, "ünïcode", "a\nb", "a/../b\x00"],
+    "max_tokens": ["64", 64.0, 1.5, True, False, 0, -1, 4097, [64], {"n": 64}, 2**63 - 1, -(2**63)],
+    "temperature": ["0.5", True, [0.5], {"t": 1}, -0.001, 2.001, 1e308, -1e308],
+}
+
+
+def wrong_type_cases() -> list[tuple[str, bytes, str]]:
+    cases = []
+    for field, values in WRONG_TYPES.items():
+        for value in values:
+            if field.startswith("messages[0]."):
+                inner = {"role": "user", "content": "hi", field.split(".")[1]: value}
+                body = orjson.dumps({"messages": [inner]})
+            else:
+                body = orjson.dumps({**OK, field: value}) if field != "messages" else orjson.dumps({"messages": value})
+            cases.append((f"{field}={json.dumps(value)[:30]}", body, field.split("[")[0]))
+    return cases
+
+
+HOSTILE: list[tuple[str, str | None, bytes, int]] = [
+    ("empty body", "application/json", b"", 400),
+    ("truncated JSON", "application/json", b'{"messages": [', 400),
+    ("a JSON string", "application/json", b'"hi"', 400),
+    ("a JSON number", "application/json", b"42", 400),
+    ("null", "application/json", b"null", 400),
+    ("nested arrays 2000 deep", "application/json", b"[" * 2000 + b"]" * 2000, 400),
+    ("nested objects 100000 deep, unclosed", "application/json", b'{"a":' * 100_000, 400),
+    ("messages nested 1100 deep", "application/json", b'{"messages": ' + b"[" * 1100 + b"]" * 1100 + b"}", 400),
+    ("max_tokens 1e400 (too large for a float)", "application/json", raw_field("max_tokens", "1e400"), 400),
+    *[
+        (f"{name} nested 300 deep", "application/json", raw_field(name, "[" * 300 + "]" * 300), 400)
+        for name in ("backend", "model", "max_tokens", "temperature")
+    ],
+    (
+        "role nested 300 deep",
+        "application/json",
+        b'{"messages": [{"role": ' + b"[" * 300 + b"]" * 300 + b', "content": "hi"}]}',
+        400,
+    ),
+    (
+        "content nested 300 deep",
+        "application/json",
+        b'{"messages": [{"role": "user", "content": ' + b'{"a":' * 300 + b"1" + b"}" * 300 + b"}]}",
+        400,
+    ),
+    ("max_tokens -1e400", "application/json", raw_field("max_tokens", "-1e400"), 400),
+    ("max_tokens 10**30 (too large for an int64)", "application/json", raw_field("max_tokens", "1" + "0" * 30), 400),
+    ("max_tokens 2**64", "application/json", raw_field("max_tokens", "18446744073709551616"), 400),
+    ("max_tokens a 5000-digit integer", "application/json", raw_field("max_tokens", "9" * 5000), 400),
+    ("temperature 1e400", "application/json", raw_field("temperature", "1e400"), 400),
+    ("temperature NaN literal", "application/json", raw_field("temperature", "NaN"), 400),
+    ("temperature Infinity literal", "application/json", raw_field("temperature", "Infinity"), 400),
+    ("temperature 1e-400 (underflows to 0)", "application/json", raw_field("temperature", "1e-400"), 200),
+    ("lone high surrogate in content", "application/json", b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}', 400),
+    ("lone low surrogate in content", "application/json", b'{"messages": [{"role": "user", "content": "\\udfff"}]}', 400),
+    ("lone surrogate in a key", "application/json", b'{"messages": [{"role": "user", "content": "hi"}], "\\ud800": 1}', 400),
+    ("lone surrogate in role", "application/json", b'{"messages": [{"role": "\\ud83d", "content": "hi"}]}', 400),
+    ("a valid surrogate pair", "application/json", b'{"messages": [{"role": "user", "content": "\\ud83d\\ude00"}]}', 200),
+    ("bytes that are not UTF-8", "application/json", b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}', 400),
+    ("CESU-8 surrogate bytes", "application/json", b'{"messages": [{"role": "user", "content": "\xed\xa0\x80"}]}', 400),
+    ("a NUL in content", "application/json", b'{"messages": [{"role": "user", "content": "a\\u0000b"}]}', 200),
+    ("a UTF-8 BOM before the JSON", "application/json", b"\xef\xbb\xbf" + orjson.dumps(OK), 400),
+    ("duplicate keys (last wins)", "application/json", b'{"messages": 1, "messages": [{"role": "user", "content": "hi"}]}', 200),
+    ("trailing garbage", "application/json", orjson.dumps(OK) + b"garbage", 400),
+    ("a backend whose key is not set", "application/json", with_(backend="openai"), 400),
+    ("text/plain", "text/plain", orjson.dumps(OK), 415),
+    ("no content type", None, orjson.dumps(OK), 415),
+    ("form encoded", "application/x-www-form-urlencoded", b"messages=hi", 415),
+    ("a +json type", "application/vnd.api+json", orjson.dumps(OK), 200),
+    ("json with a charset", "application/json; charset=utf-8", orjson.dumps(OK), 200),
+    *[(f"wrong type: {name}", "application/json", body, 400) for name, body, _ in wrong_type_cases()],
+]
+
+
+GET_CASES: list[tuple[str, str, int]] = [
+    ("prompt and messages together", "prompt=hi&messages=%5B%5D", 400),
+    ("neither prompt nor messages", "model=x", 400),
+    ("messages that are not JSON", "messages=%5B", 400),
+    ("messages with a lone surrogate", "messages=" + "%5B%7B%22role%22%3A%22user%22%2C%22content%22%3A%22%5Cud800%22%7D%5D", 400),
+    ("max_tokens not digits", "prompt=hi&max_tokens=1e3", 400),
+    ("max_tokens in Arabic-Indic digits", "prompt=hi&max_tokens=%D9%A3", 400),
+    ("max_tokens negative", "prompt=hi&max_tokens=-1", 400),
+    ("max_tokens huge", "prompt=hi&max_tokens=" + "9" * 400, 400),
+    ("temperature nan", "prompt=hi&temperature=nan", 400),
+    ("temperature inf", "prompt=hi&temperature=inf", 400),
+    ("temperature not a number", "prompt=hi&temperature=warm", 400),
+    ("a prompt of invalid UTF-8 (replaced)", "prompt=%FF%FE", 200),
+    ("a prompt of CESU-8 surrogates (replaced)", "prompt=%ED%A0%80", 200),
+    ("an empty prompt", "prompt=", 200),
+]
+
+
+def assert_answer(status: int, content_type: str, body: bytes, expected: int, name: str) -> None:
+    assert status == expected, (name, status, body[:300])
+    if status >= 400:
+        error = orjson.loads(body)["error"]
+        assert set(error) == {"type", "message"} and error["message"], name
+    else:
+        assert content_type.startswith("text/event-stream") and body.rstrip().endswith((b"data: stop", b"data: length")), (
+            name,
+            body[-200:],
+        )
+
+
+def _headers(content_type: str | None) -> dict[str, str]:
+    return {"content-type": content_type} if content_type is not None else {}
+
+
+@pytest.mark.anyio
+async def test_hostile_requests_get_their_4xx_through_the_asgi_app() -> None:
+    gateway = asgi_stream.Gateway({"RESUME_TTL_SECONDS": "0", "USAGE_DB": "", "MAX_TOKENS_LIMIT": "4096"})
+    transport = httpx.ASGITransport(app=gateway)
+    async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+        with anyio.fail_after(60):
+            for name, content_type, body, expected in HOSTILE:
+                response = await client.post("/chat/stream", content=body, headers=_headers(content_type))
+                assert_answer(response.status_code, response.headers.get("content-type", ""), response.content, expected, name)
+            for name, query, expected in GET_CASES:
+                response = await client.get("/chat/stream?" + query)
+                assert_answer(response.status_code, response.headers.get("content-type", ""), response.content, expected, name)
+    assert gateway.metrics.active == 0
+
+
+def test_hostile_requests_get_their_4xx_through_uvicorn() -> None:
+    with serve_probed({"MAX_TOKENS_LIMIT": "4096"}) as gw, httpx.Client(base_url=gw.url, timeout=10) as client:
+        for name, content_type, body, expected in HOSTILE:
+            response = client.post("/chat/stream", content=body, headers=_headers(content_type))
+            assert_answer(response.status_code, response.headers.get("content-type", ""), response.content, expected, name)
+        for name, query, expected in GET_CASES:
+            response = client.get("/chat/stream?" + query)
+            assert_answer(response.status_code, response.headers.get("content-type", ""), response.content, expected, name)
+        client.close()
+        gw.nothing_left()
+
+
+@pytest.mark.parametrize(("name", "body", "field"), wrong_type_cases())
+def test_a_wrong_type_is_refused_with_a_message_naming_the_field(name: str, body: bytes, field: str) -> None:
+    with pytest.raises(HTTPError) as refusal:
+        parse_chat_request("POST", {}, body, CONFIG)
+    assert refusal.value.status == 400 and field in refusal.value.message, refusal.value.message
+
+
+# --- fuzzing through the ASGI app, on asyncio and trio
+
+ASGI_GATEWAY_ENV = {"RESUME_TTL_SECONDS": "0", "USAGE_DB": "", "MAX_TOKENS_LIMIT": "4096"}
+
+
+@pytest.mark.anyio
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(body=bodies, content_type=st.sampled_from(["application/json", "application/json; charset=utf-8", "text/plain"]))
+async def test_fuzzed_bodies_through_the_asgi_app_get_a_stream_or_a_4xx(body: Any, content_type: str) -> None:
+    gateway = asgi_stream.Gateway(ASGI_GATEWAY_ENV)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gateway), base_url="http://gateway") as client:
+        with anyio.fail_after(10):
+            response = await client.post("/chat/stream", content=orjson.dumps(body), headers={"content-type": content_type})
+    assert response.status_code in (200, 400, 415), response.content[:300]
+    event(f"HTTP {response.status_code}")
+    if content_type == "text/plain":
+        assert response.status_code == 415
+    if response.status_code == 200:
+        assert response.content.rstrip().endswith((b"data: stop", b"data: length"))
+        assert b"event: error" not in response.content
+    else:
+        assert orjson.loads(response.content)["error"]["message"]
+    assert gateway.metrics.active == 0
+
+
+# --- fuzzing the ASGI scope itself: what a lenient server might pass through
+
+LATIN1 = st.text(st.characters(codec="latin-1"), max_size=40)
+header_values = {
+    b"content-type": st.sampled_from(
+        ["application/json", "application/json; charset=utf-8", "text/plain", "", "application/+json"]
+    )
+    | LATIN1,
+    b"content-length": st.sampled_from(["0", "2", "-1", "1e3", " 12", "²", "١٢", "99999999999999999999999", "0x10", ""]) | LATIN1,
+    b"authorization": st.sampled_from(["Bearer key-a", "bearer key-a", "Bearer ", "Basic a2V5LWE=", "Bearer key-a\x00"]) | LATIN1,
+    b"last-event-id": st.sampled_from(["", ".", "x.1", "x.-1", "x.²", "x." + "9" * 50, "\xff.1"]) | LATIN1,
+    b"origin": st.sampled_from(["https://ok.example", "null", "https://evil.example"]) | LATIN1,
+    b"x-other": LATIN1,
+}
+
+
+def header_bytes(value: str) -> bytes:
+    """Latin-1 where it can be (servers decode headers so), else UTF-8."""
+    try:
+        return value.encode("latin-1")
+    except UnicodeEncodeError:
+        return value.encode()
+
+
+scope_headers = st.lists(
+    st.sampled_from(list(header_values)).flatmap(lambda name: st.tuples(st.just(name), header_values[name].map(header_bytes))),
+    max_size=6,
+)
+paths = st.sampled_from(["/chat/stream", "/chat/stream/", "/chat/stream/abc", "/", "/healthz", "/metrics", "/nope"]) | st.text(
+    max_size=30
+).map(lambda p: "/" + p)
+methods = st.sampled_from(["GET", "POST", "DELETE", "OPTIONS", "PUT", "HEAD", "PATCH"]) | st.text(max_size=8)
+query_strings = st.binary(max_size=60) | queries.map(
+    lambda q: "&".join(f"{k}={v}" for k, v in q.items()).encode("utf-8", "surrogatepass")
+)
+deep = st.integers(200, 1100).map(lambda depth: "[" * depth + "]" * depth)
+deep_bodies = st.builds(
+    raw_field, st.sampled_from(["backend", "model", "max_tokens", "temperature", "messages", "other"]), deep
+) | st.builds(
+    lambda field, nested: b'{"messages": [{"role": "user", "content": "hi", "%s": %s}]}' % (field.encode(), nested.encode()),
+    st.sampled_from(["role", "content", "name"]),
+    deep,
+)
+raw_bodies = st.binary(max_size=100) | bodies.map(orjson.dumps) | deep_bodies
+
+
+async def call_app(app: asgi_stream.Gateway, scope: dict[str, Any], body: bytes) -> list[dict[str, Any]]:
+    """One request straight into the ASGI callable; the client never leaves."""
+    sent: list[dict[str, Any]] = []
+    pieces = [body[:7], body[7:]] if len(body) > 7 else [body]
+    never = anyio.Event()
+
+    async def receive() -> dict[str, Any]:
+        if pieces:
+            piece = pieces.pop(0)
+            return {"type": "http.request", "body": piece, "more_body": bool(pieces)}
+        await never.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    with anyio.fail_after(10):
+        await app(scope, receive, send)
+    return sent
+
+
+@pytest.mark.anyio
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(
+    method=st.one_of(st.just("POST"), st.just("POST"), st.just("GET"), methods),
+    path=st.one_of(st.just("/chat/stream"), st.just("/chat/stream"), paths),
+    query=query_strings,
+    headers=scope_headers,
+    body=raw_bodies,
+)
+async def test_any_scope_gets_a_complete_answer_below_500(
+    method: str, path: str, query: bytes, headers: list[tuple[bytes, bytes]], body: bytes
+) -> None:
+    app = asgi_stream.Gateway({**ASGI_GATEWAY_ENV, "API_KEYS": "a:key-a", "CORS_ORIGINS": "https://ok.example"})
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "path": path,
+             "raw_path": path.encode("utf-8", "surrogatepass"), "query_string": query,
+             "headers": [(b"content-type", b"application/json"), (b"authorization", b"Bearer key-a"), *headers]}  # fmt: skip
+    sent = await call_app(app, scope, body)
+    start = sent[0]
+    assert start["type"] == "http.response.start" and 100 <= start["status"] < 500, (start, sent[1:2])
+    assert sent[-1]["type"] == "http.response.body" and not sent[-1].get("more_body", False)
+    event(f"HTTP {start['status']}")
+    assert app.metrics.active == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(deep_bodies)
+def test_values_nested_deeper_than_orjson_writes_get_a_400_naming_the_field(body: bytes) -> None:
+    """orjson reads 1024 levels but writes only 254: a refusal that quotes
+    the offending value must not fail on writing it."""
+    assert isinstance(parse_or_refusal("POST", {}, body), HTTPError)
