@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 
-from . import ChatRequest, Chunk, Upstream, UpstreamError, field_of, final_for, json_object, make_usage, open_stream, split_system
+from . import ChatRequest, Final, Upstream, UpstreamError, field_of, final_for, json_object, make_usage, open_stream, split_system
 from .lines import SSEDecoder
 
 DEFAULT_MODEL = "claude-sonnet-4-20250514"
@@ -41,17 +41,18 @@ def prompt_tokens(usage: Any) -> int | None:
     return sum(c for c in counts if isinstance(c, int)) if isinstance(counts[0], int) else None
 
 
-async def stream_anthropic(http: httpx.AsyncClient, upstream: Upstream, request: ChatRequest) -> AsyncGenerator[Chunk, None]:
+async def stream_anthropic(http: httpx.AsyncClient, upstream: Upstream, request: ChatRequest) -> AsyncGenerator[str | Final, None]:
     url, body, headers = build_request(upstream, request)
     decoder = SSEDecoder()
     prompt: int | None = None
     stop_reason: str | None = None
     usage: dict[str, Any] | None = None  # only once message_delta brought the final counts
+    final: Final | None = None
     async with open_stream(http, url, body, headers) as response:
         async for piece in response.aiter_bytes():
             for event in decoder.feed(piece):
-                if event.event not in HANDLED:
-                    continue  # ping, block starts and stops, event types added later (R5)
+                if event.event not in HANDLED or final:
+                    continue  # ping, block starts and stops, event types added later (R5); the rest is read to EOF
                 data = json_object(event.data, f"a {event.event} event")
                 if event.event == "content_block_delta":
                     text = field_of(data, "delta", "text")
@@ -66,11 +67,12 @@ async def stream_anthropic(http: httpx.AsyncClient, upstream: Upstream, request:
                 elif event.event == "message_stop":
                     if not isinstance(stop_reason, str):
                         raise UpstreamError("protocol_error", "the upstream sent message_stop without a stop_reason", usage=usage)
-                    yield final_for(stop_reason, FINISH_REASONS, usage)
-                    return
+                    final = final_for(stop_reason, FINISH_REASONS, usage)
                 else:  # error: overloaded_error before any text is worth another attempt
                     kind, message = field_of(data, "error", "type"), field_of(data, "error", "message")
                     kind = kind if isinstance(kind, str) else None
                     raise UpstreamError("upstream_error", str(message or "the upstream reported an error"), usage=usage,
                                         upstream_type=kind, retryable=kind == "overloaded_error")
-    raise UpstreamError("protocol_error", "the upstream stream ended before message_stop", usage=usage)
+    if final is None:
+        raise UpstreamError("protocol_error", "the upstream stream ended before message_stop", usage=usage)
+    yield final

@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 
-from . import ChatRequest, Chunk, Upstream, UpstreamError, field_of, final_for, json_object, make_usage, open_stream
+from . import ChatRequest, Final, Upstream, UpstreamError, field_of, final_for, json_object, make_usage, open_stream
 from .lines import LineSplitter, split_ndjson
 
 DEFAULT_MODEL = "llama3.2"
@@ -26,14 +26,17 @@ def build_request(upstream: Upstream, request: ChatRequest) -> tuple[str, dict[s
     return upstream.base_url.rstrip("/") + "/api/chat", body, headers
 
 
-async def stream_ollama(http: httpx.AsyncClient, upstream: Upstream, request: ChatRequest) -> AsyncGenerator[Chunk, None]:
+async def stream_ollama(http: httpx.AsyncClient, upstream: Upstream, request: ChatRequest) -> AsyncGenerator[str | Final, None]:
     url, body, headers = build_request(upstream, request)
     splitter = LineSplitter()
+    final: Final | None = None
     async with open_stream(http, url, body, headers) as response:
         pieces = response.aiter_bytes()
         while True:
             piece = await anext(pieces, None)
             for line in split_ndjson(splitter, piece):
+                if final:
+                    continue  # after the done line: read to EOF, ignore
                 data = json_object(line, "a line")
                 if error := data.get("error"):  # after a 200: the stream's only failure report
                     raise UpstreamError("upstream_error", str(error))
@@ -43,7 +46,9 @@ async def stream_ollama(http: httpx.AsyncClient, upstream: Upstream, request: Ch
                 if data.get("done") is True:
                     reason = data.get("done_reason")
                     usage = make_usage(data.get("prompt_eval_count"), data.get("eval_count"))  # 0 counts are omitted
-                    yield final_for(reason if isinstance(reason, str) else "", FINISH_REASONS, usage)
-                    return
+                    final = final_for(reason if isinstance(reason, str) else "", FINISH_REASONS, usage)
             if piece is None:
-                raise UpstreamError("protocol_error", "the upstream stream ended before its done line")
+                break
+    if final is None:
+        raise UpstreamError("protocol_error", "the upstream stream ended before its done line")
+    yield final
