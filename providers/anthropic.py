@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 
-from . import ChatRequest, Final, Upstream, UpstreamError, field_of, final_for, json_object, make_usage, open_stream, split_system
+from . import ChatRequest, Chunk, Upstream, UpstreamError, field_of, final_for, json_object, make_usage, open_stream, split_system
 from .lines import SSEDecoder
 
 DEFAULT_MODEL = "claude-sonnet-4-20250514"
@@ -41,13 +41,13 @@ def prompt_tokens(usage: Any) -> int | None:
     return sum(c for c in counts if isinstance(c, int)) if isinstance(counts[0], int) else None
 
 
-async def stream_anthropic(http: httpx.AsyncClient, upstream: Upstream, request: ChatRequest) -> AsyncGenerator[str | Final, None]:
+async def stream_anthropic(http: httpx.AsyncClient, upstream: Upstream, request: ChatRequest) -> AsyncGenerator[Chunk, None]:
     url, body, headers = build_request(upstream, request)
     decoder = SSEDecoder()
     prompt: int | None = None
     stop_reason: str | None = None
     usage: dict[str, Any] | None = None  # only once message_delta brought the final counts
-    final: Final | None = None
+    final: Chunk | None = None  # read on to EOF once it is known
     async with open_stream(http, url, body, headers) as response:
         async for piece in response.aiter_bytes():
             for event in decoder.feed(piece):

@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 
-from . import ChatRequest, Final, Upstream, UpstreamError, field_of, final_for, json_object, make_usage, open_stream
+from . import ChatRequest, Chunk, Upstream, UpstreamError, field_of, final_for, json_object, make_usage, open_stream
 from .lines import LineSplitter, split_ndjson
 
 DEFAULT_MODEL = "llama3.2"
@@ -26,10 +26,10 @@ def build_request(upstream: Upstream, request: ChatRequest) -> tuple[str, dict[s
     return upstream.base_url.rstrip("/") + "/api/chat", body, headers
 
 
-async def stream_ollama(http: httpx.AsyncClient, upstream: Upstream, request: ChatRequest) -> AsyncGenerator[str | Final, None]:
+async def stream_ollama(http: httpx.AsyncClient, upstream: Upstream, request: ChatRequest) -> AsyncGenerator[Chunk, None]:
     url, body, headers = build_request(upstream, request)
     splitter = LineSplitter()
-    final: Final | None = None
+    final: Chunk | None = None  # read on to EOF once it is known
     async with open_stream(http, url, body, headers) as response:
         pieces = response.aiter_bytes()
         while True:
