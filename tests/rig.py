@@ -5,6 +5,7 @@ upstream answers the n-th request with the n-th reply (the last repeats)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -51,8 +52,8 @@ class Rig:
         return stream("POST", self.gw.url + "/chat/stream", json=body)
 
 
-@pytest.fixture(scope="module")
-def rig(request: pytest.FixtureRequest) -> Iterator[Rig]:
+@pytest.fixture(scope="module", name="rig")
+def rig_fixture(request: pytest.FixtureRequest) -> Iterator[Rig]:
     holder: list[Rig] = []
     with FakeUpstream(lambda seen: holder[0].respond(seen)) as upstream:
         extra = getattr(request.module, "GATEWAY_ENV", {})
@@ -84,7 +85,7 @@ def natural_pieces(body: bytes) -> list[bytes]:
 def cut(body: bytes, cuts: list[int]) -> list[bytes]:
     """`body` cut at the given offsets (anywhere: inside UTF-8, CRLF, JSON)."""
     edges = [0, *sorted(set(c for c in cuts if 0 < c < len(body))), len(body)]
-    return [body[a:b] for a, b in zip(edges, edges[1:], strict=False)]
+    return [body[a:b] for a, b in itertools.pairwise(edges)]
 
 
 def fixture_reply(name: str, pieces: list[bytes]) -> Reply:

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.rig import Rig, assert_expected, cut, fixture_names, fixture_reply, load_fixture, natural_pieces, rig  # noqa: F401
+from tests.rig import Rig, assert_expected, cut, fixture_names, fixture_reply, load_fixture, natural_pieces, rig_fixture  # noqa: F401
 from tests.upstream import Reply
 
 FIXTURES = fixture_names("anthropic") + fixture_names("ollama") + fixture_names("gemini") + fixture_names("openai")
@@ -108,8 +108,12 @@ def test_anthropic_request_always_sets_max_tokens_and_omits_what_is_not_given(ri
 def test_ollama_request_is_api_chat_with_the_whole_conversation_and_options(rig: Rig) -> None:
     headers, path, body = sent(rig, "ollama", model="llama3.2:latest", max_tokens=50, temperature=0.7)
     assert path == "/api/chat" and "authorization" not in headers
-    assert body == {"model": "llama3.2:latest", "messages": CONVERSATION, "stream": True,
-                    "options": {"num_predict": 50, "temperature": 0.7}}
+    assert body == {
+        "model": "llama3.2:latest",
+        "messages": CONVERSATION,
+        "stream": True,
+        "options": {"num_predict": 50, "temperature": 0.7},
+    }
 
 
 def test_gemini_request_has_key_header_only_contents_system_instruction_and_config(rig: Rig) -> None:
@@ -134,8 +138,26 @@ def test_gemini_request_without_system_messages_has_no_system_instruction(rig: R
     assert "systemInstruction" not in rig.seen[0].json and rig.seen[0].path.startswith("/v1beta/models/gemini-2.0-flash:")
 
 
-@pytest.mark.parametrize("model", ["..", ".", "a/../b", "models/gemini", "a?alt=json", "a#x", "gemini:generateContent",
-                                   "a b", "a%2Fb", "-x", "_x", "a\nb", "é", "x" * 257, ""])
+@pytest.mark.parametrize(
+    "model",
+    [
+        "..",
+        ".",
+        "a/../b",
+        "models/gemini",
+        "a?alt=json",
+        "a#x",
+        "gemini:generateContent",
+        "a b",
+        "a%2Fb",
+        "-x",
+        "_x",
+        "a\nb",
+        "é",
+        "x" * 257,
+        "",
+    ],
+)
 def test_gemini_model_that_is_not_a_plain_id_is_refused_before_any_upstream_request(rig: Rig, model: str) -> None:
     rig.reset(Reply(500))
     result = rig.chat("gemini", model=model) if model else rig.chat("gemini", model=" ")
@@ -155,8 +177,9 @@ def test_gemini_plain_model_ids_are_accepted(rig: Rig, model: str) -> None:
 
 
 def sse(*events: tuple[str | None, object]) -> bytes:
-    return b"".join((f"event: {name}\n" if name else "").encode() + b"data: " + json.dumps(data).encode() + b"\n\n"
-                    for name, data in events)
+    return b"".join(
+        (f"event: {name}\n" if name else "").encode() + b"data: " + json.dumps(data).encode() + b"\n\n" for name, data in events
+    )
 
 
 def ndjson(*lines: object) -> bytes:
@@ -176,7 +199,9 @@ def text(t: str) -> tuple[str, object]:
 
 
 def test_anthropic_stream_cut_before_message_stop_is_a_protocol_error_with_the_usage_known(rig: Rig) -> None:
-    body = sse(ANTHROPIC_START, text("Hi"), ("message_delta", {"delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 3}}))
+    body = sse(
+        ANTHROPIC_START, text("Hi"), ("message_delta", {"delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 3}})
+    )
     rig.reset(Reply(pieces=[body]))
     result = rig.chat("anthropic")
     assert result.of("token") == ["Hi"]
@@ -195,18 +220,33 @@ def test_anthropic_event_that_is_not_json_is_a_protocol_error(rig: Rig) -> None:
     assert error_of(rig.chat("anthropic"))["type"] == "protocol_error"
 
 
-@pytest.mark.parametrize(("stop_reason", "done"), [("stop_sequence", "stop"), ("tool_use", "tool_calls"), ("refusal", "content_filter"),
-                                                   ("pause_turn", "stop"), ("model_context_window_exceeded", "length")])
+@pytest.mark.parametrize(
+    ("stop_reason", "done"),
+    [
+        ("stop_sequence", "stop"),
+        ("tool_use", "tool_calls"),
+        ("refusal", "content_filter"),
+        ("pause_turn", "stop"),
+        ("model_context_window_exceeded", "length"),
+    ],
+)
 def test_anthropic_stop_reasons_are_normalized(rig: Rig, stop_reason: str, done: str) -> None:
-    body = sse(ANTHROPIC_START, text("Hi"), ("message_delta", {"delta": {"stop_reason": stop_reason}, "usage": {"output_tokens": 2}}),
-               ("message_stop", {"type": "message_stop"}))
+    body = sse(
+        ANTHROPIC_START,
+        text("Hi"),
+        ("message_delta", {"delta": {"stop_reason": stop_reason}, "usage": {"output_tokens": 2}}),
+        ("message_stop", {"type": "message_stop"}),
+    )
     rig.reset(Reply(pieces=[body]))
     assert rig.chat("anthropic").of("done") == [done]
 
 
 def test_anthropic_unknown_stop_reason_is_stop_with_the_raw_value_in_usage(rig: Rig) -> None:
-    body = sse(ANTHROPIC_START, ("message_delta", {"delta": {"stop_reason": "new_reason"}, "usage": {"output_tokens": 2}}),
-               ("message_stop", {"type": "message_stop"}))
+    body = sse(
+        ANTHROPIC_START,
+        ("message_delta", {"delta": {"stop_reason": "new_reason"}, "usage": {"output_tokens": 2}}),
+        ("message_stop", {"type": "message_stop"}),
+    )
     rig.reset(Reply(pieces=[body]))
     result = rig.chat("anthropic")
     assert result.of("done") == ["stop"]
@@ -214,21 +254,44 @@ def test_anthropic_unknown_stop_reason_is_stop_with_the_raw_value_in_usage(rig: 
 
 
 def test_anthropic_cache_tokens_count_as_prompt_and_message_delta_counts_win(rig: Rig) -> None:
-    start = ("message_start", {"message": {"usage": {"input_tokens": 5, "cache_creation_input_tokens": 100,
-                                                      "cache_read_input_tokens": 20, "output_tokens": 1}}})
-    delta = ("message_delta", {"delta": {"stop_reason": "end_turn"},
-                               "usage": {"output_tokens": 9, "input_tokens": 6, "cache_read_input_tokens": 30}})
+    start = (
+        "message_start",
+        {
+            "message": {
+                "usage": {
+                    "input_tokens": 5,
+                    "cache_creation_input_tokens": 100,
+                    "cache_read_input_tokens": 20,
+                    "output_tokens": 1,
+                }
+            }
+        },
+    )
+    delta = (
+        "message_delta",
+        {"delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 9, "input_tokens": 6, "cache_read_input_tokens": 30}},
+    )
     rig.reset(Reply(pieces=[sse(start, text("ok"), delta, ("message_stop", {}))]))
     assert json.loads(rig.chat("anthropic").of("usage")[0]) == {"prompt_tokens": 36, "completion_tokens": 9, "total_tokens": 45}
 
 
 def test_anthropic_thinking_tool_input_citations_and_unknown_events_never_become_tokens(rig: Rig) -> None:
-    deltas = [{"type": "thinking_delta", "thinking": "hmm"}, {"type": "signature_delta", "signature": "c2ln"},
-              {"type": "input_json_delta", "partial_json": "{\"a\":"}, {"type": "citations_delta", "citation": {}},
-              {"type": "text_delta", "text": ""}]
-    body = sse(ANTHROPIC_START, *[("content_block_delta", {"index": 0, "delta": d}) for d in deltas],
-               ("ping", {"type": "ping"}), ("brand_new_event", {"text": "no"}), text("yes"),
-               ("message_delta", {"delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 2}}), ("message_stop", {}))
+    deltas = [
+        {"type": "thinking_delta", "thinking": "hmm"},
+        {"type": "signature_delta", "signature": "c2ln"},
+        {"type": "input_json_delta", "partial_json": '{"a":'},
+        {"type": "citations_delta", "citation": {}},
+        {"type": "text_delta", "text": ""},
+    ]
+    body = sse(
+        ANTHROPIC_START,
+        *[("content_block_delta", {"index": 0, "delta": d}) for d in deltas],
+        ("ping", {"type": "ping"}),
+        ("brand_new_event", {"text": "no"}),
+        text("yes"),
+        ("message_delta", {"delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 2}}),
+        ("message_stop", {}),
+    )
     rig.reset(Reply(pieces=[body]))
     assert rig.chat("anthropic").of("token") == ["yes"]
 
@@ -237,7 +300,12 @@ def test_anthropic_http_error_body_reaches_the_client_with_status_and_type(rig: 
     body = b'{"type":"error","error":{"type":"authentication_error","message":"invalid x-api-key"},"request_id":"req_1"}'
     rig.reset(Reply(401, "application/json", [body]))
     error = error_of(rig.chat("anthropic"))
-    assert error == {"type": "upstream_error", "message": "invalid x-api-key", "status": 401, "upstream_type": "authentication_error"}
+    assert error == {
+        "type": "upstream_error",
+        "message": "invalid x-api-key",
+        "status": 401,
+        "upstream_type": "authentication_error",
+    }
     assert len(rig.seen) == 1
 
 
@@ -252,15 +320,23 @@ def test_ollama_line_that_is_not_json_is_a_protocol_error(rig: Rig) -> None:
     assert error_of(rig.chat("ollama"))["type"] == "protocol_error"
 
 
+def counted(prompt: int, completion: int, **extra: object) -> dict[str, object]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion, **extra}
+
+
 @pytest.mark.parametrize(("done_line", "done", "usage"), [
-    ({"done_reason": "length", "prompt_eval_count": 3, "eval_count": 4}, "length", {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}),
-    ({"eval_count": 4}, "stop", {"prompt_tokens": 0, "completion_tokens": 4, "total_tokens": 4}),  # omitempty: 0 prompt tokens
-    ({"done_reason": "unload"}, "stop", {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0, "upstream_finish_reason": "unload"}),
+    ({"done_reason": "length", "prompt_eval_count": 3, "eval_count": 4}, "length", counted(3, 4)),
+    ({"eval_count": 4}, "stop", counted(0, 4)),  # omitempty: 0 prompt tokens are left out
+    ({"done_reason": "unload"}, "stop", counted(0, 0, upstream_finish_reason="unload")),
 ])  # fmt: skip
-def test_ollama_done_line_gives_finish_reason_and_usage(rig: Rig, done_line: dict[str, object], done: str, usage: dict[str, object]) -> None:
-    lines = ndjson({"message": {"role": "assistant", "content": "Hi", "thinking": "think"}, "done": False},
-                   {"message": {"role": "assistant", "content": " there"}, "done": True, **done_line},
-                   {"message": {"content": "after done: ignored"}, "done": False})
+def test_ollama_done_line_gives_finish_reason_and_usage(
+    rig: Rig, done_line: dict[str, object], done: str, usage: dict[str, object]
+) -> None:
+    lines = ndjson(
+        {"message": {"role": "assistant", "content": "Hi", "thinking": "think"}, "done": False},
+        {"message": {"role": "assistant", "content": " there"}, "done": True, **done_line},
+        {"message": {"content": "after done: ignored"}, "done": False},
+    )
     rig.reset(Reply(200, "application/x-ndjson", [lines]))
     result = rig.chat("ollama")
     assert result.of("token") == ["Hi", " there"]  # text on the done line is text; thinking is not
@@ -275,8 +351,10 @@ def test_ollama_unreachable_is_upstream_unavailable(rig: Rig) -> None:
     assert error_of(result)["type"] == "upstream_unavailable"
 
 
-GEMINI_OK = {"candidates": [{"content": {"parts": [{"text": "Hi"}], "role": "model"}}],
-             "usageMetadata": {"promptTokenCount": 4, "totalTokenCount": 4}}
+GEMINI_OK = {
+    "candidates": [{"content": {"parts": [{"text": "Hi"}], "role": "model"}}],
+    "usageMetadata": {"promptTokenCount": 4, "totalTokenCount": 4},
+}
 
 
 def gemini_stream(*chunks: object) -> Reply:
@@ -284,7 +362,10 @@ def gemini_stream(*chunks: object) -> Reply:
 
 
 def test_gemini_blocked_prompt_is_content_filter(rig: Rig) -> None:
-    blocked = {"promptFeedback": {"blockReason": "SAFETY", "safetyRatings": []}, "usageMetadata": {"promptTokenCount": 7, "totalTokenCount": 7}}
+    blocked = {
+        "promptFeedback": {"blockReason": "SAFETY", "safetyRatings": []},
+        "usageMetadata": {"promptTokenCount": 7, "totalTokenCount": 7},
+    }
     rig.reset(gemini_stream(blocked))
     result = rig.chat("gemini")
     assert result.names == ["usage", "done"] and result.of("done") == ["content_filter"]
@@ -300,11 +381,18 @@ def test_gemini_stream_without_a_finish_reason_is_a_protocol_error_with_the_usag
 
 def test_gemini_raw_json_error_after_chunks_ends_the_stream_with_its_message(rig: Rig) -> None:
     # python-genai reads non-`data:` lines until the braces balance: errors arrive that way mid-stream
-    error = b'{\n  "error": {\n    "code": 499,\n    "message": "The operation was cancelled.",\n    "status": "CANCELLED"\n  }\n}\n'
+    error = (
+        b'{\n  "error": {\n    "code": 499,\n    "message": "The operation was cancelled.",\n    "status": "CANCELLED"\n  }\n}\n'
+    )
     rig.reset(Reply(pieces=[gemini_stream(GEMINI_OK).pieces[0], error]))
     result = rig.chat("gemini")
     assert result.of("token") == ["Hi"]
-    assert error_of(result) == {"type": "upstream_error", "message": "The operation was cancelled.", "upstream_type": "CANCELLED", "code": 499}
+    assert error_of(result) == {
+        "type": "upstream_error",
+        "message": "The operation was cancelled.",
+        "upstream_type": "CANCELLED",
+        "code": 499,
+    }
     assert json.loads(result.of("usage")[0])["prompt_tokens"] == 4  # the usage known before the error rides along
 
 
@@ -324,8 +412,9 @@ def test_gemini_raw_json_that_is_a_chunk_is_read_as_one(rig: Rig) -> None:
     assert rig.chat("gemini").of("token") == ["Hi", " there"]
 
 
-@pytest.mark.parametrize(("reason", "done"), [("MAX_TOKENS", "length"), ("RECITATION", "content_filter"), ("SPII", "content_filter"),
-                                              ("STOP", "stop")])
+@pytest.mark.parametrize(
+    ("reason", "done"), [("MAX_TOKENS", "length"), ("RECITATION", "content_filter"), ("SPII", "content_filter"), ("STOP", "stop")]
+)
 def test_gemini_finish_reasons_are_normalized(rig: Rig, reason: str, done: str) -> None:
     rig.reset(gemini_stream(GEMINI_OK, {"candidates": [{"finishReason": reason}]}))
     assert rig.chat("gemini").of("done") == [done]
@@ -338,8 +427,12 @@ def test_gemini_failed_finish_reasons_are_errors(rig: Rig, reason: str) -> None:
 
 
 def test_gemini_thought_parts_are_not_tokens_and_thought_tokens_count_as_completion(rig: Rig) -> None:
-    chunk = {"candidates": [{"content": {"parts": [{"text": "thinking...", "thought": True}, {"text": "Answer"}]}, "finishReason": "STOP"}],
-             "usageMetadata": {"promptTokenCount": 3, "candidatesTokenCount": 2, "thoughtsTokenCount": 10, "totalTokenCount": 15}}
+    chunk = {
+        "candidates": [
+            {"content": {"parts": [{"text": "thinking...", "thought": True}, {"text": "Answer"}]}, "finishReason": "STOP"}
+        ],
+        "usageMetadata": {"promptTokenCount": 3, "candidatesTokenCount": 2, "thoughtsTokenCount": 10, "totalTokenCount": 15},
+    }
     rig.reset(gemini_stream(chunk))
     result = rig.chat("gemini")
     assert result.of("token") == ["Answer"]

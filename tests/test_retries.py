@@ -14,7 +14,7 @@ import pytest
 from providers import MAX_RETRY_AFTER, ChatRequest, Upstream, UpstreamError, backoff_delay, retried
 from providers.ollama import stream_ollama
 from tests.conftest import free_port, serve, stream
-from tests.rig import Rig, load_fixture, rig  # noqa: F401
+from tests.rig import Rig, load_fixture, rig_fixture  # noqa: F401
 from tests.upstream import FakeUpstream, Reply
 
 GATEWAY_ENV = {"FIRST_TOKEN_TIMEOUT_SECONDS": "3"}
@@ -22,7 +22,12 @@ NOW = {"retry-after": "0"}  # retry at once: the tests are about whether, not wh
 
 
 def ok(backend: str) -> Reply:
-    name = {"openai": "openai/normal_with_usage", "anthropic": "anthropic/normal", "ollama": "ollama/normal", "gemini": "gemini/normal"}
+    name = {
+        "openai": "openai/normal_with_usage",
+        "anthropic": "anthropic/normal",
+        "ollama": "ollama/normal",
+        "gemini": "gemini/normal",
+    }
     expected, body = load_fixture(name[backend])
     return Reply(200, expected["content_type"], [body])
 
@@ -62,7 +67,9 @@ def test_other_statuses_are_not_retried(rig: Rig, status: int) -> None:
 
 
 def test_429_for_exhausted_quota_is_not_retried(rig: Rig) -> None:
-    body = b'{"error": {"message": "You exceeded your current quota", "type": "insufficient_quota", "code": "insufficient_quota"}}'
+    body = (
+        b'{"error": {"message": "You exceeded your current quota", "type": "insufficient_quota", "code": "insufficient_quota"}}'
+    )
     rig.reset(Reply(429, "application/json", [body], NOW), ok("openai"))
     assert error_of(rig.chat("openai"))["code"] == "insufficient_quota"
     assert len(rig.seen) == 1
@@ -124,7 +131,10 @@ def test_anthropic_overloaded_error_every_time_reports_the_last_one(rig: Rig) ->
 
 
 def test_anthropic_other_error_events_before_text_are_not_retried(rig: Rig) -> None:
-    rig.reset(anthropic_events(START, ("error", {"type": "error", "error": {"type": "invalid_request_error", "message": "no"}})), ok("anthropic"))
+    rig.reset(
+        anthropic_events(START, ("error", {"type": "error", "error": {"type": "invalid_request_error", "message": "no"}})),
+        ok("anthropic"),
+    )
     assert error_of(rig.chat("anthropic"))["upstream_type"] == "invalid_request_error"
     assert len(rig.seen) == 1
 
