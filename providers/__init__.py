@@ -15,6 +15,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
+from itertools import count
 from typing import Any, Protocol
 
 import anyio
@@ -246,7 +247,7 @@ def retried(provider: Provider) -> Provider:
     (the first-token deadline) is not tried: the failure itself is reported."""
 
     async def stream(http: httpx.AsyncClient, upstream: Upstream, request: ChatRequest) -> AsyncGenerator[Chunk, None]:
-        for attempt in range(1, MAX_ATTEMPTS + 1):
+        for attempt in count(1):  # the last attempt returns or raises
             sent = False
             try:
                 async with aclosing(provider(http, upstream, request)) as chunks:

@@ -6,12 +6,23 @@ never past the first-token deadline and never after a token was sent."""
 from __future__ import annotations
 
 import json
+import socket
+import time
 from typing import Any
 
 import httpx
 import pytest
 
-from providers import MAX_RETRY_AFTER, ChatRequest, Upstream, UpstreamError, backoff_delay, retried
+from providers import (
+    MAX_RETRY_AFTER,
+    ChatRequest,
+    Upstream,
+    UpstreamError,
+    backoff_delay,
+    error_from_body,
+    parse_retry_after,
+    retried,
+)
 from providers.ollama import stream_ollama
 from tests.conftest import free_port, serve, stream
 from tests.rig import Rig, load_fixture, rig_fixture  # noqa: F401
@@ -191,3 +202,81 @@ async def test_connection_refused_three_times_raises_upstream_unavailable(anyio_
     with pytest.raises(UpstreamError) as caught:
         await collect(transport)
     assert transport.attempts == 3 and caught.value.type == "upstream_unavailable"
+
+
+@pytest.mark.parametrize(
+    ("headers", "seconds"),
+    [
+        ({"retry-after": "2"}, 2.0),
+        ({"retry-after-ms": "1500", "retry-after": "9"}, 1.5),
+        ({"retry-after-ms": "soon", "retry-after": "3"}, 3.0),  # an unreadable retry-after-ms falls back
+        ({"retry-after": "-4"}, 0.0),
+        ({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}, 0.0),  # a date in the past: at once
+        ({"retry-after": "tomorrow"}, None),
+        ({}, None),
+    ],
+)
+def test_retry_after_headers_are_read_as_seconds(headers: dict[str, str], seconds: float | None) -> None:
+    assert parse_retry_after(headers) == seconds
+
+
+def test_retry_after_as_a_future_http_date_is_the_time_until_then() -> None:
+    import time
+    from email.utils import formatdate
+
+    wait = parse_retry_after({"retry-after": formatdate(time.time() + 60, usegmt=True)})
+    assert wait is not None and 55 < wait <= 60
+
+
+@pytest.mark.parametrize(
+    ("body", "message", "upstream_type"),
+    [
+        (
+            b'[{"error": {"code": 429, "message": "Resource exhausted", "status": "RESOURCE_EXHAUSTED"}}]',
+            "Resource exhausted",
+            "RESOURCE_EXHAUSTED",
+        ),
+        (b"<html>Bad gateway</html>", "upstream answered HTTP 502: <html>Bad gateway</html>", None),
+        (b"", "upstream answered HTTP 502", None),
+        (b'{"error": {"type": 7}}', 'upstream answered HTTP 502: {"error": {"type": 7}}', None),
+    ],
+)
+def test_error_bodies_of_any_shape_give_a_message(body: bytes, message: str, upstream_type: str | None) -> None:
+    error = error_from_body(502, body, None)
+    assert (error.message, error.upstream_type, error.status) == (message, upstream_type, 502)
+
+
+def test_a_huge_error_body_is_read_only_up_to_the_limit(rig: Rig) -> None:
+    rig.reset(Reply(400, "text/html", [b"x" * 50_000] * 4))
+    error = error_of(rig.chat("gemini"))
+    assert error["status"] == 400 and error["message"] == "upstream answered HTTP 400: " + "x" * 200
+
+
+def test_connect_timeout_is_retried_and_reported_as_a_timeout() -> None:
+    # A listener that never accepts: once its backlog is full, the kernel drops new SYNs and connects hang.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        port = listener.getsockname()[1]
+        queued = []
+        while True:
+            client = socket.socket()
+            client.settimeout(0.2)
+            try:
+                client.connect(("127.0.0.1", port))
+            except TimeoutError:
+                client.close()
+                break
+            queued.append(client)
+        try:
+            env = {"OLLAMA_BASE_URL": f"http://127.0.0.1:{port}", "CONNECT_TIMEOUT_SECONDS": "0.2"}
+            with serve(env) as gw:
+                started = time.monotonic()
+                result = stream("GET", gw.url + "/chat/stream?prompt=hi&backend=ollama")
+                elapsed = time.monotonic() - started
+        finally:
+            for client in queued:
+                client.close()
+    error = error_of(result)
+    assert error["type"] == "timeout" and "connect" in error["message"]
+    assert elapsed >= 3 * 0.2  # three attempts, each given its whole connect timeout
