@@ -247,7 +247,7 @@ def retried(provider: Provider) -> Provider:
     (the first-token deadline) is not tried: the failure itself is reported."""
 
     async def stream(http: httpx.AsyncClient, upstream: Upstream, request: ChatRequest) -> AsyncGenerator[Chunk, None]:
-        for attempt in count(1):  # the last attempt returns or raises
+        for attempt in count(1):  # pragma: no branch - the last attempt returns or raises
             sent = False
             try:
                 async with aclosing(provider(http, upstream, request)) as chunks:
