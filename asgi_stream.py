@@ -31,7 +31,7 @@ import anyio
 import httpx
 import orjson
 
-from providers import ChatRequest, Final, Provider, Upstream, UpstreamError, make_usage
+from providers import ChatRequest, Final, Provider, Upstream, UpstreamError, anthropic, gemini, make_usage, ollama, retried
 from providers.echo import stream_echo
 from providers.lines import LineTooLong
 from providers.openai import stream_openai
@@ -60,6 +60,11 @@ class Backend:
 BACKENDS: dict[str, Backend] = {
     "echo": Backend(stream_echo, "echo", None, None, ""),
     "openai": Backend(stream_openai, "gpt-4o-mini", "OPENAI_API_KEY", "OPENAI_BASE_URL", "https://api.openai.com/v1"),
+    "anthropic": Backend(anthropic.stream_anthropic, anthropic.DEFAULT_MODEL, "ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL",
+                         "https://api.anthropic.com"),
+    "ollama": Backend(ollama.stream_ollama, ollama.DEFAULT_MODEL, None, "OLLAMA_BASE_URL", "http://localhost:11434"),
+    "gemini": Backend(gemini.stream_gemini, gemini.DEFAULT_MODEL, "GEMINI_API_KEY", "GEMINI_BASE_URL",
+                      "https://generativelanguage.googleapis.com", re.compile(gemini.MODEL_PATTERN)),
 }
 
 
@@ -263,9 +268,9 @@ def parse_chat_request(method: str, query: dict[str, str], body: bytes, config: 
     backend = _body_field(fields, query, "backend", str) or config.default_backend
     if backend not in BACKENDS:
         raise invalid(f"backend must be one of {', '.join(BACKENDS)}, got {_show(backend)}")
-    if backend not in config.upstreams:
-        raise invalid(f"backend {backend!r} is not configured on this server ({BACKENDS[backend].key_variable} is not set)")
     spec = BACKENDS[backend]
+    if backend not in config.upstreams:
+        raise invalid(f"backend {backend!r} is not configured here ({spec.key_variable or spec.url_variable} is not set)")
     default_model = config.default_model if backend == config.default_backend and config.default_model else spec.default_model
     model = _body_field(fields, query, "model", str) or default_model
     if not spec.model_pattern.fullmatch(model):
@@ -862,7 +867,7 @@ class Gateway:
         final: Final | None = None
         try:
             with total, first_token:
-                async with aclosing(provider(self.http, upstream, record.request)) as chunks:
+                async with aclosing(retried(provider)(self.http, upstream, record.request)) as chunks:
                     async for chunk in chunks:
                         if type(chunk) is str:
                             if not chunk:

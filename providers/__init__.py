@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
+from itertools import count
 from typing import Any, Protocol
 
 import anyio
@@ -71,6 +72,7 @@ class UpstreamError(Exception):
     upstream_type: str | None = None
     code: Any = None
     usage: dict[str, Any] | None = field(default=None, compare=False)
+    retryable: bool = field(default=False, compare=False)  # worth another attempt before any token
 
     def __str__(self) -> str:
         return f"{self.type}: {self.message}"
@@ -94,6 +96,24 @@ def protocol_error(message: str) -> UpstreamError:
     return UpstreamError("protocol_error", message)
 
 
+def json_object(data: bytes, what: str) -> dict[str, Any]:
+    """One upstream JSON payload, which must be an object."""
+    try:
+        value = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise protocol_error(f"the upstream sent {what} that is not a JSON object")
+    return value
+
+
+def field_of(value: Any, *path: str) -> Any:
+    """value[path[0]][path[1]]..., or None where the shape differs (R5: tolerate)."""
+    for key in path:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
 # --- usage ------------------------------------------------------------------
 
 
@@ -105,6 +125,32 @@ def make_usage(prompt: Any, completion: Any, total: Any = None, **extras: Any) -
     usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": total}
     usage.update({k: v for k, v in extras.items() if v is not None})
     return usage
+
+
+def split_system(messages: list[dict[str, str]]) -> tuple[str, list[dict[str, str]]]:
+    """The system messages joined into one prompt, and the other messages with
+    consecutive same-role turns merged (Anthropic wants turns to alternate)."""
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
+    turns: list[dict[str, str]] = []
+    for m in messages:
+        if m["role"] == "system":
+            continue
+        if turns and turns[-1]["role"] == m["role"]:
+            turns[-1]["content"] += "\n\n" + m["content"]
+        else:
+            turns.append(dict(m))
+    return system, turns
+
+
+def final_for(raw: str, reasons: Mapping[str, str], usage: dict[str, Any] | None) -> Final:
+    """The Final for upstream finish reason `raw`, by the provider's table:
+    `error` raises; an unknown one is `stop`, the raw value kept in usage."""
+    reason = reasons.get(raw)
+    if reason == "error":
+        raise UpstreamError("upstream_error", f"the upstream stopped with '{raw}'", usage=usage)
+    if reason is None:
+        usage = {**(usage or make_usage(0, 0)), "upstream_finish_reason": raw}
+    return Final(reason or "stop", usage)
 
 
 # --- opening an upstream request, with retries -----------------------------
@@ -167,57 +213,60 @@ def error_from_body(status: int, body: bytes, retry_after: float | None) -> Upst
 def backoff_delay(attempt: int, retry_after: float | None) -> float:
     if retry_after is not None:
         return min(retry_after, MAX_RETRY_AFTER)
-    return min(0.25 * 2.0 ** (attempt - 1), 4.0) * random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not secrets
+    return min(0.25 * 2.0 ** (attempt - 1), 4.0) * random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not secrecy
 
 
 @asynccontextmanager
-async def open_stream(
-    http: httpx.AsyncClient,
-    url: str,
-    body: dict[str, Any],
-    headers: dict[str, str],
-    is_retryable: Callable[[UpstreamError], bool] | None = None,
-) -> AsyncIterator[httpx.Response]:
-    """POST `body` and yield the 2xx streaming response.
-
-    Connection failures and 429/5xx answers are retried (up to MAX_ATTEMPTS
-    in all) with backoff; this runs before any token exists, so a retry can
-    never duplicate text, and the caller's first-token deadline bounds it.
-    """
-    content = orjson.dumps(body)
-    response: httpx.Response | None = None
-    for attempt in range(1, MAX_ATTEMPTS + 1):
-        request = http.build_request("POST", url, content=content, headers=headers)
-        try:
-            response = await http.send(request, stream=True)
-        except (httpx.NetworkError, httpx.ConnectTimeout, httpx.RemoteProtocolError) as exc:
-            # Read/protocol errors before any answer include the keep-alive race: a pooled
-            # connection the upstream closed just as we reused it. Nothing was answered: retry.
-            failure = UpstreamError("upstream_unavailable", f"cannot connect to the upstream: {type(exc).__name__}")
-            if isinstance(exc, httpx.ConnectTimeout):
-                failure = UpstreamError("timeout", "connect timeout: no connection to the upstream")
-            elif isinstance(exc, httpx.RemoteProtocolError):
-                failure = protocol_error(f"the upstream broke the connection before answering: {exc}")
-            if attempt == MAX_ATTEMPTS:
-                raise failure from None
-            await anyio.sleep(backoff_delay(attempt, None))
-            continue
-        if response.is_success:
-            break
-        try:
-            error_body = await read_at_most(response, ERROR_BODY_LIMIT)
-        finally:
-            await response.aclose()
-        failure = error_from_body(response.status_code, error_body, parse_retry_after(response.headers))
-        retryable = response.status_code in RETRY_STATUSES or bool(is_retryable and is_retryable(failure))
-        if failure.code == "insufficient_quota" or not retryable or attempt == MAX_ATTEMPTS:
-            raise failure
-        await anyio.sleep(backoff_delay(attempt, failure.retry_after))
-    assert response is not None
+async def open_stream(http: httpx.AsyncClient, url: str, body: dict[str, Any], headers: dict[str, str]
+                      ) -> AsyncIterator[httpx.Response]:
+    """POST `body` and yield the 2xx streaming response; a failure to connect
+    or an HTTP error is an UpstreamError, marked retryable when it is one."""
+    request = http.build_request("POST", url, content=orjson.dumps(body), headers=headers)
     try:
+        response = await http.send(request, stream=True)
+    except httpx.ConnectTimeout:
+        raise UpstreamError("timeout", "connect timeout: no connection to the upstream", retryable=True) from None
+    except httpx.RemoteProtocolError as exc:
+        # Includes the keep-alive race: a pooled connection the upstream closed
+        # just as it was reused. Nothing was answered, so a retry is safe.
+        raise UpstreamError("protocol_error", f"the upstream broke the connection before answering: {exc}", retryable=True) from None
+    except httpx.NetworkError as exc:
+        message = f"cannot connect to the upstream: {type(exc).__name__}"
+        raise UpstreamError("upstream_unavailable", message, retryable=True) from None
+    try:
+        if not response.is_success:
+            body_read = await read_at_most(response, ERROR_BODY_LIMIT)
+            failure = error_from_body(response.status_code, body_read, parse_retry_after(response.headers))
+            failure.retryable = response.status_code in RETRY_STATUSES and failure.code != "insufficient_quota"
+            raise failure
         yield response
     finally:
         await response.aclose()
+
+
+def retried(provider: Provider) -> Provider:
+    """`provider`, run again (up to MAX_ATTEMPTS in all, with backoff) while it
+    fails retryably before its first chunk: a retry after a token would
+    duplicate text. A retry that cannot start before the caller's deadline
+    (the first-token deadline) is not tried: the failure itself is reported."""
+
+    async def stream(http: httpx.AsyncClient, upstream: Upstream, request: ChatRequest) -> AsyncGenerator[Chunk, None]:
+        for attempt in count(1):  # pragma: no branch - the last attempt returns or raises
+            sent = False
+            try:
+                async with aclosing(provider(http, upstream, request)) as chunks:
+                    async for chunk in chunks:
+                        sent = True
+                        yield chunk
+                return
+            except UpstreamError as failure:
+                delay = backoff_delay(attempt, failure.retry_after)
+                too_late = anyio.current_time() + delay >= anyio.current_effective_deadline()
+                if sent or not failure.retryable or attempt == MAX_ATTEMPTS or too_late:
+                    raise
+                await anyio.sleep(delay)
+
+    return stream
 
 
 async def read_at_most(response: httpx.Response, limit: int) -> bytes:
