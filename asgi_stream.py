@@ -205,7 +205,10 @@ def parse_messages(value: Any) -> list[dict[str, str]]:
 
 
 def _show(value: Any) -> str:
-    text = orjson.dumps(value).decode() if value is not None else "nothing"
+    try:
+        text = orjson.dumps(value).decode() if value is not None else "nothing"
+    except orjson.JSONEncodeError:  # nested deeper than orjson writes (it reads deeper)
+        text = f"a deeply nested {type(value).__name__}"
     return text if len(text) <= 40 else text[:37] + "..."
 
 
@@ -296,7 +299,7 @@ async def read_body(receive: Receive, headers: dict[str, str], config: Config) -
     limit = config.max_body_bytes
     too_large = HTTPError(413, "payload_too_large", f"the request body is larger than {limit} bytes")
     declared = headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    if declared.isascii() and declared.isdigit() and int(declared) > limit:  # isdigit alone passes "²"
         raise too_large
     body = bytearray()
     with anyio.move_on_after(config.body_timeout) as scope:

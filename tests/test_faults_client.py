@@ -394,3 +394,72 @@ def test_shutdown_under_open_streams_ends_each_with_an_error_and_loses_no_usage_
     rows = usage_rows(db)
     assert len(rows) == streams
     assert {(row["finish_reason"], row["error_type"]) for row in rows} == {("error", "shutdown")}
+
+
+# --- a send that never completes, whatever it carries (in-process: the moment of the stall is chosen exactly)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("stall_on", ["token", "heartbeat", "after done"])
+async def test_a_send_that_cannot_progress_ends_the_stream_within_the_send_timeout(stall_on: str) -> None:
+    """The client stops reading just as a token, or a heartbeat, is sent, or
+    once `done` went out (uvicorn waits for the buffer to drain at the start
+    of the send *after* the one that filled it: the closing empty chunk)."""
+    import anyio
+
+    import asgi_stream
+
+    env = {
+        "USAGE_DB": "",
+        "RESUME_GRACE_SECONDS": "0",
+        "SEND_TIMEOUT_SECONDS": "0.3",
+        "HEARTBEAT_SECONDS": "0.05",
+        "ECHO_DELAY_SECONDS": "0.4",
+    }
+    app = asgi_stream.Gateway(env)
+    body = json.dumps({"messages": [{"role": "user", "content": "one two three four five"}]}).encode()
+    pieces = [{"type": "http.request", "body": body, "more_body": False}]
+    stalled = anyio.Event()
+    client_gone = anyio.Event()
+
+    async def receive() -> dict[str, object]:
+        if pieces:
+            return pieces.pop(0)
+        await client_gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, object]) -> None:
+        chunk = message.get("body", b"")
+        if (
+            stalled.is_set()
+            or (stall_on == "token" and b"event: token" in chunk)
+            or (stall_on == "heartbeat" and chunk == b":\n")
+        ):
+            stalled.set()
+            await client_gone.wait()  # the socket is full and stays full until the client goes (as uvicorn's drain)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/chat/stream",
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/json")],
+    }
+    returned = anyio.Event()
+
+    async def serve_one() -> None:
+        await app(scope, receive, send)
+        returned.set()
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(serve_one)
+            await stalled.wait()
+            started = anyio.current_time()
+            with anyio.move_on_after(3):
+                await returned.wait()
+            ended_after = anyio.current_time() - started
+            ended_by_itself = returned.is_set()
+            client_gone.set()  # only now: the stall alone must end the stream
+    assert ended_by_itself and ended_after < 0.3 + 0.5, f"the app was still sending {ended_after:.2f} s after the stall"
+    assert app.metrics.active == 0
