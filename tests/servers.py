@@ -1,0 +1,154 @@
+"""Real ASGI servers as subprocesses: `asgi_stream:app` served by uvicorn,
+hypercorn (asyncio and trio workers), granian or daphne on 127.0.0.1, with
+the environment handed to the process, and helpers to reach it over raw
+sockets (for disconnects) and to find the programs the deploy tests need."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import BASE_ENV, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+GRACE = 2  # seconds each server gets to end open streams at shutdown
+
+# The command line of each server, as an operator would type it.
+SERVERS: dict[str, list[str]] = {
+    "uvicorn": ["-m", "uvicorn", "asgi_stream:app", "--host", "127.0.0.1", "--port", "{port}",
+                "--timeout-graceful-shutdown", str(GRACE), "--log-level", "warning"],
+    "hypercorn-asyncio": ["-m", "hypercorn", "asgi_stream:app", "--bind", "127.0.0.1:{port}", "-k", "asyncio",
+                          "--graceful-timeout", str(GRACE), "--log-level", "warning"],
+    "hypercorn-trio": ["-m", "hypercorn", "asgi_stream:app", "--bind", "127.0.0.1:{port}", "-k", "trio",
+                       "--graceful-timeout", str(GRACE), "--log-level", "warning"],
+    "granian": ["-m", "granian", "--interface", "asgi", "--host", "127.0.0.1", "--port", "{port}",
+                "--workers-kill-timeout", str(GRACE), "--log-level", "warning", "--no-access-log", "asgi_stream:app"],
+    "daphne": ["-m", "daphne", "-b", "127.0.0.1", "-p", "{port}", "-v", "0", "asgi_stream:app"],
+}
+
+
+def server_env(env: dict[str, str]) -> dict[str, str]:
+    """A clean environment: no provider key of the developer's leaks in."""
+    keep = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "SYSTEMROOT")}
+    return {**keep, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **BASE_ENV, **env}
+
+
+@dataclass
+class Process:
+    name: str
+    url: str
+    port: int
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+
+def wait_until_serving(url: str, popen: subprocess.Popen[bytes], log: Path, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if popen.poll() is not None:
+            raise AssertionError(f"server exited with {popen.returncode}:\n{log.read_text(errors='replace')}")
+        try:
+            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"server did not answer /healthz within {timeout} s:\n{log.read_text(errors='replace')}")
+
+
+@contextmanager
+def run_server(name: str, env: dict[str, str], tmp: Path, command: list[str] | None = None) -> Iterator[Process]:
+    """Start `name` (or `command`, argv after the interpreter) and stop it
+    with SIGTERM, then SIGKILL if it will not go."""
+    port = free_port()
+    argv = [sys.executable, *[a.replace("{port}", str(port)) for a in (command or SERVERS[name])]]
+    log = tmp / f"{name}-{port}.log"
+    with log.open("wb") as out:
+        popen = subprocess.Popen(argv, cwd=ROOT, env=server_env(env), stdout=out, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+    process = Process(name, f"http://127.0.0.1:{port}", port, popen, log)
+    try:
+        wait_until_serving(process.url, popen, log)
+        yield process
+    finally:
+        stop(popen)
+
+
+def stop(popen: subprocess.Popen[bytes], timeout: float = 10) -> None:
+    if popen.poll() is None:
+        popen.send_signal(signal.SIGTERM)
+        try:
+            popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(popen.pid, signal.SIGKILL)
+            popen.wait(5)
+
+
+def open_stream(url: str, request: bytes) -> socket.socket:
+    """A raw connection that has sent `request` (HTTP/1.1 bytes)."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    sock.sendall(request)
+    return sock
+
+
+def read_until(sock: socket.socket, condition: object, limit: float = 10) -> bytes:
+    """Read until `condition(received)` holds or the peer closes."""
+    received = b""
+    deadline = time.monotonic() + limit
+    while not condition(received):  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"timed out; got {received[-500:]!r}"
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        received += chunk
+    return received
+
+
+def body_of(raw: bytes) -> bytes:
+    """The response body in `raw` (head and all), chunked framing undone
+    as far as complete chunks go."""
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    if b"transfer-encoding: chunked" not in head.lower():
+        return rest
+    body, pos = bytearray(), 0
+    while (eol := rest.find(b"\r\n", pos)) >= 0:
+        size = int(rest[pos:eol].split(b";")[0], 16)
+        if size == 0 or eol + 2 + size > len(rest):
+            break
+        body += rest[eol + 2 : eol + 2 + size]
+        pos = eol + 2 + size + 2
+    return bytes(body)
+
+
+def post_request(path: str, body: bytes, host: str = "x") -> bytes:
+    return (b"POST %s HTTP/1.1\r\nhost: %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
+            % (path.encode(), host.encode(), len(body), body))
+
+
+def require_program(name: str, *candidates: str) -> str:
+    """The path of a system program; skip (naming it) when it is missing,
+    unless REQUIRE_SYSTEM_PROGRAMS is set (CI sets it), then fail."""
+    for candidate in (name, *candidates):
+        found = shutil.which(candidate) or (candidate if os.path.isabs(candidate) and os.access(candidate, os.X_OK) else None)
+        if found:
+            return found
+    message = f"{name} is not installed (CI installs it: see .ci/run)"
+    if os.environ.get("REQUIRE_SYSTEM_PROGRAMS"):
+        pytest.fail(message + "; REQUIRE_SYSTEM_PROGRAMS is set, so this is a failure")
+    pytest.skip(message)
