@@ -152,3 +152,64 @@ def require_program(name: str, *candidates: str) -> str:
     if os.environ.get("REQUIRE_SYSTEM_PROGRAMS"):
         pytest.fail(message + "; REQUIRE_SYSTEM_PROGRAMS is set, so this is a failure")
     pytest.skip(message)
+
+
+# --- nginx in front, with the project's own nginx.conf ---------------------------
+
+
+def site_config(app_address: str, listen: str, read_timeout: str | None = None) -> str:
+    """The repo's nginx.conf with only the addresses (and, to keep tests
+    fast, proxy_read_timeout) substituted; every proxying directive as is."""
+    text = (ROOT / "nginx.conf").read_text()
+    for old, new in (("server app:8000;", f"server {app_address};"), ("listen 80;", f"listen {listen};")):
+        assert text.count(old) == 1, f"nginx.conf no longer has {old!r}"
+        text = text.replace(old, new)
+    if read_timeout is not None:
+        assert text.count("proxy_read_timeout 60s;") == 1
+        text = text.replace("proxy_read_timeout 60s;", f"proxy_read_timeout {read_timeout};")
+    return text
+
+
+def main_config(tmp: Path, site: Path) -> str:
+    """The part a distribution's /etc/nginx/nginx.conf would supply: here
+    everything nginx writes goes to `tmp`, and it runs as the current user."""
+    import grp
+    import pwd
+
+    user = ""
+    if os.geteuid() == 0:  # a root master would switch its workers to nobody
+        user = f"user {pwd.getpwuid(0).pw_name} {grp.getgrgid(0).gr_name};"
+    temp = " ".join(f"{kind}_temp_path {tmp / kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    return f"""{user}
+worker_processes 1;
+daemon off;
+pid {tmp / "nginx.pid"};
+error_log {tmp / "error.log"} info;
+events {{ worker_connections 128; }}
+http {{
+    access_log {tmp / "access.log"};
+    {temp}
+    include {site};
+}}
+"""
+
+
+@contextmanager
+def run_nginx(app_url: str, tmp: Path, read_timeout: str | None = None) -> Iterator[str]:
+    """A real nginx serving the repo's nginx.conf in front of `app_url`; yields its URL."""
+    nginx = require_program("nginx", "/usr/sbin/nginx")
+    port = free_port()
+    site = tmp / "site.conf"
+    site.write_text(site_config(app_url.removeprefix("http://"), f"127.0.0.1:{port}", read_timeout))
+    conf = tmp / "nginx.conf"
+    conf.write_text(main_config(tmp, site))
+    log = tmp / "nginx.out"
+    with log.open("wb") as out:
+        popen = subprocess.Popen([nginx, "-e", str(tmp / "error.log"), "-p", str(tmp), "-c", str(conf)],
+                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_serving(url, popen, log)
+        yield url
+    finally:
+        stop(popen)
