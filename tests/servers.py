@@ -27,14 +27,61 @@ GRACE = 2  # seconds each server gets to end open streams at shutdown
 
 # The command line of each server, as an operator would type it.
 SERVERS: dict[str, list[str]] = {
-    "uvicorn": ["-m", "uvicorn", "asgi_stream:app", "--host", "127.0.0.1", "--port", "{port}",
-                "--timeout-graceful-shutdown", str(GRACE), "--log-level", "warning"],
-    "hypercorn-asyncio": ["-m", "hypercorn", "asgi_stream:app", "--bind", "127.0.0.1:{port}", "-k", "asyncio",
-                          "--graceful-timeout", str(GRACE), "--log-level", "warning"],
-    "hypercorn-trio": ["-m", "hypercorn", "asgi_stream:app", "--bind", "127.0.0.1:{port}", "-k", "trio",
-                       "--graceful-timeout", str(GRACE), "--log-level", "warning"],
-    "granian": ["-m", "granian", "--interface", "asgi", "--host", "127.0.0.1", "--port", "{port}",
-                "--workers-kill-timeout", str(GRACE), "--log-level", "warning", "--no-access-log", "asgi_stream:app"],
+    "uvicorn": [
+        "-m",
+        "uvicorn",
+        "asgi_stream:app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "{port}",
+        "--timeout-graceful-shutdown",
+        str(GRACE),
+        "--log-level",
+        "warning",
+    ],
+    "hypercorn-asyncio": [
+        "-m",
+        "hypercorn",
+        "asgi_stream:app",
+        "--bind",
+        "127.0.0.1:{port}",
+        "-k",
+        "asyncio",
+        "--graceful-timeout",
+        str(GRACE),
+        "--log-level",
+        "warning",
+    ],
+    "hypercorn-trio": [
+        "-m",
+        "hypercorn",
+        "asgi_stream:app",
+        "--bind",
+        "127.0.0.1:{port}",
+        "-k",
+        "trio",
+        "--graceful-timeout",
+        str(GRACE),
+        "--log-level",
+        "warning",
+    ],
+    "granian": [
+        "-m",
+        "granian",
+        "--interface",
+        "asgi",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "{port}",
+        "--workers-kill-timeout",
+        str(GRACE),
+        "--log-level",
+        "warning",
+        "--no-access-log",
+        "asgi_stream:app",
+    ],
     "daphne": ["-m", "daphne", "-b", "127.0.0.1", "-p", "{port}", "-v", "0", "asgi_stream:app"],
 }
 
@@ -79,8 +126,9 @@ def run_server(name: str, env: dict[str, str], tmp: Path, command: list[str] | N
     argv = [sys.executable, *[a.replace("{port}", str(port)) for a in (command or SERVERS[name])]]
     log = tmp / f"{name}-{port}.log"
     with log.open("wb") as out:
-        popen = subprocess.Popen(argv, cwd=ROOT, env=server_env(env), stdout=out, stderr=subprocess.STDOUT,
-                                 start_new_session=True)
+        popen = subprocess.Popen(
+            argv, cwd=ROOT, env=server_env(env), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     process = Process(name, f"http://127.0.0.1:{port}", port, popen, log)
     try:
         wait_until_serving(process.url, popen, log)
@@ -137,8 +185,12 @@ def body_of(raw: bytes) -> bytes:
 
 
 def post_request(path: str, body: bytes, host: str = "x") -> bytes:
-    return (b"POST %s HTTP/1.1\r\nhost: %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
-            % (path.encode(), host.encode(), len(body), body))
+    return b"POST %s HTTP/1.1\r\nhost: %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (
+        path.encode(),
+        host.encode(),
+        len(body),
+        body,
+    )
 
 
 def require_program(name: str, *candidates: str) -> str:
@@ -205,8 +257,12 @@ def run_nginx(app_url: str, tmp: Path, read_timeout: str | None = None) -> Itera
     conf.write_text(main_config(tmp, site))
     log = tmp / "nginx.out"
     with log.open("wb") as out:
-        popen = subprocess.Popen([nginx, "-e", str(tmp / "error.log"), "-p", str(tmp), "-c", str(conf)],
-                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        popen = subprocess.Popen(
+            [nginx, "-e", str(tmp / "error.log"), "-p", str(tmp), "-c", str(conf)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_serving(url, popen, log)

@@ -16,13 +16,23 @@ from tests.conftest import Served, serve
 from tests.servers import require_program
 from tests.upstream import FakeUpstream, Reply, Seen
 
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 TIMEOUT_MS = 15_000
 
 
 def refuse(seen: Seen) -> Reply:
-    return Reply(401, "application/json", [b'{"error": {"message": "Incorrect API key provided.", "type": "invalid_request_error"}}'])
+    return Reply(
+        401, "application/json", [b'{"error": {"message": "Incorrect API key provided.", "type": "invalid_request_error"}}']
+    )
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +68,12 @@ def page(browser: Any) -> Iterator[Any]:
         context.close()
 
 
-WATCH_OUTPUT = """() => { window.seen = []; new MutationObserver(() => window.seen.push(document.getElementById("output").textContent))
-                   .observe(document.getElementById("output"), {childList: true, characterData: true, subtree: true}); }"""
+WATCH_OUTPUT = """() => {
+    const output = document.getElementById("output");
+    window.seen = [];
+    new MutationObserver(() => window.seen.push(output.textContent))
+        .observe(output, {childList: true, characterData: true, subtree: true});
+}"""
 
 
 def test_the_page_streams_the_echo_of_a_typed_prompt(page: Any, gateway: Served) -> None:

@@ -129,7 +129,9 @@ def container(image: Image, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             popen.wait(5)
 
 
-def test_the_healthcheck_command_passes_against_the_cmd(image: Image, container: tuple[str, subprocess.Popen[bytes], int]) -> None:
+def test_the_healthcheck_command_passes_against_the_cmd(
+    image: Image, container: tuple[str, subprocess.Popen[bytes], int]
+) -> None:
     _, _, port = container
     (check,) = [args for op, args in final_stage() if op == "HEALTHCHECK"]
     argv = exec_form(check.split(" CMD ", 1)[1])
@@ -161,5 +163,7 @@ def test_sigterm_ends_open_streams_within_the_graceful_timeout(container: tuple[
         rest = read_until(sock, lambda got: False, limit=grace + 5)
         took = time.monotonic() - started
     assert grace - 0.5 < took < grace + 2
-    assert re.search(rb'event: error\nid: \S+\ndata: \{"type":"shutdown"[^\n]*\n\nevent: done\nid: \S+\ndata: error\n\n$', body_of(head + rest))
+    assert re.search(
+        rb'event: error\nid: \S+\ndata: \{"type":"shutdown"[^\n]*\n\nevent: done\nid: \S+\ndata: error\n\n$', body_of(head + rest)
+    )
     assert popen.wait(5) is not None

@@ -80,13 +80,18 @@ def test_heartbeats_keep_a_slow_stream_open_past_the_read_timeout(proxy: str) ->
 
 def test_without_heartbeats_nginx_cuts_a_slow_stream_at_its_read_timeout(upstream: FakeUpstream, tmp_path: Path) -> None:
     """The control for the test above: the substituted timeout is real."""
-    with serve(gateway_env(upstream, heartbeat=30)) as gateway, run_nginx(gateway.url, tmp_path, read_timeout=f"{READ_TIMEOUT * 1000:.0f}ms") as url:
+    with (
+        serve(gateway_env(upstream, heartbeat=30)) as gateway,
+        run_nginx(gateway.url, tmp_path, read_timeout=f"{READ_TIMEOUT * 1000:.0f}ms") as url,
+    ):
         with pytest.raises(httpx.RemoteProtocolError):
             stream("POST", url + "/chat/stream", json=openai_body("drip"))
     assert "upstream timed out" in (tmp_path / "error.log").read_text()
 
 
-def test_a_client_that_leaves_nginx_makes_the_app_cancel_the_upstream(proxy: str, upstream: FakeUpstream, gateway: Served) -> None:
+def test_a_client_that_leaves_nginx_makes_the_app_cancel_the_upstream(
+    proxy: str, upstream: FakeUpstream, gateway: Served
+) -> None:
     since = len(upstream.seen)
     with open_stream(proxy, post_request("/chat/stream", json.dumps(openai_body("slow")).encode())) as sock:
         read_until(sock, lambda raw: body_of(raw).count(b"event: token") >= 3)
@@ -103,7 +108,10 @@ def test_nginx_refuses_bodies_over_the_apps_limit_and_passes_those_under_it(prox
     padding = "x" * (limit - 100)
     under = json.dumps({"messages": [{"role": "user", "content": "ok"}], "pad": padding[: limit - 200]}).encode()
     assert len(under) <= limit
-    assert stream("POST", proxy + "/chat/stream?backend=echo", content=under, headers={"content-type": "application/json"}).text == "ok"
+    assert (
+        stream("POST", proxy + "/chat/stream?backend=echo", content=under, headers={"content-type": "application/json"}).text
+        == "ok"
+    )
     over = json.dumps({"messages": [{"role": "user", "content": padding + "x" * 200}]}).encode()
     response = httpx.post(proxy + "/chat/stream", content=over, headers={"content-type": "application/json"})
     assert response.status_code == 413

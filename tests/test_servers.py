@@ -39,8 +39,13 @@ def upstream() -> Iterator[FakeUpstream]:
 
 @pytest.fixture(scope="module", params=list(SERVERS))
 def served(request: pytest.FixtureRequest, upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Process]:
-    env = {"OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": upstream.url + "/v1", "DEFAULT_BACKEND": "echo",
-           "MAX_BODY_BYTES": "1000", "RESUME_GRACE_SECONDS": "0"}
+    env = {
+        "OPENAI_API_KEY": "sk-test",
+        "OPENAI_BASE_URL": upstream.url + "/v1",
+        "DEFAULT_BACKEND": "echo",
+        "MAX_BODY_BYTES": "1000",
+        "RESUME_GRACE_SECONDS": "0",
+    }
     with run_server(request.param, env, tmp_path_factory.mktemp(request.param)) as process:
         yield process
 
@@ -73,8 +78,12 @@ def test_a_bare_array_takes_backend_and_max_tokens_from_the_query(served: Proces
 
 
 def test_get_with_a_prompt_streams_like_eventsource_asks(served: Process) -> None:
-    result = stream("GET", served.url + "/chat/stream", params={"prompt": "é 🙂 ok", "backend": "echo"},
-                    headers={"accept": "text/event-stream"})
+    result = stream(
+        "GET",
+        served.url + "/chat/stream",
+        params={"prompt": "é 🙂 ok", "backend": "echo"},
+        headers={"accept": "text/event-stream"},
+    )
     assert result.status == 200 and result.text == "é 🙂 ok" and result.of("done") == ["stop"]
 
 
@@ -87,8 +96,12 @@ def test_the_openai_backend_streams_the_upstream_tokens_and_usage(served: Proces
 
 def test_the_first_token_arrives_while_the_upstream_is_still_generating(served: Process, upstream: FakeUpstream) -> None:
     since = len(upstream.seen)
-    with httpx.Client(timeout=10) as client, client.stream("POST", served.url + "/chat/stream", content=openai_body("drip"),
-                                                           headers={"content-type": "application/json"}) as response:
+    with (
+        httpx.Client(timeout=10) as client,
+        client.stream(
+            "POST", served.url + "/chat/stream", content=openai_body("drip"), headers={"content-type": "application/json"}
+        ) as response,
+    ):
         chunks = response.iter_raw()
         received = b""
         while b"event: token" not in received:
@@ -99,16 +112,20 @@ def test_the_first_token_arrives_while_the_upstream_is_still_generating(served: 
     assert b"event: done\n" in rest and b"data: c\n" in rest
 
 
+TOO_LARGE = json.dumps({"messages": [{"role": "user", "content": "x" * 5000}]}).encode()  # MAX_BODY_BYTES is 1000 here
+
+
 @pytest.mark.parametrize(("method", "path", "body", "content_type", "status", "error_type"), [
     ("POST", "/chat/stream", b"{not json", "application/json", 400, "invalid_request"),
     ("POST", "/chat/stream", b'{"messages": []}', "application/json", 400, "invalid_request"),
     ("GET", "/nowhere", b"", None, 404, "not_found"),
     ("PUT", "/chat/stream", b"{}", "application/json", 405, "method_not_allowed"),
-    ("POST", "/chat/stream", b'{"messages": [{"role": "user", "content": "' + b"x" * 5000 + b'"}]}', "application/json", 413, "payload_too_large"),
+    ("POST", "/chat/stream", TOO_LARGE, "application/json", 413, "payload_too_large"),
     ("POST", "/chat/stream", b"prompt=hi", "application/x-www-form-urlencoded", 415, "unsupported_media_type"),
 ])  # fmt: skip
-def test_refusals_before_the_stream_are_json_errors(served: Process, method: str, path: str, body: bytes,
-                                                      content_type: str | None, status: int, error_type: str) -> None:
+def test_refusals_before_the_stream_are_json_errors(
+    served: Process, method: str, path: str, body: bytes, content_type: str | None, status: int, error_type: str
+) -> None:
     headers = {"content-type": content_type} if content_type else {}
     response = httpx.request(method, served.url + path, content=body or None, headers=headers, timeout=10)
     assert response.status_code == status
@@ -131,7 +148,9 @@ def test_a_client_that_leaves_cancels_the_upstream_request(served: Process, upst
 def test_delete_stops_a_running_generation_with_done_cancelled(served: Process) -> None:
     with open_stream(served.url, post_request("/chat/stream", openai_body("slow"))) as sock:
         head = read_until(sock, lambda got: b"event: token" in got)
-        stream_id = next(line.split(b":", 1)[1].strip() for line in head.split(b"\r\n") if line.lower().startswith(b"x-stream-id:"))
+        stream_id = next(
+            line.split(b":", 1)[1].strip() for line in head.split(b"\r\n") if line.lower().startswith(b"x-stream-id:")
+        )
         assert httpx.delete(f"{served.url}/chat/stream/{stream_id.decode()}", timeout=5).status_code == 204
         body = body_of(head + read_until(sock, lambda got: b"event: done" in body_of(head + got)))
     assert re.search(rb"event: done\nid: [\w-]+\.\d+\ndata: cancelled\n\n$", body)
@@ -170,5 +189,7 @@ def test_sigterm_with_a_stream_open_tells_the_client_why_it_ends(name: str, upst
         assert b"event: done" not in body and not rest.endswith(b"0\r\n\r\n")
         assert ended_after > GRACE - 0.5  # it waited for the stream, then killed the worker
         return
-    assert re.search(rb'event: error\nid: \S+\ndata: \{"type":"shutdown","message":"[^"]+"\}\n\nevent: done\nid: \S+\ndata: error\n\n$', body)
+    assert re.search(
+        rb'event: error\nid: \S+\ndata: \{"type":"shutdown","message":"[^"]+"\}\n\nevent: done\nid: \S+\ndata: error\n\n$', body
+    )
     assert rest.endswith(b"0\r\n\r\n")  # a complete chunked response, not a cut
