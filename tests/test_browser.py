@@ -78,6 +78,8 @@ WATCH_OUTPUT = """() => {
 
 def test_the_page_streams_the_echo_of_a_typed_prompt(page: Any, gateway: Served) -> None:
     prompt = "The quick brown fox jumps over the lazy dog"
+    streams: list[str] = []
+    page.on("request", lambda request: streams.append(request.url) if "/chat/stream" in request.url else None)
     page.goto(gateway.url + "/")
     page.evaluate(WATCH_OUTPUT)
     page.fill("#prompt", prompt)
@@ -90,6 +92,8 @@ def test_the_page_streams_the_echo_of_a_typed_prompt(page: Any, gateway: Served)
     seen = page.evaluate("window.seen")
     assert len(set(seen)) >= 5 and all(prompt.startswith(text) for text in seen)  # it grew token by token
     assert page.is_enabled("#send") and not page.is_enabled("#stop")
+    page.wait_for_timeout(1500)  # longer than the stream's `retry: 1000`: a source left open would reconnect by now
+    assert len(streams) == 1, streams  # the page closed its EventSource on done
 
 
 def test_stop_ends_the_generation_with_cancelled(page: Any, gateway: Served) -> None:
