@@ -110,10 +110,14 @@ def wait_until_serving(url: str, popen: subprocess.Popen[bytes], log: Path, time
         if popen.poll() is not None:
             raise AssertionError(f"server exited with {popen.returncode}:\n{log.read_text(errors='replace')}")
         try:
-            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                return
+            status = httpx.get(url + "/healthz", timeout=1).status_code
         except httpx.TransportError:
-            pass
+            status = 0
+        if status == 200:
+            return
+        if status >= 500:
+            time.sleep(0.2)  # let the server's log of the failure reach the file
+            raise AssertionError(f"/healthz answered {status}:\n{log.read_text(errors='replace')}")
         time.sleep(0.05)
     raise AssertionError(f"server did not answer /healthz within {timeout} s:\n{log.read_text(errors='replace')}")
 

@@ -193,3 +193,12 @@ def test_sigterm_with_a_stream_open_tells_the_client_why_it_ends(name: str, upst
         rb'event: error\nid: \S+\ndata: \{"type":"shutdown","message":"[^"]+"\}\n\nevent: done\nid: \S+\ndata: error\n\n$', body
     )
     assert rest.endswith(b"0\r\n\r\n")  # a complete chunked response, not a cut
+
+
+@pytest.mark.parametrize("name", list(SERVERS))
+def test_an_invalid_setting_never_passes_for_healthy(name: str, tmp_path: Path) -> None:
+    """With lifespan the server refuses to start; daphne has none, so the
+    settings are read at the first request, and /healthz is that request."""
+    with pytest.raises(AssertionError) as failed, run_server(name, {"MAX_TOKENS": "many"}, tmp_path):
+        pass
+    assert "MAX_TOKENS='many' is not an integer" in str(failed.value)
