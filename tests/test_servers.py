@@ -13,12 +13,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+from httpx_sse import EventSource
 
 from tests.conftest import stream
 from tests.servers import GRACE, SERVERS, Process, body_of, open_stream, post_request, read_until, run_server
 from tests.upstream import FakeUpstream, Reply, Seen, sse_tokens
 
 WORDS = [f" w{i}" for i in range(400)]
+HEARTBEAT = 0.15  # seconds; the "drip" upstream is silent for 0.4 s between tokens
 
 
 def respond(seen: Seen) -> Reply:
@@ -45,6 +47,7 @@ def served(request: pytest.FixtureRequest, upstream: FakeUpstream, tmp_path_fact
         "DEFAULT_BACKEND": "echo",
         "MAX_BODY_BYTES": "1000",
         "RESUME_GRACE_SECONDS": "0",
+        "HEARTBEAT_SECONDS": str(HEARTBEAT),
     }
     with run_server(request.param, env, tmp_path_factory.mktemp(request.param)) as process:
         yield process
@@ -110,6 +113,38 @@ def test_the_first_token_arrives_while_the_upstream_is_still_generating(served: 
         assert not seen_for(upstream, "drip", since).completed  # the upstream has not finished yet
         rest = b"".join(chunks)
     assert b"event: done\n" in rest and b"data: c\n" in rest
+
+
+def test_heartbeats_flow_while_the_upstream_is_silent(served: Process) -> None:
+    with open_stream(served.url, post_request("/chat/stream", openai_body("drip"))) as sock:
+        raw = read_until(sock, lambda got: b"event: done" in body_of(got))
+    body = body_of(raw)
+    between = body[body.index(b"data: a\n") : body.index(b"data: b\n")]
+    assert between.count(b"\n:\n") >= 1  # a comment line, written while the upstream was silent
+    assert b"\n\n:\n\n" not in body  # never followed by a blank line (that would dispatch in some parsers)
+
+
+def test_last_event_id_replays_a_running_stream_and_follows_it(served: Process) -> None:
+    with open_stream(served.url, post_request("/chat/stream", openai_body("slow"))) as first:
+        head = read_until(first, lambda got: body_of(got).count(b"event: token") >= 4)
+        stream_id, third = re.findall(rb"id: ([\w-]+)\.(\d+)", body_of(head))[2]
+        assert third == b"3"
+        with (
+            httpx.Client(timeout=10) as client,
+            client.stream("GET", served.url + "/chat/stream", headers={"last-event-id": f"{stream_id.decode()}.3"}) as response,
+        ):
+            assert response.status_code == 200 and response.headers["x-stream-id"] == stream_id.decode()
+            events = EventSource(response).iter_sse()
+            resumed = [next(events) for _ in range(6)]
+    assert [e.id for e in resumed] == [f"{stream_id.decode()}.{n}" for n in range(4, 10)]
+    assert [e.data for e in resumed] == WORDS[3:9]
+
+
+def test_last_event_id_of_a_finished_stream_gets_204(served: Process) -> None:
+    done = stream("GET", served.url + "/chat/stream?prompt=over")
+    last_id = done.events[-1][2]
+    assert done.names[-1] == "done"
+    assert httpx.get(served.url + "/chat/stream", headers={"last-event-id": last_id}).status_code == 204
 
 
 TOO_LARGE = json.dumps({"messages": [{"role": "user", "content": "x" * 5000}]}).encode()  # MAX_BODY_BYTES is 1000 here
