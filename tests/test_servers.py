@@ -237,3 +237,19 @@ def test_an_invalid_setting_never_passes_for_healthy(name: str, tmp_path: Path) 
     with pytest.raises(AssertionError) as failed, run_server(name, {"MAX_TOKENS": "many"}, tmp_path):
         pass
     assert "MAX_TOKENS='many' is not an integer" in str(failed.value)
+
+
+def test_daphne_cuts_the_resume_grace_at_its_application_close_timeout(upstream: FakeUpstream, tmp_path: Path) -> None:
+    """daphne cancels an app instance --application-close-timeout seconds
+    after its client left, whatever RESUME_GRACE_SECONDS says: keep the
+    timeout above the grace (README)."""
+    env = {"OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": upstream.url + "/v1", "RESUME_GRACE_SECONDS": "30"}
+    command = [*SERVERS["daphne"], "--application-close-timeout", "1"]
+    since = len(upstream.seen)
+    with run_server("daphne", env, tmp_path, command) as process:
+        with open_stream(process.url, post_request("/chat/stream", openai_body("slow"))) as sock:
+            read_until(sock, lambda got: got.count(b"event: token") >= 2)
+        left = time.monotonic()
+        seen = seen_for(upstream, "slow", since)
+        assert upstream.wait_for(lambda: seen.closed_by_client is not None, 8)
+    assert seen.closed_by_client is not None and 0.5 < seen.closed_by_client - left < 4  # not the 30 s grace
