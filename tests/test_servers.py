@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from tests.servers import GRACE, SERVERS, Process, body_of, open_stream, post_re
 from tests.upstream import FakeUpstream, Reply, Seen, sse_tokens
 
 WORDS = [f" w{i}" for i in range(400)]
+SEND_TIMEOUT = 1.0  # seconds a client may take no bytes before the gateway drops it
 HEARTBEAT = 0.15  # seconds; the "drip" upstream is silent for 0.4 s between tokens
 
 
@@ -28,6 +30,11 @@ def respond(seen: Seen) -> Reply:
     prompt = seen.json["messages"][-1]["content"]
     if prompt == "slow":  # goes on for 20 s unless the gateway hangs up
         return sse_tokens(WORDS, pause=0.05)
+    if prompt == "flood":  # 8 MB at once, then silence: more than any socket buffer holds
+        reply = sse_tokens(["x" * 4096] * 2048)
+        reply.pieces = reply.pieces[:-2]  # no finish, no [DONE]
+        reply.end = "hang"
+        return reply
     if prompt == "drip":  # three tokens, 0.4 s apart
         return sse_tokens(["a", "b", "c"], pause=0.4)
     return sse_tokens(["Hello", " world"], usage={"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5})
@@ -48,6 +55,7 @@ def served(request: pytest.FixtureRequest, upstream: FakeUpstream, tmp_path_fact
         "MAX_BODY_BYTES": "1000",
         "RESUME_GRACE_SECONDS": "0",
         "HEARTBEAT_SECONDS": str(HEARTBEAT),
+        "SEND_TIMEOUT_SECONDS": str(SEND_TIMEOUT),
     }
     with run_server(request.param, env, tmp_path_factory.mktemp(request.param)) as process:
         yield process
@@ -178,6 +186,26 @@ def test_a_client_that_leaves_cancels_the_upstream_request(served: Process, upst
     assert upstream.wait_for(lambda: seen.closed_by_client is not None, 5), "the upstream request was never closed"
     assert seen.closed_by_client is not None and seen.closed_by_client - closed_at < 2
     assert not seen.completed
+
+
+def test_a_client_that_stops_reading_is_dropped_where_send_can_be_timed_out(served: Process, upstream: FakeUpstream) -> None:
+    """SEND_TIMEOUT_SECONDS drops a client that takes no bytes, and the
+    upstream is cancelled. Not on hypercorn's trio worker (it shields a
+    blocked send from cancellation) nor on daphne (send never blocks: daphne
+    buffers everything): there the client stays until it reads or leaves."""
+    since = len(upstream.seen)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    sock.connect(("127.0.0.1", served.port))
+    with sock:
+        sock.sendall(post_request("/chat/stream", openai_body("flood")))
+        seen = seen_for(upstream, "flood", since)
+        dropped = upstream.wait_for(lambda: seen.closed_by_client is not None, SEND_TIMEOUT + 2)
+        if served.name in ("hypercorn-trio", "daphne"):
+            assert not dropped
+        else:
+            assert dropped, "the stalled client was never dropped"
+    assert upstream.wait_for(lambda: seen.closed_by_client is not None, 5)  # leaving always cancels
 
 
 def test_delete_stops_a_running_generation_with_done_cancelled(served: Process) -> None:
