@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,11 +159,11 @@ def open_stream(url: str, request: bytes) -> socket.socket:
     return sock
 
 
-def read_until(sock: socket.socket, condition: object, limit: float = 10) -> bytes:
+def read_until(sock: socket.socket, condition: Callable[[bytes], bool], limit: float = 10) -> bytes:
     """Read until `condition(received)` holds or the peer closes."""
     received = b""
     deadline = time.monotonic() + limit
-    while not condition(received):  # type: ignore[operator]
+    while not condition(received):
         assert time.monotonic() < deadline, f"timed out; got {received[-500:]!r}"
         chunk = sock.recv(65536)
         if not chunk:
