@@ -734,6 +734,7 @@ class Gateway:
             allow = ", ".join(allowed)
             raise HTTPError(405, "method_not_allowed", f"{path} allows {allow}", [(b"allow", allow.encode())])
         if path == "/healthz":
+            self.config  # noqa: B018 - without lifespan (daphne) bad settings must fail the health check
             return await send_response(send, 200, b'{"status":"ok"}', b"application/json")
         if path == "/":
             self.config  # noqa: B018 - loads the page with the settings

@@ -1,0 +1,275 @@
+"""Real ASGI servers as subprocesses: `asgi_stream:app` served by uvicorn,
+hypercorn (asyncio and trio workers), granian or daphne on 127.0.0.1, with
+the environment handed to the process, and helpers to reach it over raw
+sockets (for disconnects) and to find the programs the deploy tests need."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import BASE_ENV, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+GRACE = 2  # seconds each server gets to end open streams at shutdown
+
+# The command line of each server, as an operator would type it.
+SERVERS: dict[str, list[str]] = {
+    "uvicorn": [
+        "-m",
+        "uvicorn",
+        "asgi_stream:app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "{port}",
+        "--timeout-graceful-shutdown",
+        str(GRACE),
+        "--log-level",
+        "warning",
+    ],
+    "hypercorn-asyncio": [
+        "-m",
+        "hypercorn",
+        "asgi_stream:app",
+        "--bind",
+        "127.0.0.1:{port}",
+        "-k",
+        "asyncio",
+        "--graceful-timeout",
+        str(GRACE),
+        "--log-level",
+        "warning",
+    ],
+    "hypercorn-trio": [
+        "-m",
+        "hypercorn",
+        "asgi_stream:app",
+        "--bind",
+        "127.0.0.1:{port}",
+        "-k",
+        "trio",
+        "--graceful-timeout",
+        str(GRACE),
+        "--log-level",
+        "warning",
+    ],
+    "granian": [
+        "-m",
+        "granian",
+        "--interface",
+        "asgi",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "{port}",
+        "--workers-kill-timeout",
+        str(GRACE),
+        "--log-level",
+        "warning",
+        "--no-access-log",
+        "asgi_stream:app",
+    ],
+    "daphne": ["-m", "daphne", "-b", "127.0.0.1", "-p", "{port}", "-v", "0", "asgi_stream:app"],
+}
+
+
+def server_env(env: dict[str, str]) -> dict[str, str]:
+    """A clean environment: no provider key of the developer's leaks in."""
+    keep = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "SYSTEMROOT")}
+    return {**keep, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **BASE_ENV, **env}
+
+
+@dataclass
+class Process:
+    name: str
+    url: str
+    port: int
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+
+def wait_until_serving(url: str, popen: subprocess.Popen[bytes], log: Path, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if popen.poll() is not None:
+            raise AssertionError(f"server exited with {popen.returncode}:\n{log.read_text(errors='replace')}")
+        try:
+            status = httpx.get(url + "/healthz", timeout=1).status_code
+        except httpx.TransportError:
+            status = 0
+        if status == 200:
+            return
+        if status >= 500:
+            time.sleep(0.2)  # let the server's log of the failure reach the file
+            raise AssertionError(f"/healthz answered {status}:\n{log.read_text(errors='replace')}")
+        time.sleep(0.05)
+    raise AssertionError(f"server did not answer /healthz within {timeout} s:\n{log.read_text(errors='replace')}")
+
+
+@contextmanager
+def run_server(name: str, env: dict[str, str], tmp: Path, command: list[str] | None = None) -> Iterator[Process]:
+    """Start `name` (or `command`, argv after the interpreter) and stop it
+    with SIGTERM, then SIGKILL if it will not go."""
+    port = free_port()
+    argv = [sys.executable, *[a.replace("{port}", str(port)) for a in (command or SERVERS[name])]]
+    log = tmp / f"{name}-{port}.log"
+    with log.open("wb") as out:
+        popen = subprocess.Popen(
+            argv, cwd=ROOT, env=server_env(env), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    process = Process(name, f"http://127.0.0.1:{port}", port, popen, log)
+    try:
+        wait_until_serving(process.url, popen, log)
+        yield process
+    finally:
+        stop(popen)
+
+
+def stop(popen: subprocess.Popen[bytes], timeout: float = 10) -> None:
+    if popen.poll() is None:
+        popen.send_signal(signal.SIGTERM)
+        try:
+            popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(popen.pid, signal.SIGKILL)
+            popen.wait(5)
+
+
+def open_stream(url: str, request: bytes) -> socket.socket:
+    """A raw connection that has sent `request` (HTTP/1.1 bytes)."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    sock.sendall(request)
+    return sock
+
+
+def read_until(sock: socket.socket, condition: Callable[[bytes], bool], limit: float = 10) -> bytes:
+    """Read until `condition(received)` holds or the peer closes."""
+    received = b""
+    deadline = time.monotonic() + limit
+    while not condition(received):
+        assert time.monotonic() < deadline, f"timed out; got {received[-500:]!r}"
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        received += chunk
+    return received
+
+
+def body_of(raw: bytes) -> bytes:
+    """The response body in `raw` (head and all), chunked framing undone
+    as far as complete chunks go."""
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    if b"transfer-encoding: chunked" not in head.lower():
+        return rest
+    body, pos = bytearray(), 0
+    while (eol := rest.find(b"\r\n", pos)) >= 0:
+        size = int(rest[pos:eol].split(b";")[0], 16)
+        if size == 0 or eol + 2 + size > len(rest):
+            break
+        body += rest[eol + 2 : eol + 2 + size]
+        pos = eol + 2 + size + 2
+    return bytes(body)
+
+
+def post_request(path: str, body: bytes, host: str = "x") -> bytes:
+    return b"POST %s HTTP/1.1\r\nhost: %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (
+        path.encode(),
+        host.encode(),
+        len(body),
+        body,
+    )
+
+
+def require_program(name: str, *candidates: str) -> str:
+    """The path of a system program; skip (naming it) when it is missing,
+    unless REQUIRE_SYSTEM_PROGRAMS is set (CI sets it), then fail."""
+    for candidate in (name, *candidates):
+        found = shutil.which(candidate) or (candidate if os.path.isabs(candidate) and os.access(candidate, os.X_OK) else None)
+        if found:
+            return found
+    message = f"{name} is not installed (CI installs it: see .ci/run)"
+    if os.environ.get("REQUIRE_SYSTEM_PROGRAMS"):
+        pytest.fail(message + "; REQUIRE_SYSTEM_PROGRAMS is set, so this is a failure")
+    pytest.skip(message)
+
+
+# --- nginx in front, with the project's own nginx.conf ---------------------------
+
+
+def site_config(app_address: str, listen: str, read_timeout: str | None = None) -> str:
+    """The repo's nginx.conf with only the addresses (and, to keep tests
+    fast, proxy_read_timeout) substituted; every proxying directive as is."""
+    text = (ROOT / "nginx.conf").read_text()
+    for old, new in (("server app:8000;", f"server {app_address};"), ("listen 80;", f"listen {listen};")):
+        assert text.count(old) == 1, f"nginx.conf no longer has {old!r}"
+        text = text.replace(old, new)
+    if read_timeout is not None:
+        assert text.count("proxy_read_timeout 60s;") == 1
+        text = text.replace("proxy_read_timeout 60s;", f"proxy_read_timeout {read_timeout};")
+    return text
+
+
+def main_config(tmp: Path, site: Path) -> str:
+    """The part a distribution's /etc/nginx/nginx.conf would supply: here
+    everything nginx writes goes to `tmp`, and it runs as the current user."""
+    import grp
+    import pwd
+
+    user = ""
+    if os.geteuid() == 0:  # a root master would switch its workers to nobody
+        user = f"user {pwd.getpwuid(0).pw_name} {grp.getgrgid(0).gr_name};"
+    temp = " ".join(f"{kind}_temp_path {tmp / kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    return f"""{user}
+worker_processes 1;
+daemon off;
+pid {tmp / "nginx.pid"};
+error_log {tmp / "error.log"} info;
+events {{ worker_connections 128; }}
+http {{
+    access_log {tmp / "access.log"};
+    {temp}
+    include {site};
+}}
+"""
+
+
+@contextmanager
+def run_nginx(app_url: str, tmp: Path, read_timeout: str | None = None) -> Iterator[str]:
+    """A real nginx serving the repo's nginx.conf in front of `app_url`; yields its URL."""
+    nginx = require_program("nginx", "/usr/sbin/nginx")
+    port = free_port()
+    site = tmp / "site.conf"
+    site.write_text(site_config(app_url.removeprefix("http://"), f"127.0.0.1:{port}", read_timeout))
+    conf = tmp / "nginx.conf"
+    conf.write_text(main_config(tmp, site))
+    log = tmp / "nginx.out"
+    with log.open("wb") as out:
+        popen = subprocess.Popen(
+            [nginx, "-e", str(tmp / "error.log"), "-p", str(tmp), "-c", str(conf)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_serving(url, popen, log)
+        yield url
+    finally:
+        stop(popen)

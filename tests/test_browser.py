@@ -1,0 +1,224 @@
+"""The page at GET / in a real browser: Debian's headless Chromium driven by
+Playwright. Type a prompt and watch the echo stream in, press Stop, see an
+upstream error; and the native EventSource, through a TCP proxy that cuts
+the connection mid-stream, reconnects and resumes with nothing lost or doubled."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.conftest import Served, serve
+from tests.servers import require_program
+from tests.upstream import FakeUpstream, Reply, Seen
+
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+TIMEOUT_MS = 15_000
+
+
+def refuse(seen: Seen) -> Reply:
+    return Reply(
+        401, "application/json", [b'{"error": {"message": "Incorrect API key provided.", "type": "invalid_request_error"}}']
+    )
+
+
+@pytest.fixture(scope="module")
+def gateway() -> Iterator[Served]:
+    with FakeUpstream(refuse) as upstream, serve({
+        "ECHO_DELAY_SECONDS": "0.05", "RESUME_GRACE_SECONDS": "5", "DEFAULT_BACKEND": "echo",
+        "OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": upstream.url + "/v1",
+    }) as served:  # fmt: skip
+        yield served
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    executable = require_program("chromium", "/usr/bin/chromium")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[Any]:
+    context = browser.new_context()
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    try:
+        yield page
+    finally:
+        context.close()
+
+
+WATCH_OUTPUT = """() => {
+    const output = document.getElementById("output");
+    window.seen = [];
+    new MutationObserver(() => window.seen.push(output.textContent))
+        .observe(output, {childList: true, characterData: true, subtree: true});
+}"""
+
+
+def test_the_page_streams_the_echo_of_a_typed_prompt(page: Any, gateway: Served) -> None:
+    prompt = "The quick brown fox jumps over the lazy dog"
+    streams: list[str] = []
+    page.on("request", lambda request: streams.append(request.url) if "/chat/stream" in request.url else None)
+    page.goto(gateway.url + "/")
+    page.evaluate(WATCH_OUTPUT)
+    page.fill("#prompt", prompt)
+    page.select_option("#backend", "echo")
+    page.click("#send")
+    page.wait_for_function("document.getElementById('finish').textContent === 'stop'")
+    assert page.text_content("#output") == prompt
+    assert "completion" in page.text_content("#usage")
+    assert page.text_content("#error") == ""
+    seen = page.evaluate("window.seen")
+    assert len(set(seen)) >= 5 and all(prompt.startswith(text) for text in seen)  # it grew token by token
+    assert page.is_enabled("#send") and not page.is_enabled("#stop")
+    page.wait_for_timeout(1500)  # longer than the stream's `retry: 1000`: a source left open would reconnect by now
+    assert len(streams) == 1, streams  # the page closed its EventSource on done
+
+
+def test_stop_ends_the_generation_with_cancelled(page: Any, gateway: Served) -> None:
+    prompt = " ".join(f"word{i}" for i in range(300))  # 15 s at 0.05 s a token
+    page.goto(gateway.url + "/")
+    page.fill("#prompt", prompt)
+    page.select_option("#backend", "echo")
+    page.click("#send")
+    page.wait_for_function("document.getElementById('output').textContent.split(' ').length > 5")
+    page.click("#stop")
+    page.wait_for_function("document.getElementById('finish').textContent === 'cancelled'", timeout=3000)
+    shown = page.text_content("#output")
+    assert shown and prompt.startswith(shown) and len(shown) < len(prompt)
+    assert gateway.gateway.metrics.streams.get(("echo", "cancelled"), 0) >= 1
+
+
+def test_an_error_event_is_shown_on_the_page(page: Any, gateway: Served) -> None:
+    page.goto(gateway.url + "/")
+    page.select_option("#backend", "openai")
+    page.click("#send")
+    page.wait_for_function("document.getElementById('finish').textContent === 'error'")
+    assert page.text_content("#error").startswith("upstream_error: ")
+    assert "Incorrect API key" in page.text_content("#error")
+
+
+# --- a connection the server side cuts mid-stream --------------------------------
+
+
+class CuttingProxy:
+    """A TCP proxy on 127.0.0.1 that, for the first `cuts` event-stream
+    responses, forwards `after` bytes and then closes both connections."""
+
+    def __init__(self, target_port: int, cuts: int, after: int):
+        self.target_port, self.cuts_left, self.after = target_port, cuts, after
+        self.cut = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.target_port))
+            threading.Thread(target=self._pump, args=(client, server), daemon=True).start()
+            threading.Thread(target=self._pump_back, args=(server, client), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                _close(s)
+
+    def _pump_back(self, server: socket.socket, client: socket.socket) -> None:
+        """Server to client; arms on an event-stream response head."""
+        head, armed, sent = b"", False, 0
+        try:
+            while data := server.recv(65536):
+                if not armed:
+                    head = (head + data)[-4096:]
+                    with self.lock:
+                        if b"text/event-stream" in head.lower() and self.cuts_left > 0:
+                            self.cuts_left -= 1
+                            armed = True
+                if armed:
+                    data = data[: self.after - sent]
+                    sent += len(data)
+                client.sendall(data)
+                if armed and sent >= self.after:
+                    self.cut += 1
+                    break
+        except OSError:
+            pass
+        finally:
+            for s in (server, client):
+                _close(s)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def _close(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
+
+
+COLLECT = """(url) => new Promise((resolve) => {
+    const result = {tokens: [], ids: [], opens: 0, errors: 0};
+    const source = new EventSource(url);
+    source.onopen = () => { result.opens += 1; };
+    source.addEventListener("token", (e) => { result.tokens.push(e.data); result.ids.push(e.lastEventId); });
+    source.addEventListener("done", (e) => { result.done = e.data; source.close(); resolve(result); });
+    source.addEventListener("error", (e) => {
+        if (e.data !== undefined) { result.error = e.data; return; }
+        result.errors += 1;
+        if (source.readyState === EventSource.CLOSED) { resolve(result); }
+    });
+    setTimeout(() => { source.close(); result.timedOut = true; resolve(result); }, 20000);
+})"""
+
+
+def test_eventsource_resumes_a_cut_stream_with_nothing_missing_and_nothing_twice(page: Any, gateway: Served) -> None:
+    words = [f"w{i}" for i in range(60)]  # 3 s at 0.05 s a token
+    prompt = " ".join(words)
+    port = int(gateway.url.rsplit(":", 1)[1])
+    proxy = CuttingProxy(port, cuts=2, after=700)  # mid-event, twice
+    try:
+        page.goto(f"http://127.0.0.1:{proxy.port}/")
+        result = page.evaluate(COLLECT, f"/chat/stream?backend=echo&prompt={'%20'.join(words)}")
+    finally:
+        proxy.close()
+    assert proxy.cut == 2, "the proxy did not cut the stream"
+    assert not result.get("timedOut") and result["done"] == "stop", result
+    assert result["opens"] == 3 and result["errors"] == 2  # two cuts, two reconnects
+    assert "".join(result["tokens"]) == prompt
+    positions = [int(i.rsplit(".", 1)[1]) for i in result["ids"]]
+    assert positions == list(range(1, len(words) + 1))  # every event once, in order
+    assert len({i.rsplit(".", 1)[0] for i in result["ids"]}) == 1  # one generation, not a restart
