@@ -155,12 +155,13 @@ def test_gemini_request_without_system_messages_has_no_system_instruction(rig: R
         "a\nb",
         "é",
         "x" * 257,
-        "",
+        " ",
+        "a ",
     ],
 )
 def test_gemini_model_that_is_not_a_plain_id_is_refused_before_any_upstream_request(rig: Rig, model: str) -> None:
     rig.reset(Reply(500))
-    result = rig.chat("gemini", model=model) if model else rig.chat("gemini", model=" ")
+    result = rig.chat("gemini", model=model)
     assert result.status == 400 and json.loads(result.body)["error"]["type"] == "invalid_request"
     assert rig.seen == []
 
