@@ -62,13 +62,10 @@ class ChunkReader:
         if isinstance(reason := field_of(candidate, "finishReason"), str):
             self.reason = reason
         parts = field_of(candidate, "content", "parts")
-        texts = []
-        for part in parts if isinstance(parts, list) else []:
-            self.calls = self.calls or field_of(part, "functionCall") is not None
-            text = field_of(part, "text")
-            if isinstance(text, str) and text and not field_of(part, "thought"):  # thought parts are reasoning
-                texts.append(text)
-        return texts
+        parts = parts if isinstance(parts, list) else []
+        self.calls = self.calls or any(field_of(part, "functionCall") is not None for part in parts)
+        # thought parts are reasoning, not answer text
+        return [t for part in parts if isinstance(t := field_of(part, "text"), str) and t and not field_of(part, "thought")]
 
     def final(self) -> Final:
         if self.reason is None:

@@ -155,12 +155,13 @@ def test_gemini_request_without_system_messages_has_no_system_instruction(rig: R
         "a\nb",
         "é",
         "x" * 257,
-        "",
+        " ",
+        "a ",
     ],
 )
 def test_gemini_model_that_is_not_a_plain_id_is_refused_before_any_upstream_request(rig: Rig, model: str) -> None:
     rig.reset(Reply(500))
-    result = rig.chat("gemini", model=model) if model else rig.chat("gemini", model=" ")
+    result = rig.chat("gemini", model=model)
     assert result.status == 400 and json.loads(result.body)["error"]["type"] == "invalid_request"
     assert rig.seen == []
 
@@ -448,3 +449,24 @@ def test_gemini_function_call_then_stop_is_tool_calls(rig: Rig) -> None:
 def test_gemini_event_that_is_not_a_json_object_is_a_protocol_error(rig: Rig) -> None:
     rig.reset(Reply(pieces=[b"data: [1, 2]\r\n\r\n"]))
     assert error_of(rig.chat("gemini"))["type"] == "protocol_error"
+
+
+def test_ollama_is_configured_by_its_url_alone_and_others_by_their_keys() -> None:
+    from asgi_stream import load_config
+
+    assert set(load_config({"OLLAMA_BASE_URL": "http://127.0.0.1:11434"}).upstreams) == {"echo", "ollama"}
+    assert load_config({"OLLAMA_BASE_URL": "http://127.0.0.1:11434"}).default_backend == "ollama"
+    config = load_config({"ANTHROPIC_API_KEY": "k", "GEMINI_API_KEY": "g"})
+    assert set(config.upstreams) == {"echo", "anthropic", "gemini"} and config.default_backend == "anthropic"
+    assert config.upstreams["anthropic"].base_url == "https://api.anthropic.com"
+    assert config.upstreams["gemini"].base_url == "https://generativelanguage.googleapis.com"
+
+
+def test_a_backend_that_is_not_configured_names_the_variable_to_set() -> None:
+    from tests.conftest import serve, stream
+
+    with serve({}) as gw:
+        result = stream("GET", gw.url + "/chat/stream?prompt=hi&backend=ollama")
+        keyed = stream("GET", gw.url + "/chat/stream?prompt=hi&backend=gemini")
+    assert result.status == 400 and "OLLAMA_BASE_URL is not set" in json.loads(result.body)["error"]["message"]
+    assert keyed.status == 400 and "GEMINI_API_KEY is not set" in json.loads(keyed.body)["error"]["message"]

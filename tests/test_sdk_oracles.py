@@ -143,7 +143,9 @@ def gemini_outcome(url: str) -> Outcome:
             for chunk in client.models.generate_content_stream(model="gemini-2.0-flash", contents="hi"):
                 if (meta := chunk.usage_metadata) is not None:
                     output = (meta.candidates_token_count or 0) + (meta.thoughts_token_count or 0)
-                    out.usage = (meta.prompt_token_count or 0, output, meta.total_token_count or 0)
+                    prompt = meta.prompt_token_count or 0  # a count left out is 0; a total left out is the sum
+                    total = meta.total_token_count if meta.total_token_count is not None else prompt + output
+                    out.usage = (prompt, output, total)
                 if chunk.prompt_feedback and chunk.prompt_feedback.block_reason:
                     out.finish = "content_filter"
                 candidate = chunk.candidates[0] if chunk.candidates else None
@@ -395,9 +397,38 @@ def test_generated_stream_gives_what_the_vendors_sdk_extracts(rig: Rig, backend:
 def test_ollama_text_with_nel_breaks_the_sdk_but_not_us(rig: Rig) -> None:
     # U+0085 inside model text, raw in the JSON line as Go writes it: ollama-python's iter_lines()
     # cuts the line there (PROVIDERS.md 9.2) and fails to parse it; we split lines at CR/LF only.
-    body = (go_json({"message": {"role": "assistant", "content": "a\x85b"}, "done": False}) + "\n"
-            + go_json({"message": {"role": "assistant", "content": ""}, "done": True, "done_reason": "stop"}) + "\n")
+    body = (
+        go_json({"message": {"role": "assistant", "content": "a\x85b"}, "done": False})
+        + "\n"
+        + go_json({"message": {"role": "assistant", "content": ""}, "done": True, "done_reason": "stop"})
+        + "\n"
+    )
     rig.reset(Reply(200, "application/x-ndjson", [body.encode()]))
     assert ours(rig.chat("ollama")) == Outcome(["a\x85b"], "stop", (0, 0, 0))
     with pytest.raises(json.JSONDecodeError):
         ollama_outcome(rig.upstream.url)
+
+
+def test_gemini_raw_json_error_mid_stream_is_read_as_python_genai_reads_it(rig: Rig) -> None:
+    # Firebase's vertexai streaming-failure-error-mid-stream layout: two chunks, then a pretty-printed
+    # error object outside SSE framing; python-genai buffers such lines until the braces balance.
+    ok = {
+        "candidates": [{"content": {"parts": [{"text": "Un {brace"}], "role": "model"}}],
+        "usageMetadata": {"promptTokenCount": 5},
+    }
+    error = {"error": {"code": 499, "message": "The operation was cancelled.", "status": "CANCELLED"}}
+    body = (
+        b"data: " + json.dumps(ok).encode() + b"\r\n\r\n" + json.dumps(error, indent=2).encode().replace(b"\n", b"\r\n") + b"\r\n"
+    )
+    mine, oracle = both(rig, "gemini", Reply(pieces=cut(body, list(range(3, len(body), 11)))))
+    assert mine == oracle == Outcome(["Un {brace"], "error", (5, 0, 5), "The operation was cancelled.")
+
+
+def test_gemini_data_field_without_its_space_is_sse_but_not_python_genai(rig: Rig) -> None:
+    # The SSE spec makes the space after `data:` optional. python-genai only strips `data: ` (with the
+    # space); `data:{...}` goes to its raw-JSON buffer and fails to parse. Gemini always sends the space.
+    chunk = {"candidates": [{"content": {"parts": [{"text": "Hi"}]}, "finishReason": "STOP"}]}
+    rig.reset(Reply(pieces=[b"data:" + json.dumps(chunk).encode() + b"\r\n\r\n"]))
+    assert ours(rig.chat("gemini")) == Outcome(["Hi"], "stop", None)
+    with pytest.raises(genai_errors.UnknownApiResponseError):
+        gemini_outcome(rig.upstream.url)
