@@ -404,23 +404,18 @@ def test_shutdown_under_open_streams_ends_each_with_an_error_and_loses_no_usage_
 async def test_a_send_that_cannot_progress_ends_the_stream_within_the_send_timeout(stall_on: str) -> None:
     """The client stops reading just as a token, or a heartbeat, is sent, or
     once `done` went out (uvicorn waits for the buffer to drain at the start
-    of the send *after* the one that filled it: the closing empty chunk)."""
+    of the send *after* the one that filled it: here the closing empty chunk)."""
     import anyio
 
     import asgi_stream
 
-    env = {
-        "USAGE_DB": "",
-        "RESUME_GRACE_SECONDS": "0",
-        "SEND_TIMEOUT_SECONDS": "0.3",
-        "HEARTBEAT_SECONDS": "0.05",
-        "ECHO_DELAY_SECONDS": "0.4",
-    }
+    env = {"USAGE_DB": "", "RESUME_GRACE_SECONDS": "0", "SEND_TIMEOUT_SECONDS": "0.3", "HEARTBEAT_SECONDS": "0.05"}
+    env["ECHO_DELAY_SECONDS"] = "0" if stall_on == "after done" else "0.4"
     app = asgi_stream.Gateway(env)
     body = json.dumps({"messages": [{"role": "user", "content": "one two three four five"}]}).encode()
     pieces = [{"type": "http.request", "body": body, "more_body": False}]
-    stalled = anyio.Event()
-    client_gone = anyio.Event()
+    stalled, client_gone, returned = anyio.Event(), anyio.Event(), anyio.Event()
+    done_went_out = False
 
     async def receive() -> dict[str, object]:
         if pieces:
@@ -428,27 +423,25 @@ async def test_a_send_that_cannot_progress_ends_the_stream_within_the_send_timeo
         await client_gone.wait()
         return {"type": "http.disconnect"}
 
-    async def send(message: dict[str, object]) -> None:
-        chunk = message.get("body", b"")
-        if (
-            stalled.is_set()
-            or (stall_on == "token" and b"event: token" in chunk)
-            or (stall_on == "heartbeat" and chunk == b":\n")
-        ):
-            stalled.set()
-            await client_gone.wait()  # the socket is full and stays full until the client goes (as uvicorn's drain)
+    def stalls(chunk: bytes) -> bool:
+        if stall_on == "after done":
+            return done_went_out
+        return (b"event: token" if stall_on == "token" else b":\n") in chunk
 
-    scope = {
-        "type": "http",
-        "method": "POST",
-        "path": "/chat/stream",
-        "query_string": b"",
-        "headers": [(b"content-type", b"application/json")],
-    }
-    returned = anyio.Event()
+    async def send(message: dict[str, object]) -> None:
+        nonlocal done_went_out
+        chunk = message.get("body", b"")
+        assert isinstance(chunk, bytes)
+        if stalled.is_set() or stalls(chunk):
+            stalled.set()
+            await client_gone.wait()  # the socket stays full until the client goes (as uvicorn's drain)
+        done_went_out = done_went_out or b"event: done" in chunk
 
     async def serve_one() -> None:
-        await app(scope, receive, send)
+        headers = [(b"content-type", b"application/json")]
+        await app(
+            {"type": "http", "method": "POST", "path": "/chat/stream", "query_string": b"", "headers": headers}, receive, send
+        )
         returned.set()
 
     with anyio.fail_after(10):
