@@ -132,8 +132,12 @@ def serve_probed(env: dict[str, str], **uvicorn_options: object) -> Iterator[Pro
 
 def usage_rows(path: Path) -> list[dict[str, Any]]:
     """The ledger, read after the server stopped."""
+    if not path.exists():
+        return []
     with sqlite3.connect(path) as db:
         db.row_factory = sqlite3.Row
+        if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'usage'").fetchone():
+            return []  # the ledger creates its table with its first row
         return [dict(row) for row in db.execute("SELECT * FROM usage ORDER BY started_at, rowid")]
 
 

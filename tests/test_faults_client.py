@@ -404,23 +404,18 @@ def test_shutdown_under_open_streams_ends_each_with_an_error_and_loses_no_usage_
 async def test_a_send_that_cannot_progress_ends_the_stream_within_the_send_timeout(stall_on: str) -> None:
     """The client stops reading just as a token, or a heartbeat, is sent, or
     once `done` went out (uvicorn waits for the buffer to drain at the start
-    of the send *after* the one that filled it: the closing empty chunk)."""
+    of the send *after* the one that filled it: here the closing empty chunk)."""
     import anyio
 
     import asgi_stream
 
-    env = {
-        "USAGE_DB": "",
-        "RESUME_GRACE_SECONDS": "0",
-        "SEND_TIMEOUT_SECONDS": "0.3",
-        "HEARTBEAT_SECONDS": "0.05",
-        "ECHO_DELAY_SECONDS": "0.4",
-    }
+    env = {"USAGE_DB": "", "RESUME_GRACE_SECONDS": "0", "SEND_TIMEOUT_SECONDS": "0.3", "HEARTBEAT_SECONDS": "0.05"}
+    env["ECHO_DELAY_SECONDS"] = "0" if stall_on == "after done" else "0.4"
     app = asgi_stream.Gateway(env)
     body = json.dumps({"messages": [{"role": "user", "content": "one two three four five"}]}).encode()
     pieces = [{"type": "http.request", "body": body, "more_body": False}]
-    stalled = anyio.Event()
-    client_gone = anyio.Event()
+    stalled, client_gone, returned = anyio.Event(), anyio.Event(), anyio.Event()
+    done_went_out = False
 
     async def receive() -> dict[str, object]:
         if pieces:
@@ -428,27 +423,25 @@ async def test_a_send_that_cannot_progress_ends_the_stream_within_the_send_timeo
         await client_gone.wait()
         return {"type": "http.disconnect"}
 
-    async def send(message: dict[str, object]) -> None:
-        chunk = message.get("body", b"")
-        if (
-            stalled.is_set()
-            or (stall_on == "token" and b"event: token" in chunk)
-            or (stall_on == "heartbeat" and chunk == b":\n")
-        ):
-            stalled.set()
-            await client_gone.wait()  # the socket is full and stays full until the client goes (as uvicorn's drain)
+    def stalls(chunk: bytes) -> bool:
+        if stall_on == "after done":
+            return done_went_out
+        return (b"event: token" if stall_on == "token" else b":\n") in chunk
 
-    scope = {
-        "type": "http",
-        "method": "POST",
-        "path": "/chat/stream",
-        "query_string": b"",
-        "headers": [(b"content-type", b"application/json")],
-    }
-    returned = anyio.Event()
+    async def send(message: dict[str, object]) -> None:
+        nonlocal done_went_out
+        chunk = message.get("body", b"")
+        assert isinstance(chunk, bytes)
+        if stalled.is_set() or stalls(chunk):
+            stalled.set()
+            await client_gone.wait()  # the socket stays full until the client goes (as uvicorn's drain)
+        done_went_out = done_went_out or b"event: done" in chunk
 
     async def serve_one() -> None:
-        await app(scope, receive, send)
+        headers = [(b"content-type", b"application/json")]
+        await app(
+            {"type": "http", "method": "POST", "path": "/chat/stream", "query_string": b"", "headers": headers}, receive, send
+        )
         returned.set()
 
     with anyio.fail_after(10):
@@ -463,3 +456,87 @@ async def test_a_send_that_cannot_progress_ends_the_stream_within_the_send_timeo
             client_gone.set()  # only now: the stall alone must end the stream
     assert ended_by_itself and ended_after < 0.3 + 0.5, f"the app was still sending {ended_after:.2f} s after the stall"
     assert app.metrics.active == 0
+
+
+# --- more storms: over the stream limit, resumers, and clients that leave mid-body
+
+
+async def _status_storm(url: str, clients: int) -> list[tuple[int, bytes]]:
+    host, port = host_port(url)
+    body = json.dumps({"messages": [{"role": "user", "content": "storm"}]}).encode()
+
+    async def one() -> tuple[asyncio.StreamWriter, int, bytes]:
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(post_head(len(body)) + body)
+        head = await reader.readuntil(b"\r\n\r\n")
+        status = int(head[9:12])
+        if status == 200:
+            await reader.readuntil(b"event: token")
+        return writer, status, head
+
+    answers = await asyncio.wait_for(asyncio.gather(*(one() for _ in range(clients))), 30)
+    for writer, _, _ in answers:
+        writer.transport.abort()
+    return [(status, head) for _, status, head in answers]
+
+
+def test_a_storm_over_the_stream_limit_gets_503_for_the_excess_and_frees_every_slot(
+    upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    db = tmp_path / "usage.db"
+    env = {"OPENAI_API_KEY": KEY, "OPENAI_BASE_URL": upstream.url + "/v1", "USAGE_DB": str(db), "MAX_STREAMS": "40"}
+    with serve_probed(env) as gw:
+        answers = asyncio.run(_status_storm(gw.url, 120))
+        statuses = [status for status, _ in answers]
+        assert statuses.count(200) >= 40 and set(statuses) <= {200, 503}
+        assert all(b"retry-after: 1" in head.lower() for status, head in answers if status == 503)
+        gw.nothing_left(10)
+        again = asyncio.run(_status_storm(gw.url, 40))  # every slot came back
+        assert [status for status, _ in again] == [200] * 40
+        gw.nothing_left(10)
+    assert len(usage_rows(db)) == statuses.count(200) + 40  # one row per admitted stream, none for refusals
+
+
+def test_a_resume_storm_then_everyone_leaving_cancels_the_generation_after_the_grace(upstream: FakeUpstream) -> None:
+    env = {"OPENAI_API_KEY": KEY, "OPENAI_BASE_URL": upstream.url + "/v1", "RESUME_GRACE_SECONDS": "0.3"}
+    with serve_probed(env) as gw:
+        host, port = host_port(gw.url)
+
+        async def storm() -> None:
+            body = json.dumps({"messages": [{"role": "user", "content": "shared"}]}).encode()
+            reader, first = await asyncio.open_connection(host, port)
+            first.write(post_head(len(body)) + body)
+            head = await reader.readuntil(b"\r\n\r\n")
+            stream_id = next(line.split(b": ")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"x-stream-id"))
+            await reader.readuntil(b"event: token")
+
+            async def resume() -> asyncio.StreamWriter:
+                r, w = await asyncio.open_connection(host, port)
+                w.write(b"GET /chat/stream HTTP/1.1\r\nhost: x\r\nlast-event-id: %s.1\r\n\r\n" % stream_id)
+                assert (await r.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200")
+                await r.readuntil(b"event: token")
+                return w
+
+            writers = [first, *await asyncio.gather(*(resume() for _ in range(60)))]
+            assert probe(gw.served).readers == 61
+            for writer in writers:
+                writer.transport.abort()
+
+        asyncio.run(storm())
+        left_at = time.monotonic()
+        assert upstream.wait_for(lambda: upstream.open_connections == 0, 5)
+        assert time.monotonic() - left_at >= 0.25  # the grace was honoured, then the upstream closed
+        assert len(upstream.seen) == 1  # sixty resumes started no generation
+        gw.nothing_left()
+
+
+def test_clients_that_leave_in_the_middle_of_their_body_leave_nothing_behind(tmp_path: Path) -> None:
+    db = tmp_path / "usage.db"
+    with serve_probed({"USAGE_DB": str(db)}) as gw:
+        body = json.dumps({"messages": [{"role": "user", "content": "never mind"}]}).encode()
+        for _ in range(50):
+            with socket.create_connection(host_port(gw.url)) as sock:
+                sock.sendall(post_head(len(body)) + body[: len(body) // 2])
+        gw.nothing_left()
+        assert gw.gateway.metrics.streams == {}
+    assert usage_rows(db) == []  # no stream was admitted
