@@ -512,7 +512,19 @@ async def test_a_send_that_fails_with_oserror_drops_the_reader_and_cancels_the_g
         with anyio.fail_after(TIMEOUT):
             await ex.done.wait()  # quietly: no exception escapes the app
     assert len(ex.sent) == good_sends
-    assert app.metrics.streams == {("echo", "cancelled"): 1}
+    assert app.metrics.streams == {("echo", "cancelled"): 1}  # not run to its end for nobody
+
+
+async def test_a_generation_cancelled_before_it_started_does_not_run() -> None:
+    app = Gateway(ENV)
+    record = StreamRecord("s", None, ChatRequest([{"role": "user", "content": "a b c"}], "echo", "echo", 9), 1 << 20)
+    app.admit(None)
+    assert record.cancel("client gone")
+    await app.generate(record, asgi_stream.BACKENDS["echo"].stream, app.config.upstreams["echo"])
+    assert ending_of(record.read(0) or b"") == (["done"], None, "cancelled")
+    assert record.tokens == 0 and not record.cancel("again")
+    await app.aclose()
+
 
 
 async def test_a_client_that_takes_no_bytes_for_send_timeout_is_dropped() -> None:
