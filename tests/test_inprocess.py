@@ -44,6 +44,7 @@ class Exchange:
     sent: list[dict[str, Any]] = field(default_factory=list)
     fail_sends_after: int | None = None  # then send raises OSError, as ASGI 2.4 servers do for a gone client
     hold_sends_after: int | None = None  # then send blocks until `released` is set: a client that takes no bytes
+    hold_final: bool = False  # block the last body message (more_body False) the same way
     released: anyio.Event = field(default_factory=anyio.Event)
 
     def __post_init__(self) -> None:
@@ -60,7 +61,8 @@ class Exchange:
         assert not self.done.is_set()
         if self.fail_sends_after is not None and len(self.sent) >= self.fail_sends_after:
             raise OSError("the client is gone")
-        if self.hold_sends_after is not None and len(self.sent) >= self.hold_sends_after:
+        final = message["type"] == "http.response.body" and not message.get("more_body", False)
+        if (self.hold_sends_after is not None and len(self.sent) >= self.hold_sends_after) or (self.hold_final and final):
             await self.released.wait()
         self.sent.append(message)
         await self._outbox.send(message)
@@ -567,15 +569,39 @@ async def test_server_shutdown_tells_the_client_why_and_ends_the_stream() -> Non
     assert app.metrics.active == 0 and app.metrics.upstream_errors == {"shutdown": 1}
 
 
-async def test_a_request_cancelled_before_its_generation_ran_is_still_accounted() -> None:
-    app = Gateway(ENV)
-    ex = Exchange(make_scope("GET", "/chat/stream", "prompt=hi"), [b""])
+@pytest.mark.parametrize("fail_sends_after", [None, 0])
+async def test_a_request_cancelled_before_its_generation_ran_is_still_accounted(fail_sends_after: int | None) -> None:
+    app = Gateway({**ENV, "RESUME_GRACE_SECONDS": "5"})
+    ex = Exchange(make_scope("GET", "/chat/stream", "prompt=hi"), [b""], fail_sends_after=fail_sends_after)
     with anyio.CancelScope() as server:
-        server.cancel()
+        server.cancel()  # shutdown at once; the client may be gone too
         await app(ex.scope, ex.receive, ex.send)
     ex.close()
     assert app.metrics.active == 0 and app.metrics.active_by_key == {}
-    assert app.metrics.streams == {("echo", "error"): 1}
+    assert app.metrics.streams == {("echo", "error"): 1} and app.metrics.upstream_errors == {"shutdown": 1}
+
+
+async def test_a_shutdown_after_done_went_out_sends_nothing_more() -> None:
+    app = Gateway(ENV)
+    ex = Exchange(make_scope("GET", "/chat/stream", "prompt=a+b"), [b""], hold_final=True)
+    with anyio.CancelScope() as server:
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(app, ex.scope, ex.receive, ex.send)
+            with anyio.fail_after(TIMEOUT):
+                while b"event: done" not in ex.body:
+                    await ex.next()
+            server.cancel()  # while the final (empty) body message is still being sent
+    ex.close()
+    assert ex.sent[-1]["more_body"] is True and ending_of(ex.body) == (["usage", "done"], None, "stop")
+    assert app.metrics.streams == {("echo", "stop"): 1}
+
+
+async def test_aclose_twice_is_harmless() -> None:
+    app = Gateway(ENV)
+    await request(app, "GET", "/chat/stream", "prompt=x")
+    await app.aclose()
+    await app.aclose()
+    assert app._http is None
 
 
 # --- resume and cancel ---------------------------------------------------------------------------
