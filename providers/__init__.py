@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
@@ -218,8 +218,9 @@ async def open_stream(
 
 async def read_at_most(response: httpx.Response, limit: int) -> bytes:
     body = bytearray()
-    async for piece in response.aiter_bytes():
-        body += piece
-        if len(body) >= limit:
-            break
+    async with aclosing(response.aiter_bytes()) as pieces:  # closed now, not when garbage collected
+        async for piece in pieces:
+            body += piece
+            if len(body) >= limit:
+                break
     return bytes(body[:limit])
