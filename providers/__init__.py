@@ -15,7 +15,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import anyio
 import httpx
@@ -218,7 +218,8 @@ async def open_stream(
 
 async def read_at_most(response: httpx.Response, limit: int) -> bytes:
     body = bytearray()
-    async with aclosing(response.aiter_bytes()) as pieces:  # closed now, not when garbage collected
+    # closed now, not when garbage collected (httpx types it as a plain AsyncIterator)
+    async with aclosing(cast("AsyncGenerator[bytes, None]", response.aiter_bytes())) as pieces:
         async for piece in pieces:
             body += piece
             if len(body) >= limit:
