@@ -984,19 +984,19 @@ class Gateway:
                 return False
             if pending:
                 cursor[0] = record.count
-                with anyio.move_on_after(cfg.send_timeout) as sending:
-                    await send({"type": "http.response.body", "body": pending, "more_body": True})
-                if sending.cancelled_caught:
-                    return False
-                last_write = anyio.current_time()
-                continue
-            if record.finished:
+            elif record.finished:
                 return True
-            with anyio.CancelScope(deadline=last_write + cfg.heartbeat) as waiting:
-                await record.wait()
-            if waiting.cancelled_caught:
-                await send({"type": "http.response.body", "body": HEARTBEAT, "more_body": True})
-                last_write = anyio.current_time()
+            else:
+                with anyio.CancelScope(deadline=last_write + cfg.heartbeat) as waiting:
+                    await record.wait()
+                if not waiting.cancelled_caught:
+                    continue
+                pending = HEARTBEAT
+            with anyio.move_on_after(cfg.send_timeout) as sending:  # heartbeats too: a stalled client must not hold on
+                await send({"type": "http.response.body", "body": pending, "more_body": True})
+            if sending.cancelled_caught:
+                return False
+            last_write = anyio.current_time()
 
 
 async def watch_disconnect(receive: Receive, scope: anyio.CancelScope, record: StreamRecord) -> None:
