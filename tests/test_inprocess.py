@@ -853,3 +853,12 @@ async def test_a_ledger_that_cannot_be_written_is_logged_and_the_stream_still_co
     assert ending_of(ex.body)[2] == "stop"
     assert any("usage ledger write failed" in r.getMessage() for r in caplog.records)
     await app.aclose()
+
+
+async def test_a_client_that_takes_no_heartbeat_for_send_timeout_is_dropped() -> None:
+    app = Gateway({**ENV, "ECHO_DELAY_SECONDS": "30", "HEARTBEAT_SECONDS": "0.02", "SEND_TIMEOUT_SECONDS": "0.1"})
+    async with exchange(app, "GET", "/chat/stream", "prompt=hi", hold_sends_after=2) as ex:
+        with anyio.fail_after(TIMEOUT):
+            await ex.done.wait()  # the blocked heartbeat is given up like any blocked send
+    assert len(ex.sent) == 2
+    assert app.metrics.streams == {("echo", "cancelled"): 1}
