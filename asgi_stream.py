@@ -428,11 +428,12 @@ class StreamRecord:
             self._changed = None
 
     def cancel(self, reason: str) -> bool:
-        """Stop the generation (DELETE, or no reader after the grace)."""
-        if self.finished or self.generation is None:
+        """Stop the generation (DELETE, or no reader after the grace), even one not started yet."""
+        if self.finished:
             return False
         self.cancel_reason = reason
-        self.generation.cancel()
+        if self.generation is not None:
+            self.generation.cancel()
         return True
 
     def finish(self, finish_reason: str, usage: dict[str, Any] | None, error: UpstreamError | None) -> None:
@@ -851,6 +852,8 @@ class Gateway:
         outcome: Final | UpstreamError | None = None  # None: cancelled by record.cancel
         try:
             with anyio.CancelScope() as record.generation:
+                if record.cancel_reason:  # cancelled before it started: the client left at once
+                    record.generation.cancel()
                 outcome = await self.drive(record, provider, upstream)
         except UpstreamError as exc:
             outcome = exc

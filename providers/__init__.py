@@ -16,7 +16,7 @@ from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from itertools import count
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import anyio
 import httpx
@@ -271,8 +271,10 @@ def retried(provider: Provider) -> Provider:
 
 async def read_at_most(response: httpx.Response, limit: int) -> bytes:
     body = bytearray()
-    async for piece in response.aiter_bytes():
-        body += piece
-        if len(body) >= limit:
-            break
+    # closed now, not when garbage collected (httpx types it as a plain AsyncIterator)
+    async with aclosing(cast("AsyncGenerator[bytes, None]", response.aiter_bytes())) as pieces:
+        async for piece in pieces:
+            body += piece
+            if len(body) >= limit:
+                break
     return bytes(body[:limit])

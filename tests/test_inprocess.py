@@ -44,6 +44,7 @@ class Exchange:
     sent: list[dict[str, Any]] = field(default_factory=list)
     fail_sends_after: int | None = None  # then send raises OSError, as ASGI 2.4 servers do for a gone client
     hold_sends_after: int | None = None  # then send blocks until `released` is set: a client that takes no bytes
+    hold_final: bool = False  # block the last body message (more_body False) the same way
     released: anyio.Event = field(default_factory=anyio.Event)
 
     def __post_init__(self) -> None:
@@ -60,7 +61,8 @@ class Exchange:
         assert not self.done.is_set()
         if self.fail_sends_after is not None and len(self.sent) >= self.fail_sends_after:
             raise OSError("the client is gone")
-        if self.hold_sends_after is not None and len(self.sent) >= self.hold_sends_after:
+        final = message["type"] == "http.response.body" and not message.get("more_body", False)
+        if (self.hold_sends_after is not None and len(self.sent) >= self.hold_sends_after) or (self.hold_final and final):
             await self.released.wait()
         self.sent.append(message)
         await self._outbox.send(message)
@@ -512,7 +514,19 @@ async def test_a_send_that_fails_with_oserror_drops_the_reader_and_cancels_the_g
         with anyio.fail_after(TIMEOUT):
             await ex.done.wait()  # quietly: no exception escapes the app
     assert len(ex.sent) == good_sends
-    assert app.metrics.streams == {("echo", "cancelled"): 1}
+    assert app.metrics.streams == {("echo", "cancelled"): 1}  # not run to its end for nobody
+
+
+async def test_a_generation_cancelled_before_it_started_does_not_run() -> None:
+    app = Gateway(ENV)
+    record = StreamRecord("s", None, ChatRequest([{"role": "user", "content": "a b c"}], "echo", "echo", 9), 1 << 20)
+    app.admit(None)
+    assert record.cancel("client gone")
+    await app.generate(record, asgi_stream.BACKENDS["echo"].stream, app.config.upstreams["echo"])
+    assert ending_of(record.read(0) or b"") == (["done"], None, "cancelled")
+    assert record.tokens == 0 and not record.cancel("again")
+    await app.aclose()
+
 
 
 async def test_a_client_that_takes_no_bytes_for_send_timeout_is_dropped() -> None:
@@ -555,15 +569,39 @@ async def test_server_shutdown_tells_the_client_why_and_ends_the_stream() -> Non
     assert app.metrics.active == 0 and app.metrics.upstream_errors == {"shutdown": 1}
 
 
-async def test_a_request_cancelled_before_its_generation_ran_is_still_accounted() -> None:
-    app = Gateway(ENV)
-    ex = Exchange(make_scope("GET", "/chat/stream", "prompt=hi"), [b""])
+@pytest.mark.parametrize("fail_sends_after", [None, 0])
+async def test_a_request_cancelled_before_its_generation_ran_is_still_accounted(fail_sends_after: int | None) -> None:
+    app = Gateway({**ENV, "RESUME_GRACE_SECONDS": "5"})
+    ex = Exchange(make_scope("GET", "/chat/stream", "prompt=hi"), [b""], fail_sends_after=fail_sends_after)
     with anyio.CancelScope() as server:
-        server.cancel()
+        server.cancel()  # shutdown at once; the client may be gone too
         await app(ex.scope, ex.receive, ex.send)
     ex.close()
     assert app.metrics.active == 0 and app.metrics.active_by_key == {}
-    assert app.metrics.streams == {("echo", "error"): 1}
+    assert app.metrics.streams == {("echo", "error"): 1} and app.metrics.upstream_errors == {"shutdown": 1}
+
+
+async def test_a_shutdown_after_done_went_out_sends_nothing_more() -> None:
+    app = Gateway(ENV)
+    ex = Exchange(make_scope("GET", "/chat/stream", "prompt=a+b"), [b""], hold_final=True)
+    with anyio.CancelScope() as server:
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(app, ex.scope, ex.receive, ex.send)
+            with anyio.fail_after(TIMEOUT):
+                while b"event: done" not in ex.body:
+                    await ex.next()
+            server.cancel()  # while the final (empty) body message is still being sent
+    ex.close()
+    assert ex.sent[-1]["more_body"] is True and ending_of(ex.body) == (["usage", "done"], None, "stop")
+    assert app.metrics.streams == {("echo", "stop"): 1}
+
+
+async def test_aclose_twice_is_harmless() -> None:
+    app = Gateway(ENV)
+    await request(app, "GET", "/chat/stream", "prompt=x")
+    await app.aclose()
+    await app.aclose()
+    assert app._http is None
 
 
 # --- resume and cancel ---------------------------------------------------------------------------
@@ -815,3 +853,12 @@ async def test_a_ledger_that_cannot_be_written_is_logged_and_the_stream_still_co
     assert ending_of(ex.body)[2] == "stop"
     assert any("usage ledger write failed" in r.getMessage() for r in caplog.records)
     await app.aclose()
+
+
+async def test_a_client_that_takes_no_heartbeat_for_send_timeout_is_dropped() -> None:
+    app = Gateway({**ENV, "ECHO_DELAY_SECONDS": "30", "HEARTBEAT_SECONDS": "0.02", "SEND_TIMEOUT_SECONDS": "0.1"})
+    async with exchange(app, "GET", "/chat/stream", "prompt=hi", hold_sends_after=2) as ex:
+        with anyio.fail_after(TIMEOUT):
+            await ex.done.wait()  # the blocked heartbeat is given up like any blocked send
+    assert len(ex.sent) == 2
+    assert app.metrics.streams == {("echo", "cancelled"): 1}

@@ -222,26 +222,35 @@ def expected_reason(ending: Any) -> str:
     return "cancelled" if ending == "cancel" else "error"
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(chunks=st.lists(st.one_of(st.just(""), TEXT), max_size=10), ending=GENERATE_ENDINGS)
-def test_any_chunk_sequence_through_generate_gives_a_well_formed_stream(chunks: list[str], ending: Any) -> None:
-    async def main() -> None:
-        gateway = Gateway({"USAGE_DB": ""})
-        provider = fake_provider(chunks, ending)
-        record = StreamRecord("s1", None, REQUEST, gateway.config.stream_buffer_bytes)
-        provider.record.append(record)  # type: ignore[attr-defined]
-        gateway.admit(None)
-        gateway.registry.add(record)
-        await gateway.generate(record, provider, gateway.config.upstreams["echo"])
-        await gateway.aclose()
-        events = assert_well_formed(record, chunks, expected_reason(ending))
-        names = [name for name, _, _ in events]
-        assert ("error" in names) == (expected_reason(ending) == "error")
-        assert ("usage" in names) == (any(chunks) or (isinstance(ending, Final) and ending.usage is not None))
-        assert gateway.metrics.active == 0 and gateway.metrics.active_by_key == {}
-        assert record.tokens == sum(1 for c in chunks if c)
+def test_any_chunk_sequence_through_generate_gives_a_well_formed_stream() -> None:
+    cases: list[tuple[bytes, list[tuple[str, str, str]]]] = []
 
-    anyio.run(main)
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(chunks=st.lists(st.one_of(st.just(""), TEXT), max_size=10), ending=GENERATE_ENDINGS)
+    def check(chunks: list[str], ending: Any) -> None:
+        anyio.run(generate_and_check, chunks, ending, cases)
+
+    check()
+    assert_node_agrees(cases)
+
+
+async def generate_and_check(chunks: list[str], ending: Any, cases: list[tuple[bytes, list[tuple[str, str, str]]]]) -> None:
+    """One generation from a fake provider; the stream is checked, then kept for Node."""
+    gateway = Gateway({"USAGE_DB": ""})
+    provider = fake_provider(chunks, ending)
+    record = StreamRecord("s1", None, REQUEST, gateway.config.stream_buffer_bytes)
+    provider.record.append(record)  # type: ignore[attr-defined]
+    gateway.admit(None)
+    gateway.registry.add(record)
+    await gateway.generate(record, provider, gateway.config.upstreams["echo"])
+    await gateway.aclose()
+    events = assert_well_formed(record, chunks, expected_reason(ending))
+    names = [name for name, _, _ in events]
+    assert ("error" in names) == (expected_reason(ending) == "error")
+    assert ("usage" in names) == (any(chunks) or (isinstance(ending, Final) and ending.usage is not None))
+    assert gateway.metrics.active == 0 and gateway.metrics.active_by_key == {}
+    assert record.tokens == sum(1 for c in chunks if c)
+    cases.append((record.read(0) or b"", events))
 
 
 # --- bounded memory ----------------------------------------------------------------
