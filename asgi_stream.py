@@ -639,6 +639,7 @@ SSE_HEADERS = [
 ]
 ROUTES: dict[str, tuple[str, ...]] = {"/": ("GET",), "/healthz": ("GET",), "/metrics": ("GET",), "/chat/stream": ("GET", "POST")}
 INDEX_FILE = Path(__file__).with_name("index.html")
+MAX_HEADER_BYTES = 65536
 
 
 class Gateway:
@@ -722,6 +723,8 @@ class Gateway:
 
     async def route(self, scope: Scope, receive: Receive, send: Send) -> None:
         path, method = scope["path"], scope["method"]
+        if sum(len(k) + len(v) for k, v in scope["headers"]) > MAX_HEADER_BYTES:  # servers' own limits vary (httptools: none)
+            raise HTTPError(431, "invalid_request", f"the request headers are larger than {MAX_HEADER_BYTES} bytes")
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True))
         if "access_token" in query:  # servers' access logs print this scope's query: keep the key out of them

@@ -540,3 +540,13 @@ def test_clients_that_leave_in_the_middle_of_their_body_leave_nothing_behind(tmp
         gw.nothing_left()
         assert gw.gateway.metrics.streams == {}
     assert usage_rows(db) == []  # no stream was admitted
+
+
+def test_headers_over_the_apps_own_limit_get_431_whatever_the_server(echo_gateway: Probed) -> None:
+    """Servers differ (h11 refuses a head it must buffer past 16 KiB, httptools
+    has no limit), so the app enforces one of its own: 64 KiB in all."""
+    big = [(f"x-big-{i}", "a" * 8000) for i in range(10)]
+    reply = httpx.get(echo_gateway.url + "/chat/stream?prompt=hi", headers=big)
+    assert reply.status_code == 431 and reply.json()["error"]["type"] == "invalid_request"
+    assert "65536" in reply.json()["error"]["message"]
+    assert httpx.get(echo_gateway.url + "/chat/stream?prompt=hi", headers=big[:7]).status_code == 200
