@@ -641,6 +641,7 @@ class Gateway:
         self.metrics = Metrics()
         self.registry = StreamRegistry(60.0)
         self.ledger: UsageLedger | None = None
+        self.accounting = 0  # generations that have not yet written their ledger row
         self._index = b""
 
     @property
@@ -666,6 +667,11 @@ class Gateway:
         return self._http
 
     async def aclose(self) -> None:
+        # Servers cancel open streams and then shut down at once (uvicorn does
+        # not wait for them): let their rows reach the ledger before closing it.
+        with anyio.move_on_after(5):
+            while self.accounting:
+                await anyio.sleep(0.01)
         if self._http is not None:
             await self._http.aclose()
             self._http = None
@@ -823,6 +829,7 @@ class Gateway:
 
     async def generate(self, record: StreamRecord, provider: Provider, upstream: Upstream) -> None:
         outcome: Final | UpstreamError | None = None  # None: cancelled by record.cancel
+        self.accounting += 1
         try:
             with anyio.CancelScope() as record.generation:
                 outcome = await self.drive(record, provider, upstream)
@@ -834,7 +841,10 @@ class Gateway:
         finally:
             self.conclude(record, outcome)
             with anyio.CancelScope(shield=True):
-                await self.account(record)
+                try:
+                    await self.account(record)
+                finally:
+                    self.accounting -= 1
 
     async def drive(self, record: StreamRecord, provider: Provider, upstream: Upstream) -> Final:
         """Run the provider under the deadlines; every failure becomes UpstreamError."""
