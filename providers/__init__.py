@@ -170,6 +170,13 @@ def backoff_delay(attempt: int, retry_after: float | None) -> float:
     return min(0.25 * 2.0 ** (attempt - 1), 4.0) * random.uniform(0.5, 1.0)
 
 
+async def pause_before_retry(attempt: int, failure: UpstreamError) -> None:
+    delay = backoff_delay(attempt, failure.retry_after)
+    if anyio.current_time() + delay >= anyio.current_effective_deadline():
+        raise failure  # a deadline would fall during the pause: report what the upstream said, not a timeout
+    await anyio.sleep(delay)
+
+
 @asynccontextmanager
 async def open_stream(
     http: httpx.AsyncClient,
@@ -200,7 +207,7 @@ async def open_stream(
                 failure = protocol_error(f"the upstream broke the connection before answering: {exc}")
             if attempt == MAX_ATTEMPTS:
                 raise failure from None
-            await anyio.sleep(backoff_delay(attempt, None))
+            await pause_before_retry(attempt, failure)
             continue
         if response.is_success:
             break
@@ -212,7 +219,7 @@ async def open_stream(
         retryable = response.status_code in RETRY_STATUSES or bool(is_retryable and is_retryable(failure))
         if failure.code == "insufficient_quota" or not retryable or attempt == MAX_ATTEMPTS:
             raise failure
-        await anyio.sleep(backoff_delay(attempt, failure.retry_after))
+        await pause_before_retry(attempt, failure)
     assert response is not None
     try:
         yield response
