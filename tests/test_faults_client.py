@@ -550,3 +550,14 @@ def test_clients_that_leave_in_the_middle_of_their_body_leave_nothing_behind(tmp
         gw.nothing_left()
         assert gw.gateway.metrics.streams == {}
     assert usage_rows(db) == []  # no stream was admitted
+
+
+def test_a_ledger_that_cannot_be_written_is_logged_and_streaming_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with serve_probed({"USAGE_DB": str(tmp_path / "no-such-dir" / "usage.db")}) as gw:
+        for _ in range(3):
+            response = httpx.get(gw.url + "/chat/stream", params={"prompt": "still here"}, timeout=5)
+            assert response.status_code == 200 and response.text.rstrip().endswith("data: stop")
+        assert wait_until(lambda: caplog.text.count("usage ledger write failed") == 3)
+        gw.nothing_left()
