@@ -866,7 +866,10 @@ class Gateway:
         finally:
             self.conclude(record, outcome)
             with anyio.CancelScope(shield=True):
-                await self.account(record)
+                try:
+                    await self.account(record)
+                finally:
+                    self.accounting -= 1
 
     async def drive(self, record: StreamRecord, provider: Provider, upstream: Upstream) -> Final:
         """Run the provider under the deadlines; every failure becomes UpstreamError."""

@@ -143,6 +143,16 @@ FAULTS: dict[str, Fault] = {
         retry_after=0.05,
         not_before=0.1,
     ),
+    "HTTP 429 asking for a wait past the first-token deadline": Fault(
+        lambda: Reply(429, "application/json", error_body("come back in an hour"), headers={"retry-after": "3600"}),
+        "upstream_error",
+        "come back in an hour",
+        status=429,
+        hangup=False,
+        retry_after=3600.0,
+        env={"FIRST_TOKEN_TIMEOUT_SECONDS": "1"},
+        within=0.9,  # no pointless wait: the upstream's answer is reported at once
+    ),
     "HTTP 500": Fault(
         lambda: Reply(500, "application/json", error_body("internal"), headers={"retry-after": "0"}),
         "upstream_error",
