@@ -866,10 +866,7 @@ class Gateway:
         finally:
             self.conclude(record, outcome)
             with anyio.CancelScope(shield=True):
-                try:
-                    await self.account(record)
-                finally:
-                    self.accounting -= 1
+                await self.account(record)
 
     async def drive(self, record: StreamRecord, provider: Provider, upstream: Upstream) -> Final:
         """Run the provider under the deadlines; every failure becomes UpstreamError."""
