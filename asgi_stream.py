@@ -944,19 +944,16 @@ class Gateway:
         record.readers += 1
         record.notify()
         cursor = [position]
-        completed = False
         try:
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             await send({"type": "http.response.body", "body": FIRST_CHUNK, "more_body": True})
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(watch_disconnect, receive, tasks.cancel_scope, record)
                 try:
-                    completed = await self.write_events(record, cursor, send)
+                    await self.write_events(record, cursor, send)
                 except OSError:  # as below; caught here, or the task group wraps it in an ExceptionGroup
                     record.ever_disconnected = True
                 tasks.cancel_scope.cancel()
-            if completed:
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:  # ASGI 2.4 servers raise it on a send to a gone client
             record.ever_disconnected = True
         except anyio.get_cancelled_exc_class():
@@ -974,9 +971,16 @@ class Gateway:
 
     async def write_events(self, record: StreamRecord, cursor: list[int], send: Send) -> bool:
         """Send everything pending in one body message per wake-up, heartbeat
-        when silent; True once `done` went out, False if the client fell
-        behind the held events or stopped taking bytes."""
+        when silent; True once the response is complete, False if the client
+        fell behind the held events or took no bytes for the send timeout."""
         cfg = self.config
+
+        async def sent(body: bytes, more_body: bool = True) -> bool:
+            # every send is bounded: servers block in the send after the one that filled the buffer
+            with anyio.move_on_after(cfg.send_timeout) as sending:
+                await send({"type": "http.response.body", "body": body, "more_body": more_body})
+            return not sending.cancelled_caught
+
         last_write = anyio.current_time()
         while True:
             pending = record.read(cursor[0])
@@ -984,19 +988,18 @@ class Gateway:
                 return False
             if pending:
                 cursor[0] = record.count
-            elif record.finished:
-                return True
-            else:
-                with anyio.CancelScope(deadline=last_write + cfg.heartbeat) as waiting:
-                    await record.wait()
-                if not waiting.cancelled_caught:
-                    continue
-                pending = HEARTBEAT
-            with anyio.move_on_after(cfg.send_timeout) as sending:  # heartbeats too: a stalled client must not hold on
-                await send({"type": "http.response.body", "body": pending, "more_body": True})
-            if sending.cancelled_caught:
-                return False
-            last_write = anyio.current_time()
+                if not await sent(pending):
+                    return False
+                last_write = anyio.current_time()
+                continue
+            if record.finished:
+                return await sent(b"", more_body=False)
+            with anyio.CancelScope(deadline=last_write + cfg.heartbeat) as waiting:
+                await record.wait()
+            if waiting.cancelled_caught:
+                if not await sent(HEARTBEAT):
+                    return False
+                last_write = anyio.current_time()
 
 
 async def watch_disconnect(receive: Receive, scope: anyio.CancelScope, record: StreamRecord) -> None:
