@@ -268,14 +268,16 @@ def parse_chat_request(method: str, query: dict[str, str], body: bytes, config: 
         else:
             raise invalid("the body must be a JSON object or an array of messages")
 
-    backend = _body_field(fields, query, "backend", str) or config.default_backend
+    backend = _body_field(fields, query, "backend", str)
+    backend = config.default_backend if backend is None else backend
     if backend not in BACKENDS:
         raise invalid(f"backend must be one of {', '.join(BACKENDS)}, got {_show(backend)}")
     spec = BACKENDS[backend]
     if backend not in config.upstreams:
         raise invalid(f"backend {backend!r} is not configured here ({spec.key_variable or spec.url_variable} is not set)")
     default_model = config.default_model if backend == config.default_backend and config.default_model else spec.default_model
-    model = _body_field(fields, query, "model", str) or default_model
+    model = _body_field(fields, query, "model", str)
+    model = default_model if model is None else model
     if not spec.model_pattern.fullmatch(model):
         raise invalid(f"model {_show(model)} is not a valid model name for {backend}")
     max_tokens = _body_field(fields, query, "max_tokens", int)
@@ -823,16 +825,12 @@ class Gateway:
         record = StreamRecord(secrets.token_urlsafe(16), key_name, request, cfg.stream_buffer_bytes)
         self.registry.add(record)
         backend = BACKENDS[request.backend]
-        try:
-            async with anyio.create_task_group() as tasks:
-                tasks.start_soon(self.generate, record, backend.stream, cfg.upstreams[request.backend])
-                await self.serve_reader(record, 0, scope, receive, send)
-                await self.linger(record)
-        finally:
-            if record.generation is None:  # cancelled before the generation ran: still account for it
-                self.conclude(record, UpstreamError("shutdown", "the server is shutting down"))
-                with anyio.CancelScope(shield=True):
-                    await self.account(record)
+        # Spawned tasks always run to their first checkpoint (even when cancelled at
+        # once), and generate() takes ownership of the stream's ending before that.
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(self.generate, record, backend.stream, cfg.upstreams[request.backend])
+            await self.serve_reader(record, 0, scope, receive, send)
+            await self.linger(record)
 
     async def resume_stream(self, last_event_id: str, key_name: str | None, scope: Scope, receive: Receive, send: Send) -> None:
         """Replay what followed `last_event_id`, then follow the generation.
@@ -1047,7 +1045,7 @@ def _last_event_id(scope: Scope) -> str | None:
 async def send_response(
     send: Send, status: int, body: bytes, content_type: bytes | None, headers: list[tuple[bytes, bytes]] | None = None
 ) -> None:
-    head = [(b"content-length", str(len(body)).encode()), *(headers or [])]
+    head = [*(headers or [])] if status == 204 else [(b"content-length", str(len(body)).encode()), *(headers or [])]
     if content_type is not None:
         head.append((b"content-type", content_type))
     if status >= 400:
