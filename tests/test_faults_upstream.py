@@ -244,6 +244,7 @@ FAULTS: dict[str, Fault] = {
     ),
 }
 
+SLACK = 1.0  # seconds of scheduling noise allowed on a loaded 2-core machine (coverage traces every thread)
 BASE = {
     "CONNECT_TIMEOUT_SECONDS": "1",
     "FIRST_TOKEN_TIMEOUT_SECONDS": "3",
@@ -309,7 +310,7 @@ def test_upstream_fault_ends_the_stream_with_an_error_and_leaves_nothing_behind(
             assert tokens >= 1 if fault.tokens == -1 else tokens == fault.tokens
             if tokens:  # whatever the ending, the usage is known (estimated here)
                 assert result.names[-3] == "usage" and json.loads(result.of("usage")[0])["completion_tokens"] == tokens
-            assert fault.not_before <= elapsed < fault.within, f"done after {elapsed:.2f} s"
+            assert fault.not_before <= elapsed < fault.within + SLACK, f"done after {elapsed:.2f} s"
             assert gw.attempts() == fault.attempts
             if fault.hangup:
                 assert upstream.wait_for(lambda: upstream.open_connections == 0, 3), "the upstream connection stayed open"
