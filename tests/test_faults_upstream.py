@@ -54,7 +54,7 @@ class Fault:
     retry_after: float | None = None
 
 
-SIXTEEN_MIB_LINE = [b"data: ", *([b"x" * 65536] * 256)]
+SIXTEEN_MIB_LINE: list[bytes | float] = [b"data: ", *([b"x" * 65536] * 256)]
 
 FAULTS: dict[str, Fault] = {
     "connection refused": Fault(None, "upstream_unavailable", "cannot connect", attempts=3, address="refused", hangup=False),
