@@ -912,6 +912,8 @@ class Gateway:
         elif isinstance(outcome, UpstreamError):
             reason, usage, error = "error", outcome.usage, outcome
             error.message = self.redact(error.message)
+            error.upstream_type = error.upstream_type and self.redact(error.upstream_type)
+            error.code = self.redact(error.code) if isinstance(error.code, str) else error.code
         else:
             reason, usage, error = "cancelled", None, None
         if usage is None and record.tokens:

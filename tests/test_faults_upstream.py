@@ -54,7 +54,7 @@ class Fault:
     retry_after: float | None = None
 
 
-SIXTEEN_MIB_LINE = [b"data: ", *([b"x" * 65536] * 256)]
+SIXTEEN_MIB_LINE: list[bytes | float] = [b"data: ", *([b"x" * 65536] * 256)]
 
 FAULTS: dict[str, Fault] = {
     "connection refused": Fault(None, "upstream_unavailable", "cannot connect", attempts=3, address="refused", hangup=False),
@@ -244,6 +244,7 @@ FAULTS: dict[str, Fault] = {
     ),
 }
 
+SLACK = 1.0  # seconds of scheduling noise allowed on a loaded 2-core machine (coverage traces every thread)
 BASE = {
     "CONNECT_TIMEOUT_SECONDS": "1",
     "FIRST_TOKEN_TIMEOUT_SECONDS": "3",
@@ -309,7 +310,7 @@ def test_upstream_fault_ends_the_stream_with_an_error_and_leaves_nothing_behind(
             assert tokens >= 1 if fault.tokens == -1 else tokens == fault.tokens
             if tokens:  # whatever the ending, the usage is known (estimated here)
                 assert result.names[-3] == "usage" and json.loads(result.of("usage")[0])["completion_tokens"] == tokens
-            assert fault.not_before <= elapsed < fault.within, f"done after {elapsed:.2f} s"
+            assert fault.not_before <= elapsed < fault.within + SLACK, f"done after {elapsed:.2f} s"
             assert gw.attempts() == fault.attempts
             if fault.hangup:
                 assert upstream.wait_for(lambda: upstream.open_connections == 0, 3), "the upstream connection stayed open"
@@ -343,12 +344,15 @@ def _base_url(fault: Fault, upstream: FakeUpstream) -> Iterator[str]:
 
 
 def test_an_upstream_error_that_echoes_the_provider_key_comes_out_redacted(caplog: pytest.LogCaptureFixture) -> None:
-    """401 JSON, 502 HTML and an in-band error event, each quoting the key back."""
+    """401 JSON, 502 HTML, a 403 with the key in its type and code, and an in-band error event, each quoting the key back."""
     caplog.set_level(logging.DEBUG)
     echoing = {
         "401": Reply(401, "application/json", error_body(f"Incorrect API key provided: {KEY}.")),
         "502": Reply(
             502, "text/html", [f"<html>proxy: upstream refused Bearer {KEY}</html>".encode()], headers={"retry-after": "0"}
+        ),
+        "fields": Reply(
+            403, "application/json", [json.dumps({"error": {"message": "no", "type": f"bad_key_{KEY}", "code": KEY}}).encode()]
         ),
         "in-band": Reply(
             pieces=[chunk("Hi"), f'data: {{"error": {{"message": "key {KEY} has no quota"}}}}\n\n'.encode()], end="hang"
@@ -356,11 +360,11 @@ def test_an_upstream_error_that_echoes_the_provider_key_comes_out_redacted(caplo
     }
     with FakeUpstream(lambda seen: echoing[seen.json["messages"][0]["content"]]) as upstream:
         with serve_probed({**BASE, "OPENAI_API_KEY": KEY, "OPENAI_BASE_URL": upstream.url + "/v1"}) as gw:
-            for prompt, status in [("401", 401), ("502", 502), ("in-band", None)]:
+            for prompt, status in [("401", 401), ("502", 502), ("fields", 403), ("in-band", None)]:
                 result = stream("POST", gw.url + "/chat/stream", json={"messages": [{"role": "user", "content": prompt}]})
                 error = json.loads(result.of("error")[0])
                 assert error["type"] == "upstream_error" and error.get("status") == status
-                assert "[redacted]" in error["message"]
+                assert "[redacted]" in json.dumps(error)
                 assert_no_secret(json.dumps(result.events), KEY)
             gw.nothing_left()
     assert_no_secret(caplog.text, KEY)

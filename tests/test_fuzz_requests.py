@@ -121,7 +121,7 @@ def raw_field(name: str, literal: str) -> bytes:
     return b'{"messages": [{"role": "user", "content": "hi"}], "%s": %s}' % (name.encode(), literal.encode())
 
 
-WRONG_TYPES = {
+WRONG_TYPES: dict[str, list[Any]] = {
     "messages": ["hi", 1, None, True, {}, [], ["hi"], [None], [[]], {"role": "user", "content": "hi"}],
     "messages[0].role": ["robot", "", "USER", 1, None, ["user"], {"user": 1}, True],
     "messages[0].content": [1, 1.5, None, True, ["hi"], {"text": "hi"}],
