@@ -23,7 +23,7 @@ import time
 from array import array
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
@@ -71,47 +71,73 @@ class ConfigError(Exception):
     """An environment variable with an unusable value; names the variable."""
 
 
+# Numeric settings: attribute -> (variable, default, minimum). An integer
+# default makes an integer setting.
+NUMBERS: dict[str, tuple[str, float, float]] = {
+    "max_tokens_limit": ("MAX_TOKENS_LIMIT", 8192, 1),
+    "max_tokens": ("MAX_TOKENS", 1024, 1),
+    "max_body_bytes": ("MAX_BODY_BYTES", 1_048_576, 1),
+    "max_streams": ("MAX_STREAMS", 1000, 1),
+    "max_streams_per_key": ("MAX_STREAMS_PER_KEY", 100, 1),
+    "connect_timeout": ("CONNECT_TIMEOUT_SECONDS", 10.0, 0.001),
+    "first_token_timeout": ("FIRST_TOKEN_TIMEOUT_SECONDS", 120.0, 0.001),
+    "idle_timeout": ("IDLE_TIMEOUT_SECONDS", 60.0, 0.001),
+    "total_timeout": ("TOTAL_TIMEOUT_SECONDS", 600.0, 0.001),
+    "heartbeat": ("HEARTBEAT_SECONDS", 15.0, 0.001),
+    "resume_grace": ("RESUME_GRACE_SECONDS", 5.0, 0),
+    "resume_ttl": ("RESUME_TTL_SECONDS", 60.0, 0),
+    "body_timeout": ("BODY_TIMEOUT_SECONDS", 30.0, 0.001),  # an unfinished body then gets 408
+    "send_timeout": ("SEND_TIMEOUT_SECONDS", 30.0, 0.001),  # a client taking no bytes this long is dropped
+    "stream_buffer_bytes": ("STREAM_BUFFER_BYTES", 1_048_576, 1024),  # events held per stream for resume
+    "echo_delay": ("ECHO_DELAY_SECONDS", 0.0, 0),
+}
+
+
 @dataclass(frozen=True)
 class Config:
     upstreams: dict[str, Upstream]  # the backends that can serve, with their keys
     default_backend: str
     default_model: str | None
-    max_tokens: int = 1024
-    max_tokens_limit: int = 8192
-    api_keys: dict[str, str] = field(default_factory=dict)  # key -> name
-    cors_origins: frozenset[str] = frozenset()
-    max_body_bytes: int = 1_048_576
-    max_streams: int = 1000
-    max_streams_per_key: int = 100
-    connect_timeout: float = 10.0
-    first_token_timeout: float = 120.0
-    idle_timeout: float = 60.0
-    total_timeout: float = 600.0
-    heartbeat: float = 15.0
-    resume_grace: float = 5.0
-    resume_ttl: float = 60.0
-    usage_db: str = "usage.db"
-    body_timeout: float = 30.0  # a client that does not finish its body in time gets 408
-    send_timeout: float = 30.0  # a client that takes no bytes for this long is dropped
-    stream_buffer_bytes: int = 1_048_576  # events held per stream for resume
+    api_keys: dict[str, str]  # key -> name
+    cors_origins: frozenset[str]
+    usage_db: str
+    max_tokens_limit: int
+    max_tokens: int
+    max_body_bytes: int
+    max_streams: int
+    max_streams_per_key: int
+    connect_timeout: float
+    first_token_timeout: float
+    idle_timeout: float
+    total_timeout: float
+    heartbeat: float
+    resume_grace: float
+    resume_ttl: float
+    body_timeout: float
+    send_timeout: float
+    stream_buffer_bytes: int
+    echo_delay: float
 
 
-def _number(env: Mapping[str, str], name: str, default: float, *, integer: bool = False, low: float = 0) -> Any:
+def _number(env: Mapping[str, str], name: str, default: float, low: float) -> float:
     raw = env.get(name, "").strip()
     if not raw:
         return default
     try:
-        value = int(raw) if integer else float(raw)
+        value = int(raw) if isinstance(default, int) else float(raw)
     except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not {'an integer' if integer else 'a number'}") from None
-    if not value >= low or not math.isfinite(value):
+        raise ConfigError(f"{name}={raw!r} is not {'an integer' if isinstance(default, int) else 'a number'}") from None
+    if not low <= value < math.inf:
         raise ConfigError(f"{name}={raw!r} must be at least {low}")
     return value
 
 
 def load_config(env: Mapping[str, str]) -> Config:
     """Read every setting once; an invalid value stops startup."""
-    upstreams = {"echo": Upstream("", token_delay=_number(env, "ECHO_DELAY_SECONDS", 0.0))}
+    numbers = {attr: _number(env, *spec) for attr, spec in NUMBERS.items()}
+    if numbers["max_tokens"] > numbers["max_tokens_limit"]:
+        raise ConfigError(f"MAX_TOKENS={numbers['max_tokens']} is above MAX_TOKENS_LIMIT={numbers['max_tokens_limit']}")
+    upstreams = {"echo": Upstream("", token_delay=numbers["echo_delay"])}
     for name, backend in BACKENDS.items():
         key = env.get(backend.key_variable, "") if backend.key_variable else ""
         url = env.get(backend.url_variable, "") if backend.url_variable else ""
@@ -121,46 +147,19 @@ def load_config(env: Mapping[str, str]) -> Config:
                 raise ConfigError(f"{backend.url_variable}={base!r} must start with http:// or https://")
             upstreams[name] = Upstream(base, key)
     default = env.get("DEFAULT_BACKEND", "").strip()
-    if default and default not in BACKENDS:
-        raise ConfigError(f"DEFAULT_BACKEND={default!r} is not one of {', '.join(BACKENDS)}")
     if default and default not in upstreams:
-        raise ConfigError(f"DEFAULT_BACKEND={default!r} is not configured (its key is not set)")
-    if not default:
-        preferred = ("openai", "anthropic", "gemini", "ollama", "echo")
-        default = next(name for name in preferred if name in upstreams)
+        raise ConfigError(f"DEFAULT_BACKEND={default!r} is not a configured backend ({', '.join(upstreams)})")
+    preferred = ("openai", "anthropic", "gemini", "ollama", "echo")
+    default = default or next(name for name in preferred if name in upstreams)
     api_keys: dict[str, str] = {}
     for entry in filter(None, (e.strip() for e in env.get("API_KEYS", "").split(","))):
         name, colon, key = entry.partition(":")
         if not colon or not name or not key:
             raise ConfigError("API_KEYS must be name:key pairs separated by commas")
         api_keys[key] = name
-    limit = _number(env, "MAX_TOKENS_LIMIT", 8192, integer=True, low=1)
-    max_tokens = _number(env, "MAX_TOKENS", min(1024, limit), integer=True, low=1)
-    if max_tokens > limit:
-        raise ConfigError(f"MAX_TOKENS={max_tokens} is above MAX_TOKENS_LIMIT={limit}")
-    return Config(
-        upstreams=upstreams,
-        default_backend=default,
-        default_model=env.get("DEFAULT_MODEL", "").strip() or None,
-        max_tokens=max_tokens,
-        max_tokens_limit=limit,
-        api_keys=api_keys,
-        cors_origins=frozenset(o.strip() for o in env.get("CORS_ORIGINS", "").split(",") if o.strip()),
-        max_body_bytes=_number(env, "MAX_BODY_BYTES", 1_048_576, integer=True, low=1),
-        max_streams=_number(env, "MAX_STREAMS", 1000, integer=True, low=1),
-        max_streams_per_key=_number(env, "MAX_STREAMS_PER_KEY", 100, integer=True, low=1),
-        connect_timeout=_number(env, "CONNECT_TIMEOUT_SECONDS", 10.0, low=0.001),
-        first_token_timeout=_number(env, "FIRST_TOKEN_TIMEOUT_SECONDS", 120.0, low=0.001),
-        idle_timeout=_number(env, "IDLE_TIMEOUT_SECONDS", 60.0, low=0.001),
-        total_timeout=_number(env, "TOTAL_TIMEOUT_SECONDS", 600.0, low=0.001),
-        heartbeat=_number(env, "HEARTBEAT_SECONDS", 15.0, low=0.001),
-        resume_grace=_number(env, "RESUME_GRACE_SECONDS", 5.0),
-        resume_ttl=_number(env, "RESUME_TTL_SECONDS", 60.0),
-        usage_db=env.get("USAGE_DB", "usage.db").strip(),
-        body_timeout=_number(env, "BODY_TIMEOUT_SECONDS", 30.0, low=0.001),
-        send_timeout=_number(env, "SEND_TIMEOUT_SECONDS", 30.0, low=0.001),
-        stream_buffer_bytes=_number(env, "STREAM_BUFFER_BYTES", 1_048_576, integer=True, low=1024),
-    )
+    origins = frozenset(o.strip() for o in env.get("CORS_ORIGINS", "").split(",") if o.strip())
+    return Config(upstreams, default, env.get("DEFAULT_MODEL", "").strip() or None, api_keys, origins,
+                  env.get("USAGE_DB", "usage.db").strip(), **numbers)  # type: ignore[arg-type]
 
 
 # --- requests and their validation -------------------------------------------
@@ -216,7 +215,8 @@ def _body_field(fields: dict[str, Any], query: dict[str, str], name: str, kind: 
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             return float(value)
         if type(value) is not kind:
-            raise invalid(f"{name} must be {'a number' if kind is float else 'an ' + kind.__name__ if kind is int else 'a string'}, got {_show(value)}")
+            wanted = {int: "an integer", float: "a number", str: "a string"}[kind]
+            raise invalid(f"{name} must be {wanted}, got {_show(value)}")
         return value
     if name not in query:
         return None
@@ -494,8 +494,8 @@ class Histogram:
                 self.counts[i] += 1
 
     def render(self, name: str) -> list[str]:
-        lines = [f'{name}_bucket{{le="{b:g}"}} {c}' for b, c in zip(self.BUCKETS, self.counts)]
-        return lines + [f'{name}_bucket{{le="+Inf"}} {self.count}', f"{name}_sum {self.sum:.6f}", f"{name}_count {self.count}"]
+        lines = [f'{name}_bucket{{le="{b:g}"}} {c}' for b, c in zip(self.BUCKETS, self.counts, strict=True)]
+        return [*lines, f'{name}_bucket{{le="+Inf"}} {self.count}', f"{name}_sum {self.sum:.6f}", f"{name}_count {self.count}"]
 
 
 class Metrics:
@@ -513,7 +513,7 @@ class Metrics:
         def counter(name: str, help: str, label: str, values: Mapping[Any, int]) -> list[str]:
             lines = [f"# HELP {name} {help}", f"# TYPE {name} counter"]
             for key, value in sorted(values.items()):
-                labels = ",".join(f'{n}="{v}"' for n, v in zip(label.split(","), key if isinstance(key, tuple) else (key,)))
+                labels = ",".join(f'{n}="{v}"' for n, v in zip(label.split(","), key if isinstance(key, tuple) else (key,), strict=True))
                 lines.append(f"{name}{{{labels}}} {value}")
             return lines
 
@@ -570,7 +570,7 @@ class UsageLedger:
     def write(self, row: dict[str, Any]) -> None:
         with self._lock:
             self._connect().execute(
-                f"INSERT OR REPLACE INTO usage VALUES ({', '.join('?' * len(LEDGER_COLUMNS))})",
+                f"INSERT OR REPLACE INTO usage VALUES ({', '.join('?' * len(LEDGER_COLUMNS))})",  # noqa: S608 - placeholders only
                 [row[c] for c in LEDGER_COLUMNS],
             )
 
@@ -660,6 +660,7 @@ class Gateway:
         self.metrics = Metrics()
         self.registry = StreamRegistry(60.0)
         self.ledger: UsageLedger | None = None
+        self.unaccounted = 0  # streams admitted whose ledger row is not written yet
         self._index = b""
 
     @property
@@ -678,13 +679,18 @@ class Gateway:
         if self._http is None:
             cfg = self.config
             self._http = httpx.AsyncClient(
-                timeout=httpx.Timeout(connect=cfg.connect_timeout, read=cfg.idle_timeout, write=cfg.connect_timeout, pool=cfg.connect_timeout),
+                timeout=httpx.Timeout(cfg.connect_timeout, read=cfg.idle_timeout),  # read: the idle deadline
                 transport=PoolShards(UPSTREAM_POOLS, limits=httpx.Limits(max_connections=None, max_keepalive_connections=8)),
                 follow_redirects=False,
             )
         return self._http
 
     async def aclose(self) -> None:
+        # Servers cancel open streams before the lifespan shutdown but do not
+        # wait for them: give their last ledger rows time to be written.
+        with anyio.move_on_after(5):
+            while self.unaccounted:  # noqa: ASYNC110 - a rare, bounded wait at shutdown
+                await anyio.sleep(0.01)
         if self._http is not None:
             await self._http.aclose()
             self._http = None
@@ -759,7 +765,8 @@ class Gateway:
             if hmac.compare_digest(key.encode(), offered.encode("utf-8", "replace")):
                 name = key_name
         if not offered or name is None:
-            raise HTTPError(401, "unauthorized", "a valid API key is required: Authorization: Bearer <key>", [(b"www-authenticate", b"Bearer")])
+            message = "a valid API key is required: Authorization: Bearer <key>"
+            raise HTTPError(401, "unauthorized", message, [(b"www-authenticate", b"Bearer")])
         return name
 
     def cors_headers(self, scope: Scope) -> list[tuple[bytes, bytes]]:
@@ -767,7 +774,8 @@ class Gateway:
         origin = next((v.decode("latin-1") for k, v in scope["headers"] if k.lower() == b"origin"), None)
         if not origins or origin is None or not ("*" in origins or origin in origins):
             return []
-        return [(b"access-control-allow-origin", origin.encode("latin-1")), (b"vary", b"Origin"), (b"access-control-expose-headers", b"X-Stream-ID")]
+        allow = [(b"access-control-allow-origin", origin.encode("latin-1")), (b"vary", b"Origin")]
+        return [*allow, (b"access-control-expose-headers", b"X-Stream-ID")]
 
     async def preflight(self, headers: dict[str, str], send: Send) -> None:
         origins = self.config.cors_origins
@@ -788,6 +796,7 @@ class Gateway:
         if cfg.api_keys and metrics.active_by_key.get(key_name, 0) >= cfg.max_streams_per_key:
             raise HTTPError(429, "rate_limited", f"this key is at its limit of {cfg.max_streams_per_key} streams", [(b"retry-after", b"1")])
         metrics.active += 1
+        self.unaccounted += 1
         metrics.active_by_key[key_name] = metrics.active_by_key.get(key_name, 0) + 1
 
     def release(self, key_name: str | None) -> None:
@@ -800,7 +809,9 @@ class Gateway:
 
     # --- starting, resuming and cancelling streams
 
-    async def start_stream(self, scope: Scope, headers: dict[str, str], query: dict[str, str], key_name: str | None, receive: Receive, send: Send) -> None:
+    async def start_stream(
+        self, scope: Scope, headers: dict[str, str], query: dict[str, str], key_name: str | None, receive: Receive, send: Send
+    ) -> None:
         cfg = self.config
         body = b""
         if scope["method"] == "POST":
@@ -820,6 +831,8 @@ class Gateway:
         finally:
             if record.generation is None:  # cancelled before the generation ran: still account for it
                 self.conclude(record, UpstreamError("shutdown", "the server is shutting down"))
+                with anyio.CancelScope(shield=True):
+                    await self.account(record)
 
     async def resume_stream(self, last_event_id: str, key_name: str | None, scope: Scope, receive: Receive, send: Send) -> None:
         """Replay what followed `last_event_id`, then follow the generation.
@@ -927,11 +940,13 @@ class Gateway:
         metrics.stream_duration.observe(facts["duration_ms"] / 1000)
         self.registry.expire_later(record)
         log.info(orjson.dumps({"event": "stream_end", **facts}).decode())
-        if self.ledger is not None:
-            try:
+        try:
+            if self.ledger is not None:
                 await anyio.to_thread.run_sync(self.ledger.write, facts)
-            except sqlite3.Error:
-                log.exception("usage ledger write failed for stream %s", record.id)
+        except sqlite3.Error:
+            log.exception("usage ledger write failed for stream %s", record.id)
+        finally:
+            self.unaccounted -= 1
 
     async def linger(self, record: StreamRecord) -> None:
         """While the generation runs without a reader, wait the resume grace
@@ -1016,12 +1031,14 @@ async def watch_disconnect(receive: Receive, scope: anyio.CancelScope, record: S
 
 def _last_event_id(scope: Scope) -> str | None:
     for name, value in scope["headers"]:
-        if name.lower() == b"last-event-id":
+        if name.lower() == b"last-event-id" and value.strip():
             return str(value.decode("utf-8", "replace").strip())  # browsers send UTF-8
     return None
 
 
-async def send_response(send: Send, status: int, body: bytes, content_type: bytes | None, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+async def send_response(
+    send: Send, status: int, body: bytes, content_type: bytes | None, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
     head = [(b"content-length", str(len(body)).encode()), *(headers or [])]
     if content_type is not None:
         head.append((b"content-type", content_type))
@@ -1048,9 +1065,10 @@ def main(argv: list[str]) -> int:
         if not config.usage_db or not Path(config.usage_db).exists():
             print(f"no usage ledger at {config.usage_db!r}", file=sys.stderr)
             return 1
-        print(f"{'key':<16} {'backend':<10} {'model':<28} {'streams':>8} {'prompt':>10} {'completion':>11} {'total':>10} {'estimated':>9}")
+        line = "{:<16} {:<10} {:<28} {:>8} {:>10} {:>11} {:>10} {:>9}"
+        print(line.format("key", "backend", "model", "streams", "prompt", "completion", "total", "estimated"))
         for row in UsageLedger(config.usage_db).summary():
-            print(f"{row[0]:<16} {row[1]:<10} {row[2]:<28} {row[3]:>8} {row[4]:>10} {row[5]:>11} {row[6]:>10} {row[7]:>9}")
+            print(line.format(*row))
         return 0
     import uvicorn
 

@@ -167,7 +167,7 @@ def error_from_body(status: int, body: bytes, retry_after: float | None) -> Upst
 def backoff_delay(attempt: int, retry_after: float | None) -> float:
     if retry_after is not None:
         return min(retry_after, MAX_RETRY_AFTER)
-    return min(0.25 * 2.0 ** (attempt - 1), 4.0) * random.uniform(0.5, 1.0)
+    return min(0.25 * 2.0 ** (attempt - 1), 4.0) * random.uniform(0.5, 1.0)  # noqa: S311 - jitter, not secrets
 
 
 @asynccontextmanager

@@ -77,7 +77,8 @@ def test_client_disconnect_closes_the_upstream_connection_at_once() -> None:
 
 
 def test_upstream_http_error_becomes_an_error_event_with_status() -> None:
-    reply = Reply(401, "application/json", [b'{"error": {"message": "Incorrect API key provided: sk-test-SECRET.", "type": "invalid_request_error"}}'])
+    body = b'{"error": {"message": "Incorrect API key provided: sk-test-SECRET.", "type": "invalid_request_error"}}'
+    reply = Reply(401, "application/json", [body])
     with FakeUpstream(lambda seen: reply) as upstream, serve(openai_env(upstream)) as gw:
         result = stream("GET", gw.url + "/chat/stream?prompt=hi&backend=openai")
     assert result.names == ["error", "done"]
