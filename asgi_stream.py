@@ -970,13 +970,14 @@ class Gateway:
         record.readers += 1
         record.notify()
         cursor = [position]
+        pace = Pace(anyio.current_time())
         completed = False
         try:
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             await send({"type": "http.response.body", "body": FIRST_CHUNK, "more_body": True})
             async with anyio.create_task_group() as tasks:
-                tasks.start_soon(watch_disconnect, receive, tasks.cancel_scope, record)
-                completed = await self.write_events(record, cursor, send)
+                tasks.start_soon(self.watch_reader, receive, tasks.cancel_scope, record, pace)
+                completed = await self.write_events(record, cursor, send, pace)
                 tasks.cancel_scope.cancel()
             if completed:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -995,38 +996,58 @@ class Gateway:
             record.readers -= 1
             record.notify()
 
-    async def write_events(self, record: StreamRecord, cursor: list[int], send: Send) -> bool:
+    async def write_events(self, record: StreamRecord, cursor: list[int], send: Send, pace: Pace) -> bool:
         """Send everything pending in one body message per wake-up, heartbeat
         when silent; True once `done` went out, False if the client fell
-        behind the held events or stopped taking bytes."""
-        cfg = self.config
-        last_write = anyio.current_time()
+        behind the held events. No timer per token: watch_reader keeps time."""
+        heartbeat = self.config.heartbeat
         while True:
             pending = record.read(cursor[0])
             if pending is None:
                 return False
             if pending:
                 cursor[0] = record.count
-                with anyio.move_on_after(cfg.send_timeout) as sending:
-                    await send({"type": "http.response.body", "body": pending, "more_body": True})
-                if sending.cancelled_caught:
-                    return False
-                last_write = anyio.current_time()
-                continue
-            if record.finished:
+            elif record.finished:
                 return True
-            with anyio.CancelScope(deadline=last_write + cfg.heartbeat) as waiting:
+            elif anyio.current_time() >= pace.last_write + heartbeat:
+                pending = HEARTBEAT
+            else:
                 await record.wait()
-            if waiting.cancelled_caught:
-                await send({"type": "http.response.body", "body": HEARTBEAT, "more_body": True})
-                last_write = anyio.current_time()
+                continue
+            pace.last_write, pace.sending = anyio.current_time(), True
+            await send({"type": "http.response.body", "body": pending, "more_body": True})
+            pace.sending = False
+
+    async def watch_reader(self, receive: Receive, writer: anyio.CancelScope, record: StreamRecord, pace: Pace) -> None:
+        """Stop the writer when the client leaves or takes no bytes for the
+        send timeout; wake it when a heartbeat is due. One timer per silence
+        here replaces two timed cancel scopes per token in the writer."""
+        cfg, woke = self.config, -math.inf
+        while True:
+            started, sending, now = pace.last_write, pace.sending, anyio.current_time()
+            beat = max(started, woke) + cfg.heartbeat
+            # when idle, look again within a send timeout: a send may start meanwhile
+            due = started + cfg.send_timeout if sending else min(beat, now + cfg.send_timeout)
+            with anyio.CancelScope(deadline=due) as timer:
+                if (await receive())["type"] == "http.disconnect":
+                    record.ever_disconnected = True
+                    return writer.cancel()
+            if not timer.cancelled_caught or (pace.last_write, pace.sending) != (started, sending):
+                continue
+            if sending:  # the same send is still blocked: the client stopped reading
+                return writer.cancel()
+            if due >= beat:
+                woke = anyio.current_time()
+                record.notify()  # the writer sends the heartbeat
 
 
-async def watch_disconnect(receive: Receive, scope: anyio.CancelScope, record: StreamRecord) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-    record.ever_disconnected = True
-    scope.cancel()
+class Pace:
+    """When a reader's writer last started a send, and whether it is still in it."""
+
+    __slots__ = ("last_write", "sending")
+
+    def __init__(self, now: float):
+        self.last_write, self.sending = now, False
 
 
 def _last_event_id(scope: Scope) -> str | None:
