@@ -184,7 +184,7 @@ async def open_stream(
     in all) with backoff; this runs before any token exists, so a retry can
     never duplicate text, and the caller's first-token deadline bounds it.
     """
-    content = orjson.dumps(body)
+    content = bytes(memoryview(orjson.dumps(body)))  # a right-sized copy: orjson's own buffer is 4 KiB, held all stream long
     response: httpx.Response | None = None
     for attempt in range(1, MAX_ATTEMPTS + 1):
         request = http.build_request("POST", url, content=content, headers=headers)
