@@ -79,7 +79,7 @@ class Processes:
                "RESUME_GRACE_SECONDS": "0", "USAGE_DB": str(Path(workdir) / "usage.db")}
         loop = ["--loop", "uvloop"] if has("uvloop") else []
         http = ["--http", "httptools"] if has("httptools") else []
-        self.gateway_log = open(Path(workdir) / "gateway.log", "w")  # noqa: SIM115
+        self.gateway_log = open(Path(workdir) / "gateway.log", "w")
         self.gateway = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "asgi_stream:app", "--host", "127.0.0.1", "--port", str(self.gateway_port),
              *loop, *http, "--no-access-log", "--backlog", "4096", "--log-level", "warning"],
@@ -244,7 +244,7 @@ def report(results: dict[str, Any]) -> str:
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # thousands of sockets; children inherit it
     with tempfile.TemporaryDirectory(prefix="asgi-stream-bench-") as workdir:
         procs = Processes(workdir)

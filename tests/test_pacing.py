@@ -9,7 +9,7 @@ import time
 import httpx
 import orjson
 
-from tests.conftest import serve, stream
+from tests.conftest import serve
 
 
 def test_a_silent_stream_gets_comment_heartbeats_between_its_events() -> None:
