@@ -333,6 +333,10 @@ def _frame(event: str, event_id: str, data: str) -> bytes:
     return f"event: {event}\nid: {event_id}\ndata: {data}\n\n".encode("utf-8", "replace")
 
 
+EVENT_NAMES: list[bytes] = []  # what StreamRecord's kind bytes stand for
+EVENT_KINDS: dict[str, int] = {}
+
+
 # --- the stream record ---------------------------------------------------------
 
 
@@ -341,8 +345,10 @@ class StreamRecord:
 
     Clients are readers; the generation is the only writer. The interface
     (append, read, wait, finish) is all a replica-shared store such as Redis
-    Streams would need to provide. Events are held in one bytearray with an
-    array of end offsets, bounded by `max_bytes` (oldest dropped first).
+    Streams would need to provide. Events are held compactly (their data in
+    one bytearray, an end offset and a kind byte each) and framed when read:
+    ~15 instead of ~70 bytes per token. `max_bytes` bounds what the held
+    events take framed (oldest dropped first).
     """
 
     def __init__(self, stream_id: str, key_name: str | None, request: ChatRequest, max_bytes: int):
@@ -362,35 +368,50 @@ class StreamRecord:
         self.error: UpstreamError | None = None
         self.cancel_reason: str | None = None
         self.generation: anyio.CancelScope | None = None
-        self._buffer = bytearray()
-        self._ends = array("Q")  # end offset of event n+1 in the buffer
+        self._data = bytearray()  # UTF-8 data of the held events, line breaks already framed
+        self._ends = array("Q")  # end offset of each held event's data
+        self._kinds = bytearray()  # each held event's index in EVENT_NAMES
         self._first = 0  # events before this were dropped to bound memory
-        self._dropped_bytes = 0
+        self._held = 0  # bytes the held events take framed
         self._changed: anyio.Event | None = None
-        self._id_prefix = stream_id + "."
+        self._id_prefix = b"\nid: " + stream_id.encode() + b"."
 
     @property
     def count(self) -> int:
         return self._first + len(self._ends)
 
     def append(self, event: str, data: str) -> None:
-        self._buffer += _frame(event, self._id_prefix + str(self.count + 1), data)
-        self._ends.append(self._dropped_bytes + len(self._buffer))
-        if len(self._buffer) > self.max_bytes:
+        if "\n" in data or "\r" in data:
+            data = "\ndata: ".join(LINE_BREAK.split(data))
+        kind = EVENT_KINDS.get(event)
+        if kind is None:  # names come from code, not from input: a handful
+            kind = EVENT_KINDS[event] = len(EVENT_NAMES)
+            EVENT_NAMES.append(event.encode())
+        start = len(self._data)
+        self._data += data.encode("utf-8", "replace")  # lone surrogates (from JSON escapes) cannot be UTF-8
+        self._ends.append(len(self._data))
+        self._kinds.append(kind)
+        self._held += self._framed_size(kind, self.count, len(self._data) - start)
+        if self._held > self.max_bytes:
             self._drop_oldest()
         self.notify()
 
+    def _framed_size(self, kind: int, number: int, data_size: int) -> int:
+        return 16 + len(EVENT_NAMES[kind]) + len(self._id_prefix) + len(str(number)) + data_size
+
     def _drop_oldest(self) -> None:
-        keep_from = self._dropped_bytes + len(self._buffer) - self.max_bytes // 2
-        dropped = 0
-        while dropped < len(self._ends) - 1 and self._ends[dropped] <= keep_from:
-            dropped += 1
+        """Drop the oldest events (never the last) until at most half the bound is held."""
+        excess, dropped, freed, cut = self._held - self.max_bytes // 2, 0, 0, 0
+        while dropped < len(self._ends) - 1:
+            size = self._framed_size(self._kinds[dropped], self._first + dropped + 1, self._ends[dropped] - cut)
+            if freed + size > excess:
+                break
+            freed, cut, dropped = freed + size, self._ends[dropped], dropped + 1
         if dropped:
-            cut = self._ends[dropped - 1]
-            del self._buffer[: cut - self._dropped_bytes]
-            del self._ends[:dropped]
+            del self._data[:cut], self._kinds[:dropped]
+            self._ends = array("Q", [end - cut for end in self._ends[dropped:]])
             self._first += dropped
-            self._dropped_bytes = cut
+            self._held -= freed
 
     def read(self, position: int) -> bytes | None:
         """Every event after the first `position` as one bytes (b"" if none
@@ -399,8 +420,15 @@ class StreamRecord:
             return None
         if position >= self.count:
             return b""
-        start = self._ends[position - self._first - 1] if position > self._first else self._dropped_bytes
-        return bytes(self._buffer[start - self._dropped_bytes :])
+        held = position - self._first
+        start = self._ends[held - 1] if held else 0
+        frames = []
+        for i in range(held, len(self._ends)):
+            end = self._ends[i]
+            name, data = EVENT_NAMES[self._kinds[i]], self._data[start:end]
+            frames.append(b"event: %b%b%d\ndata: %b\n\n" % (name, self._id_prefix, self._first + i + 1, data))  # type: ignore[str-format]
+            start = end
+        return b"".join(frames)
 
     def holds_position(self, position: int) -> bool:
         return self._first <= position <= self.count
