@@ -914,6 +914,8 @@ class Gateway:
                                 record.first_token_after = anyio.current_time() - start
                             record.tokens += 1
                             record.append("token", chunk)
+                            if record.tokens == 1:  # let the writer send it before we parse the rest of this read
+                                await anyio.lowlevel.checkpoint()
                         elif isinstance(chunk, Final):
                             final = chunk
         except httpx.ReadTimeout:
