@@ -1031,7 +1031,6 @@ class Gateway:
         """Send everything pending in one body message per wake-up, heartbeat
         when silent; True once `done` went out, False if the client fell
         behind the held events. No timer per token: watch_reader keeps time."""
-        heartbeat = self.config.heartbeat
         while True:
             pending = record.read(cursor[0])
             if pending is None:
@@ -1040,12 +1039,12 @@ class Gateway:
                 cursor[0] = record.count
             elif record.finished:
                 return True
-            elif anyio.current_time() >= pace.last_write + heartbeat:
+            elif pace.beat:
                 pending = HEARTBEAT
             else:
                 await record.wait()
                 continue
-            pace.last_write, pace.sending = anyio.current_time(), True
+            pace.last_write, pace.sending, pace.beat = anyio.current_time(), True, False
             await send({"type": "http.response.body", "body": pending, "more_body": True})
             pace.sending = False
 
@@ -1068,17 +1067,18 @@ class Gateway:
             if sending:  # the same send is still blocked: the client stopped reading
                 return writer.cancel()
             if due >= beat:
-                woke = anyio.current_time()
+                woke, pace.beat = anyio.current_time(), True
                 record.notify()  # the writer sends the heartbeat
 
 
 class Pace:
-    """When a reader's writer last started a send, and whether it is still in it."""
+    """When a reader's writer last started a send, whether it is still in it,
+    and whether a heartbeat is due."""
 
-    __slots__ = ("last_write", "sending")
+    __slots__ = ("beat", "last_write", "sending")
 
     def __init__(self, now: float):
-        self.last_write, self.sending = now, False
+        self.last_write, self.sending, self.beat = now, False, False
 
 
 def _last_event_id(scope: Scope) -> str | None:

@@ -55,7 +55,8 @@ def draw(after: dict[str, Any], before: dict[str, Any] | None, out: Path) -> Non
         shown = [h for h in heights if h > 0 and not math.isnan(h)] or [1.0]
         ax.set_ylim(min(shown) / 3, max(shown) * 3)
     meta = after.get("meta", {})
-    fig.suptitle(f"asgi-stream vs anchors, shared harness, one run ({meta.get('cpus', '?')} cores; log scale, lower is better)", fontsize=11)
+    cores = meta.get("cpus", "?")
+    fig.suptitle(f"asgi-stream vs anchors, shared harness, one run ({cores} cores; log scale, lower is better)", fontsize=11)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
 
