@@ -581,6 +581,24 @@ class UsageLedger:
         self.path = path
         self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
+        self._pending: list[dict[str, Any]] = []
+        self._written: anyio.Event | None = None  # set when the batch being written is in
+
+    async def add(self, row: dict[str, Any]) -> None:
+        """Write `row`; rows of streams that end together go in one thread hop
+        and one transaction. A hop per row made the worker thread and the
+        event loop trade the GIL: +10 ms on cancels when 20 streams ended at once."""
+        self._pending.append(row)
+        if self._written is not None:  # a writer is at work: it takes this row too
+            return await self._written.wait()
+        self._written = written = anyio.Event()
+        try:
+            while self._pending:
+                rows, self._pending = self._pending, []
+                await anyio.to_thread.run_sync(self.write_many, rows)
+        finally:
+            self._written = None
+            written.set()
 
     def _connect(self) -> sqlite3.Connection:
         if self._db is None:
@@ -597,10 +615,14 @@ class UsageLedger:
         return self._db
 
     def write(self, row: dict[str, Any]) -> None:
-        with self._lock:
-            self._connect().execute(
+        self.write_many([row])
+
+    def write_many(self, rows: list[dict[str, Any]]) -> None:
+        with self._lock, self._connect() as db:  # commits (or rolls back) at the end
+            db.execute("BEGIN")
+            db.executemany(
                 f"INSERT OR REPLACE INTO usage VALUES ({', '.join('?' * len(LEDGER_COLUMNS))})",  # noqa: S608 - placeholders only
-                [row[c] for c in LEDGER_COLUMNS],
+                [[row[c] for c in LEDGER_COLUMNS] for row in rows],
             )
 
     def close(self) -> None:
@@ -973,7 +995,7 @@ class Gateway:
         log.info(orjson.dumps({"event": "stream_end", **facts}).decode())
         try:
             if self.ledger is not None:
-                await anyio.to_thread.run_sync(self.ledger.write, facts)
+                await self.ledger.add(facts)
         except sqlite3.Error:
             log.exception("usage ledger write failed for stream %s", record.id)
         finally:
