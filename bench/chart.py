@@ -47,7 +47,7 @@ def draw(after: dict[str, Any], before: dict[str, Any] | None, out: Path) -> Non
         names = [name for name, _, _ in bars]
         drawn = ax.bar(range(len(bars)), [0 if math.isnan(h) else h for h in heights], color=[COLORS[n] for n in names])
         for rect, height in zip(drawn, heights, strict=True):
-            label = "n/a" if math.isnan(height) else f"{height:.3g}"
+            label = "n/a" if math.isnan(height) else f"{height:,.0f}" if height >= 100 else f"{height:.3g}"
             ax.annotate(label, (rect.get_x() + rect.get_width() / 2, rect.get_height()), ha="center", va="bottom", fontsize=8)
         ax.set_xticks(range(len(bars)), names, rotation=25, ha="right", fontsize=8)
         ax.set_title(title, fontsize=9)
@@ -56,7 +56,8 @@ def draw(after: dict[str, Any], before: dict[str, Any] | None, out: Path) -> Non
         ax.set_ylim(min(shown) / 3, max(shown) * 3)
     meta = after.get("meta", {})
     cores = meta.get("cpus", "?")
-    fig.suptitle(f"asgi-stream vs anchors, shared harness, one run ({cores} cores; log scale, lower is better)", fontsize=11)
+    note = "; 'before' is the same harness's run on the starting code" if before is not None else ""
+    fig.suptitle(f"asgi-stream vs anchors, shared harness, one run ({cores} cores; log scale, lower is better{note})", fontsize=11)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
 
