@@ -48,6 +48,11 @@ class LineSplitter:
             raise LineTooLong(f"an upstream line exceeded {self.max_line} bytes")
         return lines
 
+    @property
+    def idle(self) -> bool:
+        """No partial line held: the next read starts a line."""
+        return not self._pending and not self._skip_lf
+
     def finish(self) -> list[bytes]:
         """The unterminated last line, if any (end of stream ends it)."""
         rest, self._pending = self._pending, b""
@@ -77,6 +82,11 @@ class SSEDecoder:
         self.error_field: bytes | None = None
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
+        # Fast path, same result: OpenAI-style servers send each event as
+        # one `data: ...\n\n` HTTP chunk, and httpx hands us chunk by chunk.
+        if (chunk[-2:] == b"\n\n" and chunk.startswith(b"data: ") and chunk.count(b"\n") == 2 and b"\r" not in chunk
+                and self._started and not self._data and not self._event and self._lines.idle):
+            return [SSEEvent("message", chunk[6:-2], self._decoded_id())]
         return self._interpret(self._lines.feed(chunk))
 
     def finish(self, lenient: bool = False) -> list[SSEEvent]:
