@@ -37,21 +37,22 @@ class Alive:
     tasks: int  # every task in uvicorn's event loop but the probe
 
 
-def _pool(gateway: asgi_stream.Gateway) -> Any:
+def _pools(gateway: asgi_stream.Gateway) -> list[Any]:
+    """The httpcore pools behind the shared client (it shards over several)."""
     http = gateway._http
-    return None if http is None else http._transport._pool  # type: ignore[attr-defined]
+    return [] if http is None else [shard._pool for shard in http._transport._pools]  # type: ignore[attr-defined]
 
 
 async def _probe(served: Served) -> Alive:
     gateway = served.gateway
     records = list(gateway.registry._streams.values())
-    pool = _pool(gateway)
-    connections = [] if pool is None else pool.connections
+    pools = _pools(gateway)
+    connections = [c for pool in pools for c in pool.connections]
     return Alive(
         active_streams=gateway.metrics.active,
         readers=sum(r.readers for r in records),
         running_generations=sum(not r.finished for r in records),
-        pool_requests=0 if pool is None else len(pool._requests),
+        pool_requests=sum(len(pool._requests) for pool in pools),
         busy_connections=sum(not (c.is_idle() or c.is_closed()) for c in connections),
         server_connections=len(served.server.server_state.connections),
         tasks=len(asyncio.all_tasks()) - 1,

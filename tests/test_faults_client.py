@@ -173,7 +173,7 @@ def test_a_client_that_stops_reading_is_dropped_and_its_stream_memory_stays_boun
 
             def ended() -> bool:
                 records = list(gw.gateway.registry._streams.values())
-                held.extend(len(r._buffer) for r in records)
+                held.extend(r._held for r in records)  # framed bytes of the held events
                 return bool(records) and gw.gateway.metrics.active == 0
 
             assert wait_until(ended, 10)

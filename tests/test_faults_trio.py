@@ -98,7 +98,7 @@ async def test_upstream_fault_on_trio_ends_as_on_asyncio(name: str, tmp_path: Pa
             ok = await client.post("/chat/stream", json=ok_body)
             assert sse_events(ok.text)[-1] == ("done", "stop")
         assert gateway.metrics.active == 0 and gateway.unaccounted == 0
-        assert gateway.http._transport._pool._requests == []  # type: ignore[attr-defined]
+        assert all(shard._pool._requests == [] for shard in gateway.http._transport._pools)  # type: ignore[attr-defined]
         await gateway.aclose()
         gc.collect()  # finalize abandoned generators while the filter above is in force
     rows = usage_rows(db)

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+import asgi_stream
 from tests.conftest import free_port, stream
 from tests.faultkit import assert_no_secret, serve_probed, usage_rows
 from tests.upstream import FakeUpstream, Reply, Seen, sse_tokens
@@ -370,10 +371,12 @@ def test_an_upstream_error_that_echoes_the_provider_key_comes_out_redacted(caplo
     assert_no_secret(caplog.text, KEY)
 
 
-def test_a_kept_alive_connection_the_upstream_drops_as_it_is_reused_is_retried_on_a_fresh_one() -> None:
+def test_a_kept_alive_connection_the_upstream_drops_as_it_is_reused_is_retried_on_a_fresh_one(monkeypatch: pytest.MonkeyPatch) -> None:
     """The keep-alive race: the upstream closes an idle connection just as the
     gateway sends the next request on it ("Server disconnected without
-    sending a response"). Nothing was answered, so a retry is safe."""
+    sending a response"). Nothing was answered, so a retry is safe. (One
+    pool, so that consecutive requests reuse one connection.)"""
+    monkeypatch.setattr(asgi_stream, "UPSTREAM_POOLS", 1)
 
     def responder(seen: Seen) -> Reply:
         return normal_reply() if seen.exchange == 1 else Reply(raw=b"")
