@@ -21,6 +21,8 @@ import sys
 import threading
 import time
 from array import array
+from bisect import bisect_left
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -332,19 +334,27 @@ FIRST_CHUNK = b"retry: 1000\n"  # gets the headers out on servers that hold them
 
 
 def encode_event(event: str, data: str, event_id: str) -> bytes:
-    """One complete SSE event. Multi-line data becomes one `data:` line per line
-    (the receiver joins them with LF); event names and ids that would break
-    the framing are refused."""
+    """One complete SSE event; event names and ids that would break the
+    framing are refused."""
     if not SAFE_FIELD.fullmatch(event) or not SAFE_FIELD.fullmatch(event_id):
         raise ValueError("event names and ids must be printable ASCII without spaces")
-    return _frame(event, event_id, data)
+    return frame_event(event.encode(), event_id.encode(), frame_data(data))
 
 
-def _frame(event: str, event_id: str, data: str) -> bytes:
+def frame_data(data: str) -> bytes:
+    """Event data as the payload of `data:` lines: one line per line of text
+    (the receiver joins them with LF), in UTF-8."""
     if "\n" in data or "\r" in data:
         data = "\ndata: ".join(LINE_BREAK.split(data))
-    # lone surrogates (possible from JSON escapes) cannot be UTF-8: replace them
-    return f"event: {event}\nid: {event_id}\ndata: {data}\n\n".encode("utf-8", "replace")
+    return data.encode("utf-8", "replace")  # lone surrogates (possible from JSON escapes) cannot be UTF-8
+
+
+def frame_event(event: bytes, event_id: bytes, data: bytes | bytearray) -> bytes:
+    """An event from its parts, `data` as frame_data made it."""
+    return b"event: %b\nid: %b\ndata: %b\n\n" % (event, event_id, data)  # type: ignore[str-format]  # %b takes a bytearray too
+
+
+FRAME_OVERHEAD = len(frame_event(b"", b"", b""))
 
 
 EVENT_NAMES: list[bytes] = []  # what StreamRecord's kind bytes stand for
@@ -388,21 +398,19 @@ class StreamRecord:
         self._first = 0  # events before this were dropped to bound memory
         self._held = 0  # bytes the held events take framed
         self._changed: anyio.Event | None = None
-        self._id_prefix = b"\nid: " + stream_id.encode() + b"."
+        self._id_prefix = stream_id.encode() + b"."
 
     @property
     def count(self) -> int:
         return self._first + len(self._ends)
 
     def append(self, event: str, data: str) -> None:
-        if "\n" in data or "\r" in data:
-            data = "\ndata: ".join(LINE_BREAK.split(data))
         kind = EVENT_KINDS.get(event)
         if kind is None:  # names come from code, not from input: a handful
             kind = EVENT_KINDS[event] = len(EVENT_NAMES)
             EVENT_NAMES.append(event.encode())
         start = len(self._data)
-        self._data += data.encode("utf-8", "replace")  # lone surrogates (from JSON escapes) cannot be UTF-8
+        self._data += frame_data(data)
         self._ends.append(len(self._data))
         self._kinds.append(kind)
         self._held += self._framed_size(kind, self.count, len(self._data) - start)
@@ -411,7 +419,7 @@ class StreamRecord:
         self.notify()
 
     def _framed_size(self, kind: int, number: int, data_size: int) -> int:
-        return 16 + len(EVENT_NAMES[kind]) + len(self._id_prefix) + len(str(number)) + data_size
+        return FRAME_OVERHEAD + len(EVENT_NAMES[kind]) + len(self._id_prefix) + len(str(number)) + data_size
 
     def _drop_oldest(self) -> None:
         """Drop the oldest events (never the last) until at most half the bound is held."""
@@ -440,7 +448,7 @@ class StreamRecord:
         for i in range(held, len(self._ends)):
             end = self._ends[i]
             name, data = EVENT_NAMES[self._kinds[i]], self._data[start:end]
-            frames.append(b"event: %b%b%d\ndata: %b\n\n" % (name, self._id_prefix, self._first + i + 1, data))  # type: ignore[str-format]
+            frames.append(frame_event(name, b"%b%d" % (self._id_prefix, self._first + i + 1), data))
             start = end
         return b"".join(frames)
 
@@ -525,60 +533,54 @@ class Histogram:
     BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
     def __init__(self) -> None:
-        self.counts = [0] * len(self.BUCKETS)
+        self.counts = [0] * (len(self.BUCKETS) + 1)  # per bucket, not cumulative; the last is +Inf
         self.sum = 0.0
-        self.count = 0
 
     def observe(self, value: float) -> None:
         self.sum += value
-        self.count += 1
-        for i, bound in enumerate(self.BUCKETS):
-            if value <= bound:
-                self.counts[i] += 1
+        self.counts[bisect_left(self.BUCKETS, value)] += 1  # the first bound >= value
 
-    def render(self, name: str) -> list[str]:
-        lines = [f'{name}_bucket{{le="{b:g}"}} {c}' for b, c in zip(self.BUCKETS, self.counts, strict=True)]
-        return [*lines, f'{name}_bucket{{le="+Inf"}} {self.count}', f"{name}_sum {self.sum:.6f}", f"{name}_count {self.count}"]
+    def samples(self, name: str) -> list[str]:
+        bounds = [f"{b:g}" for b in self.BUCKETS] + ["+Inf"]
+        buckets = [f'{name}_bucket{{le="{b}"}} {c}' for b, c in zip(bounds, itertools.accumulate(self.counts), strict=True)]
+        return [*buckets, f"{name}_sum {self.sum:.6f}", f"{name}_count {sum(self.counts)}"]
 
 
 class Metrics:
     def __init__(self) -> None:
         self.active = 0
         self.active_by_key: dict[str | None, int] = {}
-        self.streams: dict[tuple[str, str], int] = {}  # (backend, finish reason) -> count
-        self.tokens: dict[str, int] = {}
-        self.upstream_errors: dict[str, int] = {}
-        self.rejected: dict[str, int] = {}
+        self.streams: Counter[tuple[str, str]] = Counter()  # (backend, finish reason)
+        self.tokens: Counter[str] = Counter()  # by backend
+        self.upstream_errors: Counter[str] = Counter()  # by error type
+        self.rejected: Counter[str] = Counter()  # by error type
         self.time_to_first_token = Histogram()
         self.stream_duration = Histogram()
 
     def render(self, held: int) -> bytes:
-        def counter(name: str, help: str, label: str, values: Mapping[Any, int]) -> list[str]:
-            lines = [f"# HELP {name} {help}", f"# TYPE {name} counter"]
+        def family(name: str, kind: str, help: str, samples: list[str]) -> list[str]:
+            return [f"# HELP asgi_stream_{name} {help}", f"# TYPE asgi_stream_{name} {kind}", *samples]
+
+        def counter(name: str, help: str, labels: tuple[str, ...], values: Counter[Any]) -> list[str]:
+            samples = []
             for key, value in sorted(values.items()):
-                values_of_key = key if isinstance(key, tuple) else (key,)
-                labels = ",".join(f'{n}="{v}"' for n, v in zip(label.split(","), values_of_key, strict=True))
-                lines.append(f"{name}{{{labels}}} {value}")
-            return lines
+                keys = key if isinstance(key, tuple) else (key,)
+                pairs = ",".join(f'{label}="{v}"' for label, v in zip(labels, keys, strict=True))
+                samples.append(f"asgi_stream_{name}{{{pairs}}} {value}")
+            return family(name, "counter", help, samples)
 
         lines = [
-            "# HELP asgi_stream_active_streams Streams admitted and not yet done.",
-            "# TYPE asgi_stream_active_streams gauge",
-            f"asgi_stream_active_streams {self.active}",
-            "# HELP asgi_stream_held_streams Streams held for resume (running or finished).",
-            "# TYPE asgi_stream_held_streams gauge",
-            f"asgi_stream_held_streams {held}",
-            *counter("asgi_stream_streams_total", "Finished streams.", "backend,finish_reason", self.streams),
-            *counter("asgi_stream_tokens_total", "Token events sent.", "backend", self.tokens),
-            *counter("asgi_stream_upstream_errors_total", "Streams that ended in an error.", "type", self.upstream_errors),
-            *counter("asgi_stream_rejected_total", "Requests refused before a stream.", "type", self.rejected),
-            "# HELP asgi_stream_time_to_first_token_seconds From admission to the first token.",
-            "# TYPE asgi_stream_time_to_first_token_seconds histogram",
-            *self.time_to_first_token.render("asgi_stream_time_to_first_token_seconds"),
-            "# HELP asgi_stream_duration_seconds From admission to done.",
-            "# TYPE asgi_stream_duration_seconds histogram",
-            *self.stream_duration.render("asgi_stream_duration_seconds"),
-        ]
+            *family("active_streams", "gauge", "Streams admitted and not yet done.", [f"asgi_stream_active_streams {self.active}"]),
+            *family("held_streams", "gauge", "Streams held for resume (running or finished).", [f"asgi_stream_held_streams {held}"]),
+            *counter("streams_total", "Finished streams.", ("backend", "finish_reason"), self.streams),
+            *counter("tokens_total", "Token events sent.", ("backend",), self.tokens),
+            *counter("upstream_errors_total", "Streams that ended in an error.", ("type",), self.upstream_errors),
+            *counter("rejected_total", "Requests refused before a stream.", ("type",), self.rejected),
+            *family("time_to_first_token_seconds", "histogram", "From admission to the first token.",
+                    self.time_to_first_token.samples("asgi_stream_time_to_first_token_seconds")),
+            *family("duration_seconds", "histogram", "From admission to done.",
+                    self.stream_duration.samples("asgi_stream_duration_seconds")),
+        ]  # fmt: skip
         return ("\n".join(lines) + "\n").encode()
 
 
@@ -780,7 +782,7 @@ class Gateway:
             try:
                 await self.route(scope, receive, send)
             except HTTPError as exc:
-                self.metrics.rejected[exc.type] = self.metrics.rejected.get(exc.type, 0) + 1
+                self.metrics.rejected[exc.type] += 1
                 body = orjson.dumps({"error": {"type": exc.type, "message": exc.message}})
                 await send_response(send, exc.status, body, b"application/json", exc.headers + self.cors_headers(scope))
             except ClientGone:
@@ -1014,11 +1016,10 @@ class Gateway:
         """After done: metrics, the log line and the ledger row."""
         facts = stream_facts(record, anyio.current_time())
         metrics, backend = self.metrics, record.request.backend
-        key = (backend, record.finish_reason or "error")
-        metrics.streams[key] = metrics.streams.get(key, 0) + 1
-        metrics.tokens[backend] = metrics.tokens.get(backend, 0) + record.tokens
+        metrics.streams[backend, record.finish_reason or "error"] += 1
+        metrics.tokens[backend] += record.tokens
         if record.error is not None:
-            metrics.upstream_errors[record.error.type] = metrics.upstream_errors.get(record.error.type, 0) + 1
+            metrics.upstream_errors[record.error.type] += 1
         if record.first_token_after is not None:
             metrics.time_to_first_token.observe(record.first_token_after)
         metrics.stream_duration.observe(facts["duration_ms"] / 1000)

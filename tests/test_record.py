@@ -23,7 +23,7 @@ class PlainRecord:
         self.first = 0
 
     def append(self, event: str, data: str) -> None:
-        self.frames.append(asgi_stream._frame(event, f"{self.stream_id}.{self.first + len(self.frames) + 1}", data))
+        self.frames.append(asgi_stream.encode_event(event, data, f"{self.stream_id}.{self.first + len(self.frames) + 1}"))
         held = sum(map(len, self.frames))
         if held > self.max_bytes:
             excess, freed, dropped = held - self.max_bytes // 2, 0, 0
