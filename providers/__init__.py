@@ -78,6 +78,12 @@ class UpstreamError(Exception):
     def __str__(self) -> str:
         return f"{self.type}: {self.message}"
 
+    @classmethod
+    def reported(cls, message: Any, kind: Any = None, code: Any = None, usage: dict[str, Any] | None = None) -> UpstreamError:
+        """An error the upstream reported in its stream, from its fields as sent."""
+        return cls("upstream_error", str(message or "the upstream reported an error"),
+                   upstream_type=kind if isinstance(kind, str) else None, code=code, usage=usage)
+
     def as_event_data(self) -> dict[str, Any]:
         data: dict[str, Any] = {"type": self.type, "message": self.message}
         for name in ("status", "retry_after", "upstream_type", "code"):

@@ -9,7 +9,10 @@ The SSE rules are WHATWG HTML 9.2.6; comments cite the steps.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import AsyncIterable, AsyncIterator, Callable
+from typing import NamedTuple, TypeVar
+
+T = TypeVar("T")
 
 MAX_LINE_BYTES = 4 * 1024 * 1024  # a longer upstream line fails the stream
 BOM = b"\xef\xbb\xbf"
@@ -142,3 +145,13 @@ def split_ndjson(splitter: LineSplitter, chunk: bytes | None) -> list[bytes]:
     """Non-blank NDJSON lines from `chunk` (None: end of stream)."""
     lines = splitter.feed(chunk) if chunk is not None else splitter.finish()
     return [line for line in lines if line.strip()]
+
+
+async def read_to_eof(pieces: AsyncIterable[bytes], feed: Callable[[bytes], list[T]], finish: Callable[[], list[T]]
+                      ) -> AsyncIterator[list[T]]:
+    """What `feed` makes of each network read, then what `finish` makes of the
+    end of stream. One batch per read, so a provider's per-token loop stays
+    its own; reading on to EOF lets the connection be reused."""
+    async for piece in pieces:
+        yield feed(piece)
+    yield finish()
