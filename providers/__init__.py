@@ -137,9 +137,7 @@ def split_system(messages: list[dict[str, str]]) -> tuple[str, list[dict[str, st
     consecutive same-role turns merged (Anthropic wants turns to alternate)."""
     system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
     turns: list[dict[str, str]] = []
-    for m in messages:
-        if m["role"] == "system":
-            continue
+    for m in (message for message in messages if message["role"] != "system"):
         if turns and turns[-1]["role"] == m["role"]:
             turns[-1]["content"] += "\n\n" + m["content"]
         else:

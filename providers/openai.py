@@ -32,13 +32,8 @@ def build_request(upstream: Upstream, request: ChatRequest) -> tuple[str, dict[s
     # api.openai.com wants max_completion_tokens (o-series refuse max_tokens);
     # compatible servers may only know max_tokens.
     limit_field = "max_completion_tokens" if "//api.openai.com" in url else "max_tokens"
-    body: dict[str, Any] = {
-        "model": request.model,
-        "messages": request.messages,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-        limit_field: request.max_tokens,
-    }
+    body: dict[str, Any] = {"model": request.model, "messages": request.messages, "stream": True,
+                            "stream_options": {"include_usage": True}, limit_field: request.max_tokens}
     if request.temperature is not None:
         body["temperature"] = request.temperature
     headers = {"content-type": "application/json", "accept": "text/event-stream"}
@@ -100,7 +95,7 @@ class ChunkReader:
         u = self.usage
         usage = None if u is None else make_usage(u.get("prompt_tokens"), u.get("completion_tokens"), u.get("total_tokens"))
         if FINISH_REASONS.get(self.finish_reason) == "error":
-            usage = None  # an OpenAI-style error finish has never reported usage
+            usage = None  # the error of an aborted stream has always gone without usage; kept so
         return final_for(self.finish_reason, FINISH_REASONS, usage)
 
 
