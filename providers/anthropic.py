@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 
 from . import ChatRequest, Chunk, Upstream, UpstreamError, field_of, final_for, json_object, make_usage, open_stream, split_system
-from .lines import SSEDecoder, read_to_eof
+from .lines import ReadToEOF, SSEDecoder
 
 DEFAULT_MODEL = "claude-sonnet-4-20250514"
 VERSION = "2023-06-01"
@@ -42,14 +42,13 @@ def prompt_tokens(usage: Any) -> int | None:
 
 
 async def stream_anthropic(http: httpx.AsyncClient, upstream: Upstream, request: ChatRequest) -> AsyncGenerator[Chunk, None]:
-    url, body, headers = build_request(upstream, request)
     decoder = SSEDecoder()
     prompt: int | None = None
     stop_reason: str | None = None
     usage: dict[str, Any] | None = None  # only once message_delta brought the final counts
     final: Chunk | None = None  # read on to EOF once it is known
-    async with open_stream(http, url, body, headers) as response:
-        async for events in read_to_eof(response.aiter_bytes(), decoder.feed, decoder.finish):
+    async with open_stream(http, *build_request(upstream, request)) as response:
+        async for events in ReadToEOF(response.aiter_bytes(), decoder.feed, decoder.finish):
             for event in events:
                 if event.event not in HANDLED or final:
                     continue  # ping, block starts and stops, event types added later (R5); the rest is read to EOF

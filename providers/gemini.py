@@ -12,7 +12,7 @@ import httpx
 import orjson
 
 from . import ChatRequest, Final, Upstream, UpstreamError, field_of, final_for, json_object, make_usage, open_stream, split_system
-from .lines import LineSplitter, read_to_eof
+from .lines import LineSplitter, ReadToEOF
 
 DEFAULT_MODEL = "gemini-2.0-flash"
 MODEL_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,255}"  # it goes into the URL path: nothing that could change the URL
@@ -74,13 +74,12 @@ class ChunkReader:
 
 
 async def stream_gemini(http: httpx.AsyncClient, upstream: Upstream, request: ChatRequest) -> AsyncGenerator[str | Final, None]:
-    url, body, headers = build_request(upstream, request)
     splitter, reader = LineSplitter(), ChunkReader()
     data: list[bytes] = []  # the `data:` lines of the event being read
     raw = b""  # lines outside SSE that began with `{`: an error object spread over lines (python-genai reads them too)
-    async with open_stream(http, url, body, headers) as response:
+    async with open_stream(http, *build_request(upstream, request)) as response:
         # at EOF, a blank line ends an unterminated last event
-        async for lines in read_to_eof(response.aiter_bytes(), splitter.feed, lambda: [*splitter.finish(), b""]):
+        async for lines in ReadToEOF(response.aiter_bytes(), splitter.feed, lambda: [*splitter.finish(), b""]):
             for line in lines:
                 if line.startswith(b"data:"):
                     data.append(line[6:] if line[5:6] == b" " else line[5:])

@@ -10,7 +10,7 @@ The SSE rules are WHATWG HTML 9.2.6; comments cite the steps.
 from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator, Callable
-from typing import NamedTuple, TypeVar
+from typing import Generic, NamedTuple, TypeVar
 
 T = TypeVar("T")
 
@@ -147,11 +147,28 @@ def split_ndjson(splitter: LineSplitter, chunk: bytes | None) -> list[bytes]:
     return [line for line in lines if line.strip()]
 
 
-async def read_to_eof(pieces: AsyncIterable[bytes], feed: Callable[[bytes], list[T]], finish: Callable[[], list[T]]
-                      ) -> AsyncIterator[list[T]]:
+
+class ReadToEOF(Generic[T]):
     """What `feed` makes of each network read, then what `finish` makes of the
-    end of stream. One batch per read, so a provider's per-token loop stays
-    its own; reading on to EOF lets the connection be reused."""
-    async for piece in pieces:
-        yield feed(piece)
-    yield finish()
+    end of stream. A batch per read, so a provider's per-token loop stays its
+    own. A plain iterator, not an async generator: nothing is left to close
+    when a provider stops early (trio warns of an unclosed async generator)."""
+
+    __slots__ = ("feed", "finish", "pieces")
+
+    def __init__(self, pieces: AsyncIterable[bytes], feed: Callable[[bytes], list[T]], finish: Callable[[], list[T]]) -> None:
+        self.pieces: AsyncIterator[bytes] | None = aiter(pieces)
+        self.feed, self.finish = feed, finish
+
+    def __aiter__(self) -> ReadToEOF[T]:
+        return self
+
+    async def __anext__(self) -> list[T]:
+        if self.pieces is None:  # finish() was returned already
+            raise StopAsyncIteration
+        try:
+            piece = await anext(self.pieces)
+        except StopAsyncIteration:
+            self.pieces = None
+            return self.finish()
+        return self.feed(piece)

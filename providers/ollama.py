@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 
 from . import ChatRequest, Chunk, Upstream, UpstreamError, field_of, final_for, json_object, make_usage, open_stream
-from .lines import LineSplitter, read_to_eof, split_ndjson
+from .lines import LineSplitter, ReadToEOF, split_ndjson
 
 DEFAULT_MODEL = "llama3.2"
 FINISH_REASONS = {"stop": "stop", "length": "length", "": "stop"}  # no done_reason on a done line: a stop
@@ -28,11 +28,10 @@ def build_request(upstream: Upstream, request: ChatRequest) -> tuple[str, dict[s
 
 
 async def stream_ollama(http: httpx.AsyncClient, upstream: Upstream, request: ChatRequest) -> AsyncGenerator[Chunk, None]:
-    url, body, headers = build_request(upstream, request)
     splitter = LineSplitter()
     final: Chunk | None = None  # read on to EOF once it is known
-    async with open_stream(http, url, body, headers) as response:
-        async for lines in read_to_eof(response.aiter_bytes(), partial(split_ndjson, splitter), partial(split_ndjson, splitter, None)):
+    async with open_stream(http, *build_request(upstream, request)) as response:
+        async for lines in ReadToEOF(response.aiter_bytes(), partial(split_ndjson, splitter), partial(split_ndjson, splitter, None)):
             for line in lines:
                 if final:
                     continue  # after the done line: read to EOF, ignore

@@ -14,7 +14,7 @@ import httpx
 import orjson
 
 from . import ChatRequest, Chunk, Final, Upstream, UpstreamError, final_for, make_usage, open_stream, protocol_error
-from .lines import SSEDecoder, read_to_eof
+from .lines import ReadToEOF, SSEDecoder
 
 DEFAULT_MODEL = "gpt-4o-mini"
 
@@ -108,10 +108,9 @@ def in_band_error(chunk: dict[str, Any]) -> UpstreamError:
 
 
 async def stream_openai(http: httpx.AsyncClient, upstream: Upstream, request: ChatRequest) -> AsyncGenerator[Chunk, None]:
-    url, body, headers = build_request(upstream, request)
     decoder, reader = SSEDecoder(), ChunkReader()
-    async with open_stream(http, url, body, headers) as response:
-        async for events in read_to_eof(response.aiter_bytes(), decoder.feed, lambda: decoder.finish(lenient=True)):
+    async with open_stream(http, *build_request(upstream, request)) as response:
+        async for events in ReadToEOF(response.aiter_bytes(), decoder.feed, lambda: decoder.finish(lenient=True)):
             for event in events:
                 if (token := reader.token(event.data)) is not None:
                     yield token
