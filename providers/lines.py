@@ -167,7 +167,7 @@ class ReadToEOF(Generic[T]):
         if self.pieces is None:  # finish() was returned already
             raise StopAsyncIteration
         try:
-            piece = await anext(self.pieces)
+            piece = await anext(self.pieces)  # no default: that wraps every read in one more awaitable
         except StopAsyncIteration:
             self.pieces = None
             return self.finish()
