@@ -92,9 +92,7 @@ class UpstreamError(Exception):
 
 
 class Provider(Protocol):
-    def __call__(
-        self, http: httpx.AsyncClient, upstream: Upstream, request: ChatRequest
-    ) -> AsyncGenerator[Chunk, None]: ...
+    def __call__(self, http: httpx.AsyncClient, upstream: Upstream, request: ChatRequest) -> AsyncGenerator[Chunk, None]: ...
 
 
 def protocol_error(message: str) -> UpstreamError:
