@@ -128,12 +128,10 @@ class SSEDecoder:
             self._data.append(value)
         elif name == b"event":
             self._event = value
-        elif name == b"id":
-            if b"\0" not in value:
-                self.last_event_id = value
-        elif name == b"retry":
-            if value and value.isdigit() and value.isascii():
-                self.retry = int(value)
+        elif name == b"id" and b"\0" not in value:  # an id with NUL is ignored
+            self.last_event_id = value
+        elif name == b"retry" and value.isdigit() and value.isascii():
+            self.retry = int(value)
         elif name == b"error":
             self.error_field = value
 
