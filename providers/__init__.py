@@ -193,10 +193,10 @@ def error_from_body(status: int, body: bytes, retry_after: float | None) -> Upst
         parsed = parsed[0]
     error = field_of(parsed, "error")
     message = error if isinstance(error, str) else str(field_of(error, "message") or "")
-    kind = field_of(error, "type") or field_of(error, "status")
     if not message:
         snippet = body[:200].decode("utf-8", "replace").strip()
         message = f"upstream answered HTTP {status}" + (f": {snippet}" if snippet else "")
+    kind = field_of(error, "type") or field_of(error, "status")
     upstream_type = kind if isinstance(kind, str) else None
     return UpstreamError("upstream_error", message, status, retry_after, upstream_type, field_of(error, "code"))
 

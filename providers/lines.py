@@ -145,7 +145,6 @@ def split_ndjson(splitter: LineSplitter, chunk: bytes | None) -> list[bytes]:
     return [line for line in lines if line.strip()]
 
 
-
 class ReadToEOF(Generic[T]):
     """What `feed` makes of each network read, then what `finish` makes of the
     end of stream. A batch per read, so a provider's per-token loop stays its
