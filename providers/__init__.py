@@ -23,8 +23,6 @@ import anyio
 import httpx
 import orjson
 
-FINISH_REASONS = frozenset({"stop", "length", "content_filter", "tool_calls", "error", "cancelled"})
-
 
 @dataclass(frozen=True, slots=True)
 class ChatRequest:
@@ -50,7 +48,7 @@ class Upstream:
 class Final:
     """The last chunk of a successful generation."""
 
-    finish_reason: str  # already normalized to FINISH_REASONS
+    finish_reason: str  # normalized: stop, length, content_filter, tool_calls, error or cancelled
     usage: dict[str, Any] | None = None
 
 
@@ -78,6 +76,12 @@ class UpstreamError(Exception):
     def __str__(self) -> str:
         return f"{self.type}: {self.message}"
 
+    @classmethod
+    def reported(cls, message: Any, kind: Any = None, code: Any = None, usage: dict[str, Any] | None = None) -> UpstreamError:
+        """An error the upstream reported in its stream, from its fields as sent."""
+        return cls("upstream_error", str(message or "the upstream reported an error"),
+                   upstream_type=kind if isinstance(kind, str) else None, code=code, usage=usage)
+
     def as_event_data(self) -> dict[str, Any]:
         data: dict[str, Any] = {"type": self.type, "message": self.message}
         for name in ("status", "retry_after", "upstream_type", "code"):
@@ -88,9 +92,7 @@ class UpstreamError(Exception):
 
 
 class Provider(Protocol):
-    def __call__(
-        self, http: httpx.AsyncClient, upstream: Upstream, request: ChatRequest
-    ) -> AsyncGenerator[Chunk, None]: ...
+    def __call__(self, http: httpx.AsyncClient, upstream: Upstream, request: ChatRequest) -> AsyncGenerator[Chunk, None]: ...
 
 
 def protocol_error(message: str) -> UpstreamError:
@@ -133,9 +135,7 @@ def split_system(messages: list[dict[str, str]]) -> tuple[str, list[dict[str, st
     consecutive same-role turns merged (Anthropic wants turns to alternate)."""
     system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
     turns: list[dict[str, str]] = []
-    for m in messages:
-        if m["role"] == "system":
-            continue
+    for m in (message for message in messages if message["role"] != "system"):
         if turns and turns[-1]["role"] == m["role"]:
             turns[-1]["content"] += "\n\n" + m["content"]
         else:
@@ -164,24 +164,19 @@ ERROR_BODY_LIMIT = 64 * 1024
 
 def parse_retry_after(headers: Mapping[str, str]) -> float | None:
     """Seconds from `retry-after-ms` or `retry-after` (seconds or HTTP date)."""
-    value: str | None = headers.get("retry-after-ms")
-    if value:
-        try:
-            return max(0.0, float(value) / 1000)
-        except ValueError:
-            pass
-    value = headers.get("retry-after")
-    if not value:
-        return None
+    try:
+        return max(0.0, float(headers["retry-after-ms"]) / 1000)
+    except (KeyError, ValueError):
+        pass
+    value = headers.get("retry-after", "")
     try:
         return max(0.0, float(value))
     except ValueError:
         pass
     try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):  # no date either (an empty or missing header included)
         return None
-    return max(0.0, when.timestamp() - time.time())
 
 
 def error_from_body(status: int, body: bytes, retry_after: float | None) -> UpstreamError:
@@ -190,25 +185,20 @@ def error_from_body(status: int, body: bytes, retry_after: float | None) -> Upst
     All four vendors put it under `error`: a string (Ollama) or an object
     with `message` and `type` (OpenAI, Anthropic) or `status` (Gemini).
     """
-    message, upstream_type, code = "", None, None
     try:
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError:
         parsed = None
     if isinstance(parsed, list) and len(parsed) == 1:  # Gemini without alt=sse
         parsed = parsed[0]
-    error = parsed.get("error") if isinstance(parsed, dict) else None
-    if isinstance(error, str):
-        message = error
-    elif isinstance(error, dict):
-        message = str(error.get("message") or "")
-        kind = error.get("type") or error.get("status")
-        upstream_type = kind if isinstance(kind, str) else None
-        code = error.get("code")
+    error = field_of(parsed, "error")
+    message = error if isinstance(error, str) else str(field_of(error, "message") or "")
     if not message:
         snippet = body[:200].decode("utf-8", "replace").strip()
         message = f"upstream answered HTTP {status}" + (f": {snippet}" if snippet else "")
-    return UpstreamError("upstream_error", message, status, retry_after, upstream_type, code)
+    kind = field_of(error, "type") or field_of(error, "status")
+    upstream_type = kind if isinstance(kind, str) else None
+    return UpstreamError("upstream_error", message, status, retry_after, upstream_type, field_of(error, "code"))
 
 
 def backoff_delay(attempt: int, retry_after: float | None) -> float:

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 
 from . import ChatRequest, Chunk, Upstream, UpstreamError, field_of, final_for, json_object, make_usage, open_stream, split_system
-from .lines import SSEDecoder
+from .lines import ReadToEOF, SSEDecoder
 
 DEFAULT_MODEL = "claude-sonnet-4-20250514"
 VERSION = "2023-06-01"
@@ -42,15 +42,14 @@ def prompt_tokens(usage: Any) -> int | None:
 
 
 async def stream_anthropic(http: httpx.AsyncClient, upstream: Upstream, request: ChatRequest) -> AsyncGenerator[Chunk, None]:
-    url, body, headers = build_request(upstream, request)
     decoder = SSEDecoder()
     prompt: int | None = None
     stop_reason: str | None = None
     usage: dict[str, Any] | None = None  # only once message_delta brought the final counts
     final: Chunk | None = None  # read on to EOF once it is known
-    async with open_stream(http, url, body, headers) as response:
-        async for piece in response.aiter_bytes():
-            for event in decoder.feed(piece):
+    async with open_stream(http, *build_request(upstream, request)) as response:
+        async for events in ReadToEOF(response.aiter_bytes(), decoder.feed, decoder.finish):
+            for event in events:
                 if event.event not in HANDLED or final:
                     continue  # ping, block starts and stops, event types added later (R5); the rest is read to EOF
                 data = json_object(event.data, f"a {event.event} event")
@@ -68,11 +67,10 @@ async def stream_anthropic(http: httpx.AsyncClient, upstream: Upstream, request:
                     if not isinstance(stop_reason, str):
                         raise UpstreamError("protocol_error", "the upstream sent message_stop without a stop_reason", usage=usage)
                     final = final_for(stop_reason, FINISH_REASONS, usage)
-                else:  # error: overloaded_error before any text is worth another attempt
-                    kind, message = field_of(data, "error", "type"), field_of(data, "error", "message")
-                    kind = kind if isinstance(kind, str) else None
-                    raise UpstreamError("upstream_error", str(message or "the upstream reported an error"), usage=usage,
-                                        upstream_type=kind, retryable=kind == "overloaded_error")
+                else:  # error
+                    failure = UpstreamError.reported(field_of(data, "error", "message"), field_of(data, "error", "type"), usage=usage)
+                    failure.retryable = failure.upstream_type == "overloaded_error"  # before any text: worth another attempt
+                    raise failure
     if final is None:
         raise UpstreamError("protocol_error", "the upstream stream ended before message_stop", usage=usage)
     yield final

@@ -12,7 +12,7 @@ import httpx
 import orjson
 
 from . import ChatRequest, Final, Upstream, UpstreamError, field_of, final_for, json_object, make_usage, open_stream, split_system
-from .lines import LineSplitter
+from .lines import LineSplitter, ReadToEOF
 
 DEFAULT_MODEL = "gemini-2.0-flash"
 MODEL_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,255}"  # it goes into the URL path: nothing that could change the URL
@@ -49,9 +49,7 @@ class ChunkReader:
 
     def tokens(self, chunk: dict[str, Any]) -> list[str]:
         if isinstance(error := chunk.get("error"), dict):
-            kind = error.get("status")
-            raise UpstreamError("upstream_error", str(error.get("message") or "the upstream reported an error"),
-                                upstream_type=kind if isinstance(kind, str) else None, code=error.get("code"), usage=self.usage)
+            raise UpstreamError.reported(error.get("message"), error.get("status"), error.get("code"), self.usage)
         if isinstance(meta := chunk.get("usageMetadata"), dict):  # a snapshot on every chunk: the last one wins
             output = sum(n for n in (meta.get("candidatesTokenCount"), meta.get("thoughtsTokenCount")) if isinstance(n, int))
             self.usage = make_usage(meta.get("promptTokenCount"), output, meta.get("totalTokenCount"))
@@ -76,15 +74,13 @@ class ChunkReader:
 
 
 async def stream_gemini(http: httpx.AsyncClient, upstream: Upstream, request: ChatRequest) -> AsyncGenerator[str | Final, None]:
-    url, body, headers = build_request(upstream, request)
     splitter, reader = LineSplitter(), ChunkReader()
     data: list[bytes] = []  # the `data:` lines of the event being read
     raw = b""  # lines outside SSE that began with `{`: an error object spread over lines (python-genai reads them too)
-    async with open_stream(http, url, body, headers) as response:
-        pieces = response.aiter_bytes()
-        while True:
-            piece = await anext(pieces, None)
-            for line in splitter.feed(piece) if piece is not None else [*splitter.finish(), b""]:
+    async with open_stream(http, *build_request(upstream, request)) as response:
+        # at EOF, a blank line ends an unterminated last event
+        async for lines in ReadToEOF(response.aiter_bytes(), splitter.feed, lambda: [*splitter.finish(), b""]):
+            for line in lines:
                 if line.startswith(b"data:"):
                     data.append(line[6:] if line[5:6] == b" " else line[5:])
                 elif not line and data:  # a blank line ends the event
@@ -102,6 +98,4 @@ async def stream_gemini(http: httpx.AsyncClient, upstream: Upstream, request: Ch
                     raw = b""
                     for text in reader.tokens(value if isinstance(value, dict) else {}):
                         yield text
-            if piece is None:
-                break
     yield reader.final()

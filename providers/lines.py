@@ -9,7 +9,10 @@ The SSE rules are WHATWG HTML 9.2.6; comments cite the steps.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import AsyncIterable, AsyncIterator, Callable
+from typing import Generic, NamedTuple, TypeVar
+
+T = TypeVar("T")
 
 MAX_LINE_BYTES = 4 * 1024 * 1024  # a longer upstream line fails the stream
 BOM = b"\xef\xbb\xbf"
@@ -125,12 +128,10 @@ class SSEDecoder:
             self._data.append(value)
         elif name == b"event":
             self._event = value
-        elif name == b"id":
-            if b"\0" not in value:
-                self.last_event_id = value
-        elif name == b"retry":
-            if value and value.isdigit() and value.isascii():
-                self.retry = int(value)
+        elif name == b"id" and b"\0" not in value:  # an id with NUL is ignored
+            self.last_event_id = value
+        elif name == b"retry" and value.isdigit() and value.isascii():
+            self.retry = int(value)
         elif name == b"error":
             self.error_field = value
 
@@ -142,3 +143,29 @@ def split_ndjson(splitter: LineSplitter, chunk: bytes | None) -> list[bytes]:
     """Non-blank NDJSON lines from `chunk` (None: end of stream)."""
     lines = splitter.feed(chunk) if chunk is not None else splitter.finish()
     return [line for line in lines if line.strip()]
+
+
+class ReadToEOF(Generic[T]):
+    """What `feed` makes of each network read, then what `finish` makes of the
+    end of stream. A batch per read, so a provider's per-token loop stays its
+    own. A plain iterator, not an async generator: nothing is left to close
+    when a provider stops early (trio warns of an unclosed async generator)."""
+
+    __slots__ = ("feed", "finish", "pieces")
+
+    def __init__(self, pieces: AsyncIterable[bytes], feed: Callable[[bytes], list[T]], finish: Callable[[], list[T]]) -> None:
+        self.pieces: AsyncIterator[bytes] | None = aiter(pieces)
+        self.feed, self.finish = feed, finish
+
+    def __aiter__(self) -> ReadToEOF[T]:
+        return self
+
+    async def __anext__(self) -> list[T]:
+        if self.pieces is None:  # finish() was returned already
+            raise StopAsyncIteration
+        try:
+            piece = await anext(self.pieces)  # no default: that wraps every read in one more awaitable
+        except StopAsyncIteration:
+            self.pieces = None
+            return self.finish()
+        return self.feed(piece)

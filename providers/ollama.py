@@ -6,12 +6,13 @@ turns and the model's chat template), answered in NDJSON, done at `done:true`.
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
+from functools import partial
 from typing import Any
 
 import httpx
 
 from . import ChatRequest, Chunk, Upstream, UpstreamError, field_of, final_for, json_object, make_usage, open_stream
-from .lines import LineSplitter, split_ndjson
+from .lines import LineSplitter, ReadToEOF, split_ndjson
 
 DEFAULT_MODEL = "llama3.2"
 FINISH_REASONS = {"stop": "stop", "length": "length", "": "stop"}  # no done_reason on a done line: a stop
@@ -27,14 +28,11 @@ def build_request(upstream: Upstream, request: ChatRequest) -> tuple[str, dict[s
 
 
 async def stream_ollama(http: httpx.AsyncClient, upstream: Upstream, request: ChatRequest) -> AsyncGenerator[Chunk, None]:
-    url, body, headers = build_request(upstream, request)
     splitter = LineSplitter()
     final: Chunk | None = None  # read on to EOF once it is known
-    async with open_stream(http, url, body, headers) as response:
-        pieces = response.aiter_bytes()
-        while True:
-            piece = await anext(pieces, None)
-            for line in split_ndjson(splitter, piece):
+    async with open_stream(http, *build_request(upstream, request)) as response:
+        async for lines in ReadToEOF(response.aiter_bytes(), partial(split_ndjson, splitter), partial(split_ndjson, splitter, None)):
+            for line in lines:
                 if final:
                     continue  # after the done line: read to EOF, ignore
                 data = json_object(line, "a line")
@@ -47,8 +45,6 @@ async def stream_ollama(http: httpx.AsyncClient, upstream: Upstream, request: Ch
                     reason = data.get("done_reason")
                     usage = make_usage(data.get("prompt_eval_count"), data.get("eval_count"))  # 0 counts are omitted
                     final = final_for(reason if isinstance(reason, str) else "", FINISH_REASONS, usage)
-            if piece is None:
-                break
     if final is None:
         raise UpstreamError("protocol_error", "the upstream stream ended before its done line")
     yield final

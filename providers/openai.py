@@ -13,17 +13,8 @@ from typing import Any
 import httpx
 import orjson
 
-from . import (
-    ChatRequest,
-    Chunk,
-    Final,
-    Upstream,
-    UpstreamError,
-    make_usage,
-    open_stream,
-    protocol_error,
-)
-from .lines import SSEDecoder
+from . import ChatRequest, Chunk, Final, Upstream, UpstreamError, final_for, make_usage, open_stream, protocol_error
+from .lines import ReadToEOF, SSEDecoder
 
 DEFAULT_MODEL = "gpt-4o-mini"
 
@@ -41,13 +32,8 @@ def build_request(upstream: Upstream, request: ChatRequest) -> tuple[str, dict[s
     # api.openai.com wants max_completion_tokens (o-series refuse max_tokens);
     # compatible servers may only know max_tokens.
     limit_field = "max_completion_tokens" if "//api.openai.com" in url else "max_tokens"
-    body: dict[str, Any] = {
-        "model": request.model,
-        "messages": request.messages,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-        limit_field: request.max_tokens,
-    }
+    body: dict[str, Any] = {"model": request.model, "messages": request.messages, "stream": True,
+                            "stream_options": {"include_usage": True}, limit_field: request.max_tokens}
     if request.temperature is not None:
         body["temperature"] = request.temperature
     headers = {"content-type": "application/json", "accept": "text/event-stream"}
@@ -74,10 +60,8 @@ class ChunkReader:
             chunk = orjson.loads(data)
         except orjson.JSONDecodeError:
             stripped = data.strip()
-            if stripped.startswith(b"[DONE]"):
-                self.done = True
-                return None
-            if not stripped:  # an empty keep-alive frame
+            self.done = stripped.startswith(b"[DONE]")
+            if self.done or not stripped:  # the end marker, or an empty keep-alive frame
                 return None
             raise protocol_error("the upstream sent a data line that is not JSON") from None
         if not isinstance(chunk, dict):
@@ -101,26 +85,18 @@ class ChunkReader:
 
     def final(self, error_field: bytes | None) -> Final:
         if self.finish_reason is None:
-            if error_field is not None:
-                raise in_band_error({"error": _json_or_text(error_field)})
+            if error_field is not None:  # llama.cpp's `error:` field, JSON or plain text
+                try:
+                    error = orjson.loads(error_field)
+                except orjson.JSONDecodeError:
+                    error = error_field.decode("utf-8", "replace")
+                raise in_band_error({"error": error})
             raise protocol_error("the upstream stream ended without a finish reason")
-        reason = FINISH_REASONS.get(self.finish_reason)
-        if reason == "error":
-            raise UpstreamError("upstream_error", f"the upstream stopped with '{self.finish_reason}'")
-        u = self.usage or {}
-        usage = None
-        if self.usage is not None or reason is None:
-            usage = make_usage(u.get("prompt_tokens"), u.get("completion_tokens"), u.get("total_tokens"))
-        if reason is None and usage is not None:
-            usage["upstream_finish_reason"] = self.finish_reason
-        return Final(reason or "stop", usage)
-
-
-def _json_or_text(raw: bytes) -> Any:
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return raw.decode("utf-8", "replace")
+        u = self.usage
+        usage = None if u is None else make_usage(u.get("prompt_tokens"), u.get("completion_tokens"), u.get("total_tokens"))
+        if FINISH_REASONS.get(self.finish_reason) == "error":
+            usage = None  # the error of an aborted stream has always gone without usage; kept so
+        return final_for(self.finish_reason, FINISH_REASONS, usage)
 
 
 def in_band_error(chunk: dict[str, Any]) -> UpstreamError:
@@ -128,25 +104,14 @@ def in_band_error(chunk: dict[str, Any]) -> UpstreamError:
     error = chunk.get("error")
     if not isinstance(error, dict):
         error = chunk if chunk.get("object") == "error" else {"message": error}
-    kind = error.get("type")
-    return UpstreamError(
-        "upstream_error",
-        str(error.get("message") or "the upstream reported an error"),
-        upstream_type=kind if isinstance(kind, str) else None,
-        code=error.get("code"),
-    )
+    return UpstreamError.reported(error.get("message"), error.get("type"), error.get("code"))
 
 
 async def stream_openai(http: httpx.AsyncClient, upstream: Upstream, request: ChatRequest) -> AsyncGenerator[Chunk, None]:
-    url, body, headers = build_request(upstream, request)
-    decoder = SSEDecoder()
-    reader = ChunkReader()
-    async with open_stream(http, url, body, headers) as response:
-        async for piece in response.aiter_bytes():
-            for event in decoder.feed(piece):
+    decoder, reader = SSEDecoder(), ChunkReader()
+    async with open_stream(http, *build_request(upstream, request)) as response:
+        async for events in ReadToEOF(response.aiter_bytes(), decoder.feed, lambda: decoder.finish(lenient=True)):
+            for event in events:
                 if (token := reader.token(event.data)) is not None:
                     yield token
-    for event in decoder.finish(lenient=True):
-        if (token := reader.token(event.data)) is not None:
-            yield token
     yield reader.final(decoder.error_field)
