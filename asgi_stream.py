@@ -962,12 +962,13 @@ class Gateway:
                         if type(chunk) is str:
                             if not chunk:
                                 continue
-                            if not record.tokens:
+                            first = not record.tokens
+                            if first:
                                 first_token.deadline = math.inf
                                 record.first_token_after = anyio.current_time() - start
                             record.tokens += 1
                             record.append("token", chunk)
-                            if record.tokens == 1:  # let the writer send it before we parse the rest of this read
+                            if first:  # let the writer send it before we parse the rest of this read
                                 await anyio.lowlevel.checkpoint()
                         elif isinstance(chunk, Final):
                             final = chunk
