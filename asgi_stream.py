@@ -34,10 +34,8 @@ import anyio
 import httpx
 import orjson
 
-from providers import ChatRequest, Final, Provider, Upstream, UpstreamError, anthropic, gemini, make_usage, ollama, retried
-from providers.echo import stream_echo
+from providers import ChatRequest, Final, Provider, Upstream, UpstreamError, anthropic, echo, gemini, make_usage, ollama, openai, retried
 from providers.lines import LineTooLong
-from providers.openai import stream_openai
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -61,8 +59,8 @@ class Backend:
 
 
 BACKENDS: dict[str, Backend] = {
-    "echo": Backend(stream_echo, "echo", None, None, ""),
-    "openai": Backend(stream_openai, "gpt-4o-mini", "OPENAI_API_KEY", "OPENAI_BASE_URL", "https://api.openai.com/v1"),
+    "echo": Backend(echo.stream_echo, echo.DEFAULT_MODEL, None, None, ""),
+    "openai": Backend(openai.stream_openai, openai.DEFAULT_MODEL, "OPENAI_API_KEY", "OPENAI_BASE_URL", "https://api.openai.com/v1"),
     "anthropic": Backend(anthropic.stream_anthropic, anthropic.DEFAULT_MODEL, "ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL",
                          "https://api.anthropic.com"),
     "ollama": Backend(ollama.stream_ollama, ollama.DEFAULT_MODEL, None, "OLLAMA_BASE_URL", "http://localhost:11434"),

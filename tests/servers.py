@@ -27,63 +27,17 @@ GRACE = 2  # seconds each server gets to end open streams at shutdown
 
 # The command line of each server, as an operator would type it.
 SERVERS: dict[str, list[str]] = {
-    "uvicorn": [
-        "-m",
-        "uvicorn",
-        "asgi_stream:app",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "{port}",
-        "--timeout-graceful-shutdown",
-        str(GRACE),
-        "--log-level",
-        "warning",
-    ],
-    "hypercorn-asyncio": [
-        "-m",
-        "hypercorn",
-        "asgi_stream:app",
-        "--bind",
-        "127.0.0.1:{port}",
-        "-k",
-        "asyncio",
-        "--graceful-timeout",
-        str(GRACE),
-        "--log-level",
-        "warning",
-    ],
-    "hypercorn-trio": [
-        "-m",
-        "hypercorn",
-        "asgi_stream:app",
-        "--bind",
-        "127.0.0.1:{port}",
-        "-k",
-        "trio",
-        "--graceful-timeout",
-        str(GRACE),
-        "--log-level",
-        "warning",
-    ],
-    "granian": [
-        "-m",
-        "granian",
-        "--interface",
-        "asgi",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "{port}",
-        "--workers-kill-timeout",
-        str(GRACE),
-        "--log-level",
-        "warning",
-        "--no-access-log",
-        "asgi_stream:app",
-    ],
-    "daphne": ["-m", "daphne", "-b", "127.0.0.1", "-p", "{port}", "-v", "0", "asgi_stream:app"],
-}
+    name: command.format(grace=GRACE).split()
+    for name, command in {
+        "uvicorn": "-m uvicorn asgi_stream:app --host 127.0.0.1 --port {{port}} --timeout-graceful-shutdown {grace} --log-level warning",
+        "hypercorn-asyncio": "-m hypercorn asgi_stream:app --bind 127.0.0.1:{{port}} -k asyncio --graceful-timeout {grace}"
+        " --log-level warning",
+        "hypercorn-trio": "-m hypercorn asgi_stream:app --bind 127.0.0.1:{{port}} -k trio --graceful-timeout {grace} --log-level warning",
+        "granian": "-m granian --interface asgi --host 127.0.0.1 --port {{port}} --workers-kill-timeout {grace} --log-level warning"
+        " --no-access-log asgi_stream:app",
+        "daphne": "-m daphne -b 127.0.0.1 -p {{port}} -v 0 asgi_stream:app",
+    }.items()
+}  # fmt: skip
 
 
 def server_env(env: dict[str, str]) -> dict[str, str]:

@@ -17,8 +17,8 @@ import pytest
 
 import asgi_stream
 from tests.faultkit import usage_rows
-from tests.test_faults_upstream import BASE, FAULT_PROMPT, FAULTS, KEY, OK_PROMPT, SLACK, _base_url, normal_reply
-from tests.upstream import FakeUpstream, Reply, Seen
+from tests.test_faults_upstream import BASE, FAULT_PROMPT, FAULTS, KEY, OK_PROMPT, SLACK, _base_url, fault_responder
+from tests.upstream import FakeUpstream
 
 
 @pytest.fixture
@@ -50,12 +50,7 @@ async def test_upstream_fault_on_trio_ends_as_on_asyncio(name: str, tmp_path: Pa
     fault = FAULTS[name]
     db = tmp_path / "usage.db"
 
-    def responder(seen: Seen) -> Reply:
-        if OK_PROMPT.encode() in seen.body or fault.reply is None:
-            return normal_reply()
-        return fault.reply()
-
-    with FakeUpstream(responder) as upstream, _base_url(fault, upstream) as base_url:
+    with FakeUpstream(fault_responder(fault)) as upstream, _base_url(fault, upstream) as base_url:
         env = {
             **BASE,
             **fault.env,

@@ -279,6 +279,17 @@ def unaccepted_address() -> Iterator[str]:
                 s.close()
 
 
+def fault_responder(fault: Fault) -> Callable[[Seen], Reply]:
+    """The fault's reply to the faulty request; a normal stream to the check that serving goes on."""
+
+    def responder(seen: Seen) -> Reply:
+        if OK_PROMPT.encode() in seen.body or fault.reply is None:
+            return normal_reply()
+        return fault.reply()
+
+    return responder
+
+
 @pytest.mark.parametrize("name", FAULTS)
 def test_upstream_fault_ends_the_stream_with_an_error_and_leaves_nothing_behind(
     name: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
@@ -287,12 +298,7 @@ def test_upstream_fault_ends_the_stream_with_an_error_and_leaves_nothing_behind(
     caplog.set_level(logging.DEBUG)
     db = tmp_path / "usage.db"
 
-    def responder(seen: Seen) -> Reply:
-        if OK_PROMPT.encode() in seen.body or fault.reply is None:
-            return normal_reply()
-        return fault.reply()
-
-    with FakeUpstream(responder) as upstream, _base_url(fault, upstream) as base_url:
+    with FakeUpstream(fault_responder(fault)) as upstream, _base_url(fault, upstream) as base_url:
         env = {**BASE, **fault.env, "OPENAI_API_KEY": KEY, "OPENAI_BASE_URL": base_url, "USAGE_DB": str(db)}
         with serve_probed(env) as gw:
             started = time.monotonic()
