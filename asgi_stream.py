@@ -18,9 +18,7 @@ import re
 import secrets
 import sqlite3
 import sys
-import threading
 import time
-from array import array
 from bisect import bisect_left
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
@@ -34,8 +32,11 @@ import anyio
 import httpx
 import orjson
 
+from ledger import UsageLedger
 from providers import ChatRequest, Final, Provider, Upstream, UpstreamError, anthropic, echo, gemini, make_usage, ollama, openai, retried
 from providers.lines import LineTooLong
+from sse import FIRST_CHUNK, HEARTBEAT
+from stores.memory import StreamRecord, StreamRegistry
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -323,208 +324,7 @@ class ClientGone(Exception):
     """The client left before the request was complete."""
 
 
-# --- SSE framing ----------------------------------------------------------------
-
-SAFE_FIELD = re.compile(r"[!-~]+")  # printable ASCII, no space: no CR, LF or NUL
-LINE_BREAK = re.compile(r"\r\n|\r|\n")
-HEARTBEAT = b":\n"  # one comment line, no blank line: dispatches nothing anywhere
-FIRST_CHUNK = b"retry: 1000\n"  # gets the headers out on servers that hold them
-
-
-def encode_event(event: str, data: str, event_id: str) -> bytes:
-    """One complete SSE event; event names and ids that would break the
-    framing are refused."""
-    if not SAFE_FIELD.fullmatch(event) or not SAFE_FIELD.fullmatch(event_id):
-        raise ValueError("event names and ids must be printable ASCII without spaces")
-    return frame_event(event.encode(), event_id.encode(), frame_data(data))
-
-
-def frame_data(data: str) -> bytes:
-    """Event data as the payload of `data:` lines: one line per line of text
-    (the receiver joins them with LF), in UTF-8."""
-    if "\n" in data or "\r" in data:
-        data = "\ndata: ".join(LINE_BREAK.split(data))
-    return data.encode("utf-8", "replace")  # lone surrogates (possible from JSON escapes) cannot be UTF-8
-
-
-def frame_event(event: bytes, event_id: bytes, data: bytes | bytearray) -> bytes:
-    """An event from its parts, `data` as frame_data made it."""
-    return b"event: %b\nid: %b\ndata: %b\n\n" % (event, event_id, data)  # type: ignore[str-format]  # %b takes a bytearray too
-
-
-FRAME_OVERHEAD = len(frame_event(b"", b"", b""))
-
-
-EVENT_NAMES: list[bytes] = []  # what StreamRecord's kind bytes stand for
-EVENT_KINDS: dict[str, int] = {}
-
-
-# --- the stream record ---------------------------------------------------------
-
-
-class StreamRecord:
-    """The encoded events of one generation, for every client that reads it.
-
-    Clients are readers; the generation is the only writer. The interface
-    (append, read, wait, finish) is all a replica-shared store such as Redis
-    Streams would need to provide. Events are held compactly (their data in
-    one bytearray, an end offset and a kind byte each) and framed when read:
-    ~15 instead of ~70 bytes per token. `max_bytes` bounds what the held
-    events take framed (oldest dropped first).
-    """
-
-    def __init__(self, stream_id: str, key_name: str | None, request: ChatRequest, max_bytes: int):
-        self.id = stream_id
-        self.key_name = key_name
-        self.request = request
-        self.max_bytes = max_bytes
-        self.started = time.time()
-        self.started_clock = anyio.current_time()
-        self.first_token_after: float | None = None
-        self.tokens = 0
-        self.readers = 0
-        self.ever_disconnected = False
-        self.finished = False
-        self.finish_reason: str | None = None
-        self.usage: dict[str, Any] | None = None
-        self.error: UpstreamError | None = None
-        self.cancel_reason: str | None = None
-        self.generation: anyio.CancelScope | None = None
-        self._data = bytearray()  # UTF-8 data of the held events, line breaks already framed
-        self._ends = array("Q")  # end offset of each held event's data
-        self._kinds = bytearray()  # each held event's index in EVENT_NAMES
-        self._first = 0  # events before this were dropped to bound memory
-        self._held = 0  # bytes the held events take framed
-        self._changed: anyio.Event | None = None
-        self._id_prefix = stream_id.encode() + b"."
-
-    @property
-    def count(self) -> int:
-        return self._first + len(self._ends)
-
-    def append(self, event: str, data: str) -> None:
-        kind = EVENT_KINDS.get(event)
-        if kind is None:  # names come from code, not from input: a handful
-            kind = EVENT_KINDS[event] = len(EVENT_NAMES)
-            EVENT_NAMES.append(event.encode())
-        start = len(self._data)
-        self._data += frame_data(data)
-        self._ends.append(len(self._data))
-        self._kinds.append(kind)
-        self._held += self._framed_size(kind, self.count, len(self._data) - start)
-        if self._held > self.max_bytes:
-            self._drop_oldest()
-        self.notify()
-
-    def _framed_size(self, kind: int, number: int, data_size: int) -> int:
-        return FRAME_OVERHEAD + len(EVENT_NAMES[kind]) + len(self._id_prefix) + len(str(number)) + data_size
-
-    def _drop_oldest(self) -> None:
-        """Drop the oldest events (never the last) until at most half the bound is held."""
-        excess, dropped, freed, cut = self._held - self.max_bytes // 2, 0, 0, 0
-        while dropped < len(self._ends) - 1:
-            size = self._framed_size(self._kinds[dropped], self._first + dropped + 1, self._ends[dropped] - cut)
-            if freed + size > excess:
-                break
-            freed, cut, dropped = freed + size, self._ends[dropped], dropped + 1
-        if dropped:
-            del self._data[:cut], self._kinds[:dropped]
-            self._ends = array("Q", [end - cut for end in self._ends[dropped:]])
-            self._first += dropped
-            self._held -= freed
-
-    def read(self, position: int) -> bytes | None:
-        """Every event after the first `position` as one bytes (b"" if none
-        yet); None if some of them were dropped and cannot be replayed."""
-        if position < self._first:
-            return None
-        if position >= self.count:
-            return b""
-        held = position - self._first
-        start = self._ends[held - 1] if held else 0
-        frames = []
-        for i in range(held, len(self._ends)):
-            end = self._ends[i]
-            name, data = EVENT_NAMES[self._kinds[i]], self._data[start:end]
-            frames.append(frame_event(name, b"%b%d" % (self._id_prefix, self._first + i + 1), data))
-            start = end
-        return b"".join(frames)
-
-    def holds_position(self, position: int) -> bool:
-        return self._first <= position <= self.count
-
-    async def wait(self) -> None:
-        """Until something is appended, a reader comes or goes, or it ends."""
-        if self._changed is None:
-            self._changed = anyio.Event()
-        await self._changed.wait()
-
-    def notify(self) -> None:
-        if self._changed is not None:
-            self._changed.set()
-            self._changed = None
-
-    def cancel(self, reason: str) -> bool:
-        """Stop the generation (DELETE, or no reader after the grace), even one not started yet."""
-        if self.finished:
-            return False
-        self.cancel_reason = reason
-        if self.generation is not None:
-            self.generation.cancel()
-        return True
-
-    def finish(self, finish_reason: str, usage: dict[str, Any] | None, error: UpstreamError | None) -> None:
-        """Append the closing events: usage?, error?, done; exactly once."""
-        if self.finished:
-            return
-        self.finish_reason, self.usage, self.error = finish_reason, usage, error
-        if usage is not None:
-            self.append("usage", orjson.dumps(usage).decode())
-        if error is not None:
-            self.append("error", orjson.dumps(error.as_event_data()).decode())
-        self.append("done", finish_reason)
-        self.finished = True
-        self.notify()
-
-
-class StreamRegistry:
-    """Held streams by id, for resume and cancel; finished ones expire."""
-
-    def __init__(self, ttl: float):
-        self.ttl = ttl
-        self._streams: dict[str, StreamRecord] = {}
-        self._expiry: dict[str, float] = {}
-        self._next_sweep = 0.0
-
-    def add(self, record: StreamRecord) -> None:
-        self._sweep()
-        self._streams[record.id] = record
-
-    def get(self, stream_id: str, key_name: str | None) -> StreamRecord | None:
-        self._sweep()
-        record = self._streams.get(stream_id)
-        return record if record is not None and record.key_name == key_name else None
-
-    def expire_later(self, record: StreamRecord) -> None:
-        if self.ttl <= 0:
-            self._streams.pop(record.id, None)
-        else:
-            self._expiry[record.id] = time.monotonic() + self.ttl
-
-    def __len__(self) -> int:
-        return len(self._streams)
-
-    def _sweep(self) -> None:
-        now = time.monotonic()
-        if now < self._next_sweep:
-            return
-        self._next_sweep = now + 1.0
-        for stream_id in [s for s, t in self._expiry.items() if t <= now]:
-            del self._expiry[stream_id]
-            self._streams.pop(stream_id, None)
-
-
-# --- metrics, usage ledger, per-stream log line -------------------------------
+# --- metrics and the per-stream log line -------------------------------
 
 
 class Histogram:
@@ -580,87 +380,6 @@ class Metrics:
                     self.stream_duration.samples("asgi_stream_duration_seconds")),
         ]  # fmt: skip
         return ("\n".join(lines) + "\n").encode()
-
-
-LEDGER_COLUMNS = (
-    "stream_id", "key_name", "backend", "model", "started_at", "time_to_first_token_ms", "duration_ms",
-    "prompt_tokens", "completion_tokens", "total_tokens", "estimated", "finish_reason", "error_type",
-    "client_disconnected",
-)  # fmt: skip
-
-
-class UsageLedger:
-    """One SQLite row per stream. sqlite3 blocks, so every call runs in a
-    worker thread; one connection, serialized by a lock."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self._lock = threading.Lock()
-        self._db: sqlite3.Connection | None = None
-        self._queued: list[dict[str, Any]] = []
-        self._queued_in: anyio.Event | None = None  # set once the queued rows are written
-        self._writing = False
-
-    async def add(self, row: dict[str, Any]) -> None:
-        """Write `row`; rows of streams that end together go in one thread hop
-        and one transaction. A hop per row made the worker thread and the
-        event loop trade the GIL: +10 ms on cancels when 20 streams ended at once."""
-        if self._queued_in is None:
-            self._queued_in = anyio.Event()
-        self._queued.append(row)
-        if self._writing:  # the writer at work takes this row in its next batch
-            return await self._queued_in.wait()
-        self._writing = True
-        try:
-            while self._queued:
-                rows, written = self._queued, self._queued_in
-                self._queued, self._queued_in = [], None
-                assert written is not None  # made with the first queued row
-                try:
-                    await anyio.to_thread.run_sync(self.write_many, rows)
-                finally:
-                    written.set()
-        finally:
-            self._writing = False
-
-    def _connect(self) -> sqlite3.Connection:
-        if self._db is None:
-            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")  # WAL: no fsync per row (98 -> 11 us CPU); survives a crash, not a power cut
-            db.execute(
-                "CREATE TABLE IF NOT EXISTS usage (stream_id TEXT PRIMARY KEY, key_name TEXT, backend TEXT,"
-                " model TEXT, started_at TEXT, time_to_first_token_ms REAL, duration_ms REAL,"
-                " prompt_tokens INTEGER, completion_tokens INTEGER, total_tokens INTEGER, estimated INTEGER,"
-                " finish_reason TEXT, error_type TEXT, client_disconnected INTEGER)"
-            )
-            self._db = db
-        return self._db
-
-    def write(self, row: dict[str, Any]) -> None:
-        self.write_many([row])
-
-    def write_many(self, rows: list[dict[str, Any]]) -> None:
-        with self._lock, self._connect() as db:  # commits (or rolls back) at the end
-            db.execute("BEGIN")
-            db.executemany(
-                f"INSERT OR REPLACE INTO usage VALUES ({', '.join('?' * len(LEDGER_COLUMNS))})",  # noqa: S608 - placeholders only
-                [[row[c] for c in LEDGER_COLUMNS] for row in rows],
-            )
-
-    def close(self) -> None:
-        with self._lock:
-            if self._db is not None:
-                self._db.close()
-                self._db = None
-
-    def summary(self) -> list[tuple[Any, ...]]:
-        with self._lock:
-            return self._connect().execute(
-                "SELECT coalesce(key_name, '-'), backend, model, count(*), sum(prompt_tokens),"
-                " sum(completion_tokens), sum(total_tokens), sum(estimated) FROM usage"
-                " GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
-            ).fetchall()
 
 
 def stream_facts(record: StreamRecord, ended_clock: float) -> dict[str, Any]:

@@ -14,7 +14,8 @@ import pytest
 import uvicorn
 
 import asgi_stream
-from asgi_stream import BACKENDS, Config, ConfigError, UsageLedger, load_config
+from asgi_stream import BACKENDS, Config, ConfigError, load_config
+from ledger import UsageLedger
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 import asgi_stream
+import ledger
 from tests.faultkit import Probed, probe, serve_probed, usage_rows, wait_until
 from tests.upstream import FakeUpstream, Reply
 
@@ -369,13 +370,13 @@ def test_shutdown_under_open_streams_ends_each_with_an_error_and_loses_no_usage_
     cancels what is left, natively (anyio's shield does not hold against
     that). A slow disk widens the window in which rows could be lost."""
     if disk == "slow":
-        write = asgi_stream.UsageLedger.write
+        write = ledger.UsageLedger.write
 
-        def slow_write(self: asgi_stream.UsageLedger, row: dict[str, object]) -> None:
+        def slow_write(self: ledger.UsageLedger, row: dict[str, object]) -> None:
             time.sleep(0.05)
             write(self, row)
 
-        monkeypatch.setattr(asgi_stream.UsageLedger, "write", slow_write)
+        monkeypatch.setattr(ledger.UsageLedger, "write", slow_write)
     db = tmp_path / "usage.db"
     streams = 20
     env = {"OPENAI_API_KEY": KEY, "OPENAI_BASE_URL": upstream.url + "/v1", "USAGE_DB": str(db)}
@@ -415,7 +416,6 @@ async def test_a_send_that_cannot_progress_ends_the_stream_within_the_send_timeo
     of the send *after* the one that filled it: here the closing empty chunk)."""
     import anyio
 
-    import asgi_stream
 
     env = {"USAGE_DB": "", "RESUME_GRACE_SECONDS": "0", "SEND_TIMEOUT_SECONDS": "0.3", "HEARTBEAT_SECONDS": "0.05"}
     env["ECHO_DELAY_SECONDS"] = "0" if stall_on == "after done" else "0.4"

@@ -21,10 +21,13 @@ from httpx_sse import EventSource
 from prometheus_client.parser import text_string_to_metric_families
 
 import asgi_stream
-from asgi_stream import FIRST_CHUNK, HEARTBEAT, Gateway, StreamRecord, StreamRegistry
+import stores.memory
+from asgi_stream import Gateway
 from providers import ChatRequest, UpstreamError
 from providers.echo import echo_tokens
 from providers.lines import LineTooLong
+from sse import FIRST_CHUNK, HEARTBEAT
+from stores.memory import StreamRecord, StreamRegistry
 
 pytestmark = pytest.mark.anyio
 
@@ -693,7 +696,7 @@ async def test_delete_cancels_a_running_stream() -> None:
 
 def test_the_registry_forgets_finished_streams_after_the_ttl(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = [1000.0]
-    monkeypatch.setattr(asgi_stream.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(stores.memory.time, "monotonic", lambda: clock[0])
     registry = StreamRegistry(ttl=10)
     running, finished = SimpleNamespace(id="r", key_name=None), SimpleNamespace(id="f", key_name="k")
     registry.add(running)  # type: ignore[arg-type]
@@ -706,7 +709,7 @@ def test_the_registry_forgets_finished_streams_after_the_ttl(monkeypatch: pytest
 
 def test_the_registry_sweeps_at_most_once_a_second(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = [1000.0]
-    monkeypatch.setattr(asgi_stream.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(stores.memory.time, "monotonic", lambda: clock[0])
     registry = StreamRegistry(ttl=0.1)
     record = SimpleNamespace(id="f", key_name=None)
     registry.add(record)  # type: ignore[arg-type]

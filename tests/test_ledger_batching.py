@@ -10,16 +10,16 @@ from typing import Any
 import anyio
 import pytest
 
-import asgi_stream
+from ledger import LEDGER_COLUMNS, UsageLedger
 
 
 def row(i: int) -> dict[str, Any]:
-    return {column: None for column in asgi_stream.LEDGER_COLUMNS} | {"stream_id": f"s{i}", "backend": "echo", "model": "echo"}
+    return {column: None for column in LEDGER_COLUMNS} | {"stream_id": f"s{i}", "backend": "echo", "model": "echo"}
 
 
 @pytest.mark.anyio
 async def test_rows_added_together_are_written_in_few_batches_and_all_land(tmp_path: Path) -> None:
-    ledger = asgi_stream.UsageLedger(str(tmp_path / "usage.db"))
+    ledger = UsageLedger(str(tmp_path / "usage.db"))
     batches: list[int] = []
     write_many = ledger.write_many
     ledger.write_many = lambda rows: (batches.append(len(rows)), write_many(rows))[1]  # type: ignore[method-assign]

@@ -8,7 +8,8 @@ import anyio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import asgi_stream
+import sse
+import stores.memory
 from providers import ChatRequest
 
 REQUEST = ChatRequest([{"role": "user", "content": "hi"}], "echo", "echo", 16)
@@ -23,7 +24,7 @@ class PlainRecord:
         self.first = 0
 
     def append(self, event: str, data: str) -> None:
-        self.frames.append(asgi_stream.encode_event(event, data, f"{self.stream_id}.{self.first + len(self.frames) + 1}"))
+        self.frames.append(sse.encode_event(event, data, f"{self.stream_id}.{self.first + len(self.frames) + 1}"))
         held = sum(map(len, self.frames))
         if held > self.max_bytes:
             excess, freed, dropped = held - self.max_bytes // 2, 0, 0
@@ -48,7 +49,7 @@ events = st.lists(st.tuples(st.sampled_from(["token", "token", "token", "usage",
 @given(events=events, max_bytes=st.integers(60, 3000), stream_id=st.sampled_from(["s", "AbC-_x9" * 3]))
 def test_reads_give_the_same_bytes_as_framing_every_event_up_front(events: list[tuple[str, str]], max_bytes: int, stream_id: str) -> None:
     async def check() -> None:
-        record = asgi_stream.StreamRecord(stream_id, None, REQUEST, max_bytes)
+        record = stores.memory.StreamRecord(stream_id, None, REQUEST, max_bytes)
         plain = PlainRecord(stream_id, max_bytes)
         for event, data in events:
             record.append(event, data)
@@ -62,7 +63,7 @@ def test_reads_give_the_same_bytes_as_framing_every_event_up_front(events: list[
 
 def test_a_held_stream_of_short_tokens_takes_about_fifteen_bytes_per_token() -> None:
     async def check() -> None:
-        record = asgi_stream.StreamRecord("x" * 22, None, REQUEST, 1 << 20)
+        record = stores.memory.StreamRecord("x" * 22, None, REQUEST, 1 << 20)
         for i in range(1000):
             record.append("token", f" w{i % 100}")
         framed = len(record.read(0) or b"")

@@ -25,8 +25,10 @@ from httpx_sse import EventSource
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from asgi_stream import Gateway, StreamRecord, encode_event
+from asgi_stream import Gateway
 from providers import ChatRequest, Chunk, Final, Upstream, UpstreamError
+from sse import encode_event
+from stores.memory import StreamRecord
 
 NODE_ORACLE = Path(__file__).with_name("node") / "sse_oracle.mjs"
 REQUEST = ChatRequest([{"role": "user", "content": "hi"}], "echo", "echo", 100)

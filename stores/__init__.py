@@ -1,0 +1,2 @@
+"""Where stream records live: `memory` (this process, the default) or, with
+`REDIS_URL` set, shared by every replica."""
