@@ -249,8 +249,9 @@ def server_pid(root: int) -> int:
 def test_sigterm_ends_open_streams_after_the_graceful_timeout(image: Image, served: Running) -> None:
     cmd = image.config["Cmd"]
     grace = float(cmd[cmd.index("--timeout-graceful-shutdown") + 1])
-    prompt = "%20".join(f"w{i}" for i in range(5000))  # 100 s at 0.02 s a token: still open at the end
-    request = f"GET /chat/stream?prompt={prompt} HTTP/1.1\r\nhost: x\r\n\r\n".encode()
+    body = json.dumps({"messages": [{"role": "user", "content": " ".join(f"w{i}" for i in range(5000))}]})  # 100 s at 0.02 s a token
+    head = f"POST /chat/stream HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+    request = (head + body).encode()
     with open_stream(served.url, request) as sock:
         head = read_until(sock, lambda got: b"event: token" in got)
         os.kill(server_pid(served.popen.pid), signal.SIGTERM)
@@ -261,4 +262,6 @@ def test_sigterm_ends_open_streams_after_the_graceful_timeout(image: Image, serv
     assert re.search(
         rb'event: error\nid: \S+\ndata: \{"type":"shutdown"[^\n]*\n\nevent: done\nid: \S+\ndata: error\n\n$', body_of(head + rest)
     )
-    assert served.popen.wait(60) == 0, served.log.read_text(errors="replace")
+    served.popen.wait(60)  # buildah reports the SIGTERM uvicorn re-raises at exit as status 1
+    log = served.log.read_text(errors="replace")
+    assert "Application shutdown complete." in log and "Finished server process" in log, log[-2000:]
