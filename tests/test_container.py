@@ -30,6 +30,7 @@ BASE_PACKAGES = "python3,python3-venv,python3-pip,python-is-python3,ca-certifica
 MIRROR = os.environ.get("DEBIAN_MIRROR", "http://deb.debian.org/debian")
 IMAGE_ENV = {"PATH", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "USAGE_DB"}  # all the image itself needs
 SLOW = 1800  # seconds for a step that downloads or builds, on a slow machine
+pytestmark = pytest.mark.timeout(2 * SLOW)  # the first test here waits for mmdebstrap and the build
 
 
 def instructions(text: str) -> list[tuple[str, str]]:
