@@ -237,6 +237,8 @@ def _body_field(fields: dict[str, Any], query: dict[str, str], name: str, kind: 
     if kind is int:
         if not raw.isascii() or not raw.isdigit():
             raise invalid(f"{name} must be an integer, got {raw[:40]!r}")
+        if len(raw) > 20:  # past every limit here, and int() refuses past 4,300 digits
+            raise invalid(f"{name} is out of range, got {_show(raw)}")
         return int(raw)
     if kind is float:
         try:
@@ -286,7 +288,7 @@ def parse_chat_request(method: str, query: dict[str, str], body: bytes, config: 
     if max_tokens is None:
         max_tokens = config.max_tokens
     if not 1 <= max_tokens <= config.max_tokens_limit:
-        raise invalid(f"max_tokens must be from 1 to {config.max_tokens_limit}, got {max_tokens}")
+        raise invalid(f"max_tokens must be from 1 to {config.max_tokens_limit}, got {_show(max_tokens)}")
     temperature = _body_field(fields, query, "temperature", float)
     if temperature is not None and not 0 <= temperature <= 2:
         raise invalid(f"temperature must be from 0 to 2, got {temperature}")
@@ -303,7 +305,7 @@ async def read_body(receive: Receive, headers: dict[str, str], config: Config) -
     limit = config.max_body_bytes
     too_large = HTTPError(413, "payload_too_large", f"the request body is larger than {limit} bytes")
     declared = headers.get("content-length", "")
-    if declared.isascii() and declared.isdigit() and int(declared) > limit:  # isdigit alone passes "²"
+    if declared.isascii() and declared.isdigit() and (len(declared) > 20 or int(declared) > limit):  # isdigit alone passes "²"
         raise too_large
     body = bytearray()
     with anyio.move_on_after(config.body_timeout) as scope:
@@ -419,6 +421,8 @@ SSE_HEADERS = [
 ]
 ROUTES: dict[str, tuple[str, ...]] = {"/": ("GET",), "/healthz": ("GET",), "/metrics": ("GET",), "/chat/stream": ("GET", "POST")}
 INDEX_FILE = Path(__file__).with_name("index.html")
+# Server's graceful timeout + this must stay below the orchestrator's stop grace (docker-compose.yml).
+LEDGER_SHUTDOWN_WAIT_SECONDS = 5.0
 MAX_HEADER_BYTES = 65536
 
 
@@ -483,7 +487,7 @@ class Gateway:
     async def aclose(self) -> None:
         # Servers cancel open streams before the lifespan shutdown but do not
         # wait for them: give their last ledger rows time to be written.
-        with anyio.move_on_after(5):
+        with anyio.move_on_after(LEDGER_SHUTDOWN_WAIT_SECONDS):
             while self.unaccounted:  # noqa: ASYNC110 - a rare, bounded wait at shutdown
                 await anyio.sleep(0.01)
         if self._http is not None:
@@ -537,7 +541,7 @@ class Gateway:
             return await self.preflight(headers, send)
         if method not in allowed:
             allow = ", ".join(allowed)
-            raise HTTPError(405, "method_not_allowed", f"{path} allows {allow}", [(b"allow", allow.encode())])
+            raise HTTPError(405, "method_not_allowed", f"{path[:100]} allows {allow}", [(b"allow", allow.encode())])
         if path == "/healthz":
             self.config  # noqa: B018 - without lifespan (daphne) bad settings must fail the health check
             return await send_response(send, 200, b'{"status":"ok"}', b"application/json")
@@ -635,7 +639,8 @@ class Gateway:
         """Replay what followed `last_event_id`, then follow the generation.
         Whatever cannot be resumed gets 204, which stops EventSource."""
         stream_id, _, position = last_event_id.rpartition(".")
-        record = self.registry.get(stream_id, key_name) if position.isascii() and position.isdigit() else None
+        readable = position.isascii() and position.isdigit() and len(position) <= 20  # int() refuses past 4,300 digits
+        record = self.registry.get(stream_id, key_name) if readable else None
         if record is None or not record.holds_position(int(position)) or (record.finished and int(position) >= record.count):
             return await send_response(send, 204, b"", None, self.cors_headers(scope))
         await self.serve_reader(record, int(position), scope, receive, send)

@@ -108,12 +108,12 @@ def stop(popen: subprocess.Popen[bytes], timeout: float = 10) -> None:
 def open_stream(url: str, request: bytes) -> socket.socket:
     """A raw connection that has sent `request` (HTTP/1.1 bytes)."""
     host, port = url.removeprefix("http://").split(":")
-    sock = socket.create_connection((host, int(port)), timeout=10)
+    sock = socket.create_connection((host, int(port)), timeout=60)
     sock.sendall(request)
     return sock
 
 
-def read_until(sock: socket.socket, condition: Callable[[bytes], bool], limit: float = 10) -> bytes:
+def read_until(sock: socket.socket, condition: Callable[[bytes], bool], limit: float = 60) -> bytes:
     """Read until `condition(received)` holds or the peer closes."""
     received = b""
     deadline = time.monotonic() + limit

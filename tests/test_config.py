@@ -108,6 +108,7 @@ NUMBERS = ["CONNECT_TIMEOUT_SECONDS", "FIRST_TOKEN_TIMEOUT_SECONDS", "IDLE_TIMEO
            "HEARTBEAT_SECONDS", "BODY_TIMEOUT_SECONDS", "SEND_TIMEOUT_SECONDS"]  # fmt: skip
 INTEGERS = ["MAX_TOKENS", "MAX_TOKENS_LIMIT", "MAX_BODY_BYTES", "MAX_STREAMS", "MAX_STREAMS_PER_KEY", "STREAM_BUFFER_BYTES"]
 ZERO_OK = ["RESUME_GRACE_SECONDS", "RESUME_TTL_SECONDS", "ECHO_DELAY_SECONDS"]
+FIELDS = {variable: (field, default) for field, (variable, default, _) in asgi_stream.NUMBERS.items()}  # variable -> Config field
 
 
 def config_error(env: dict[str, str]) -> str:
@@ -119,8 +120,10 @@ def config_error(env: dict[str, str]) -> str:
 @pytest.mark.parametrize("value", ["abc", "", "1,5", "0x10", "nan", "inf", "-inf", "-1", "0"])
 @pytest.mark.parametrize("name", NUMBERS + INTEGERS + ZERO_OK)
 def test_an_invalid_number_names_its_variable(name: str, value: str) -> None:
-    if value == "" or (value == "0" and name in ZERO_OK):
-        load_config({name: value})  # empty means the default; 0 is meaningful for these
+    if value == "" or (value == "0" and name in ZERO_OK):  # empty means the default; 0 is meaningful for these
+        field, default = FIELDS[name]
+        expected = default if value == "" else 0
+        assert getattr(load_config({name: value}), field) == expected and expected != getattr(load_config({name: "2048"}), field)
         return
     assert config_error({name: value}).startswith(f"{name}={value!r} ")
 
