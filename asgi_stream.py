@@ -94,7 +94,7 @@ NUMBERS: dict[str, tuple[str, float, float]] = {
     "body_timeout": ("BODY_TIMEOUT_SECONDS", 30.0, 0.001),  # an unfinished body then gets 408
     "send_timeout": ("SEND_TIMEOUT_SECONDS", 30.0, 0.001),  # a client taking no bytes this long is dropped
     "stream_buffer_bytes": ("STREAM_BUFFER_BYTES", 1_048_576, 1024),  # events held per stream for resume
-    "echo_delay": ("ECHO_DELAY_SECONDS", 0.0, 0),
+    "echo_delay": ("ECHO_DELAY_SECONDS", 0.05, 0),  # paced for people; tests set 0
 }
 
 

@@ -30,7 +30,7 @@ def test_defaults_are_those_of_the_design_table() -> None:
     assert (config.connect_timeout, config.first_token_timeout, config.idle_timeout, config.total_timeout) == (10, 120, 60, 600)
     assert (config.heartbeat, config.resume_grace, config.resume_ttl) == (15, 5, 60)
     assert config.usage_db == "usage.db"
-    assert config.upstreams["echo"].token_delay == 0
+    assert config.echo_delay == config.upstreams["echo"].token_delay == 0.05  # paced so a newcomer sees streaming
 
 
 def test_every_setting_is_read() -> None:

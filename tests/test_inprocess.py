@@ -28,7 +28,7 @@ from providers.lines import LineTooLong
 
 pytestmark = pytest.mark.anyio
 
-ENV = {"USAGE_DB": "", "RESUME_GRACE_SECONDS": "0"}
+ENV = {"USAGE_DB": "", "RESUME_GRACE_SECONDS": "0", "ECHO_DELAY_SECONDS": "0"}
 TIMEOUT = 10  # a failing test fails after this; a passing one never waits for it
 
 
