@@ -122,6 +122,7 @@ class Config:
     send_timeout: float
     stream_buffer_bytes: int
     echo_delay: float
+    log_level: int = logging.INFO  # of the per-stream log line (LOG_LEVEL)
 
 
 def _number(env: Mapping[str, str], name: str, default: float, low: float) -> float:
@@ -167,8 +168,25 @@ def load_config(env: Mapping[str, str]) -> Config:
             raise ConfigError("API_KEYS must be name:key pairs separated by commas")
         api_keys[key] = name
     origins = frozenset(o.strip() for o in env.get("CORS_ORIGINS", "").split(",") if o.strip())
+    level = env.get("LOG_LEVEL", "").strip().upper() or "INFO"
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"LOG_LEVEL={env['LOG_LEVEL']!r} is not one of {', '.join(LOG_LEVELS)}")
     return Config(upstreams, default, env.get("DEFAULT_MODEL", "").strip() or None, api_keys, origins,
-                  env.get("USAGE_DB", "usage.db").strip(), **numbers)  # type: ignore[arg-type]
+                  env.get("USAGE_DB", "usage.db").strip(), **numbers, log_level=logging.getLevelName(level))  # type: ignore[arg-type]
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def attach_stream_log(level: int) -> None:
+    """Servers other than `python -m asgi_stream` (uvicorn's CLI among them)
+    configure only their own loggers, so our INFO line would be dropped: give
+    ours a stderr handler, unless the host set up logging (no line twice)."""
+    log.setLevel(level)
+    if not log.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
 
 
 # --- requests and their validation -------------------------------------------
@@ -742,6 +760,7 @@ class Gateway:
     def config(self) -> Config:
         if self._config is None:
             config = load_config(os.environ if self._environ is None else self._environ)
+            attach_stream_log(config.log_level)
             self.registry = StreamRegistry(config.resume_ttl)
             self.ledger = UsageLedger(config.usage_db) if config.usage_db else None
             self._index = INDEX_FILE.read_bytes() if INDEX_FILE.exists() else b"<!doctype html><title>asgi-stream</title>"

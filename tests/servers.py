@@ -79,9 +79,11 @@ def wait_until_serving(url: str, popen: subprocess.Popen[bytes], log: Path, time
 @contextmanager
 def run_server(name: str, env: dict[str, str], tmp: Path, command: list[str] | None = None) -> Iterator[Process]:
     """Start `name` (or `command`, argv after the interpreter) and stop it
-    with SIGTERM, then SIGKILL if it will not go."""
+    with SIGTERM, then SIGKILL if it will not go. `{port}` in the argv or in
+    an env value is the port chosen."""
     port = free_port()
     argv = [sys.executable, *[a.replace("{port}", str(port)) for a in (command or SERVERS[name])]]
+    env = {k: v.replace("{port}", str(port)) for k, v in env.items()}
     log = tmp / f"{name}-{port}.log"
     with log.open("wb") as out:
         popen = subprocess.Popen(
