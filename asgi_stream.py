@@ -35,6 +35,7 @@ import httpx
 import orjson
 
 from providers import ChatRequest, Final, Provider, Upstream, UpstreamError, anthropic, echo, gemini, make_usage, ollama, openai, retried
+from providers.idle import UPSTREAM_IDLE, IdleDeadline
 from providers.lines import LineTooLong
 
 Scope = dict[str, Any]
@@ -774,7 +775,8 @@ class Gateway:
             cfg = self.config
             connect = cfg.connect_timeout
             self._http = httpx.AsyncClient(
-                timeout=httpx.Timeout(connect=connect, read=cfg.idle_timeout, write=connect, pool=connect),  # read: the idle deadline
+                # no read timeout: the first-token, then the idle deadline are cancel scopes in drive
+                timeout=httpx.Timeout(connect=connect, read=None, write=connect, pool=connect),
                 transport=PoolShards(UPSTREAM_POOLS, limits=httpx.Limits(max_connections=None, max_keepalive_connections=8)),
                 follow_redirects=False,
             )
@@ -969,9 +971,11 @@ class Gateway:
         """Run the provider under the deadlines; every failure becomes UpstreamError."""
         cfg = self.config
         start = anyio.current_time()
-        first_token = anyio.CancelScope(deadline=start + cfg.first_token_timeout)
+        first_token = anyio.CancelScope(deadline=start + cfg.first_token_timeout)  # from the first token: idle
+        idle = IdleDeadline(first_token, cfg.idle_timeout)
         total = anyio.CancelScope(deadline=start + cfg.total_timeout)
         final: Final | None = None
+        UPSTREAM_IDLE.set(idle)  # this task's own context: told of every upstream read
         try:
             with total, first_token:
                 async with aclosing(retried(provider)(self.http, upstream, record.request)) as chunks:
@@ -981,7 +985,7 @@ class Gateway:
                                 continue
                             first = not record.tokens
                             if first:
-                                first_token.deadline = math.inf
+                                idle.arm()
                                 record.first_token_after = anyio.current_time() - start
                             record.tokens += 1
                             record.append("token", chunk)
@@ -989,14 +993,14 @@ class Gateway:
                                 await anyio.lowlevel.checkpoint()
                         elif isinstance(chunk, Final):
                             final = chunk
-        except httpx.ReadTimeout:
-            raise UpstreamError("timeout", f"idle deadline: the upstream sent nothing for {cfg.idle_timeout:g} s") from None
         except httpx.ConnectTimeout:
             raise UpstreamError("timeout", f"connect deadline: no connection within {cfg.connect_timeout:g} s") from None
         except httpx.TimeoutException as exc:
             raise UpstreamError("timeout", f"upstream {type(exc).__name__}") from None
         except (httpx.HTTPError, LineTooLong) as exc:
             raise UpstreamError("protocol_error", f"the upstream stream broke: {str(exc) or type(exc).__name__}") from None
+        if first_token.cancelled_caught and record.tokens:
+            raise UpstreamError("timeout", f"idle deadline: the upstream sent nothing for {cfg.idle_timeout:g} s")
         if first_token.cancelled_caught:
             raise UpstreamError("timeout", f"first-token deadline: no token within {cfg.first_token_timeout:g} s")
         if total.cancelled_caught:
