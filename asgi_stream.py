@@ -34,6 +34,7 @@ import orjson
 
 from ledger import UsageLedger
 from providers import ChatRequest, Final, Provider, Upstream, UpstreamError, anthropic, echo, gemini, make_usage, ollama, openai, retried
+from providers.idle import UPSTREAM_IDLE, IdleDeadline
 from providers.lines import LineTooLong
 from sse import FIRST_CHUNK, HEARTBEAT
 from stores.memory import StreamRecord, StreamRegistry
@@ -95,7 +96,7 @@ NUMBERS: dict[str, tuple[str, float, float]] = {
     "body_timeout": ("BODY_TIMEOUT_SECONDS", 30.0, 0.001),  # an unfinished body then gets 408
     "send_timeout": ("SEND_TIMEOUT_SECONDS", 30.0, 0.001),  # a client taking no bytes this long is dropped
     "stream_buffer_bytes": ("STREAM_BUFFER_BYTES", 1_048_576, 1024),  # events held per stream for resume
-    "echo_delay": ("ECHO_DELAY_SECONDS", 0.0, 0),
+    "echo_delay": ("ECHO_DELAY_SECONDS", 0.05, 0),  # paced for people; tests set 0
 }
 
 
@@ -123,6 +124,7 @@ class Config:
     send_timeout: float
     stream_buffer_bytes: int
     echo_delay: float
+    log_level: int = logging.INFO  # of the per-stream log line (LOG_LEVEL)
 
 
 def _number(env: Mapping[str, str], name: str, default: float, low: float) -> float:
@@ -168,8 +170,25 @@ def load_config(env: Mapping[str, str]) -> Config:
             raise ConfigError("API_KEYS must be name:key pairs separated by commas")
         api_keys[key] = name
     origins = frozenset(o.strip() for o in env.get("CORS_ORIGINS", "").split(",") if o.strip())
+    level = env.get("LOG_LEVEL", "").strip().upper() or "INFO"
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"LOG_LEVEL={env['LOG_LEVEL']!r} is not one of {', '.join(LOG_LEVELS)}")
     return Config(upstreams, default, env.get("DEFAULT_MODEL", "").strip() or None, api_keys, origins,
-                  env.get("USAGE_DB", "usage.db").strip(), **numbers)  # type: ignore[arg-type]
+                  env.get("USAGE_DB", "usage.db").strip(), **numbers, log_level=logging.getLevelName(level))  # type: ignore[arg-type]
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def attach_stream_log(level: int) -> None:
+    """Servers other than `python -m asgi_stream` (uvicorn's CLI among them)
+    configure only their own loggers, so our INFO line would be dropped: give
+    ours a stderr handler, unless the host set up logging (no line twice)."""
+    log.setLevel(level)
+    if not log.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
 
 
 # --- requests and their validation -------------------------------------------
@@ -465,6 +484,7 @@ class Gateway:
     def config(self) -> Config:
         if self._config is None:
             config = load_config(os.environ if self._environ is None else self._environ)
+            attach_stream_log(config.log_level)
             self.registry = StreamRegistry(config.resume_ttl)
             self.ledger = UsageLedger(config.usage_db) if config.usage_db else None
             self._index = INDEX_FILE.read_bytes() if INDEX_FILE.exists() else b"<!doctype html><title>asgi-stream</title>"
@@ -478,7 +498,8 @@ class Gateway:
             cfg = self.config
             connect = cfg.connect_timeout
             self._http = httpx.AsyncClient(
-                timeout=httpx.Timeout(connect=connect, read=cfg.idle_timeout, write=connect, pool=connect),  # read: the idle deadline
+                # no read timeout: the first-token, then the idle deadline are cancel scopes in drive
+                timeout=httpx.Timeout(connect=connect, read=None, write=connect, pool=connect),
                 transport=PoolShards(UPSTREAM_POOLS, limits=httpx.Limits(max_connections=None, max_keepalive_connections=8)),
                 follow_redirects=False,
             )
@@ -674,9 +695,11 @@ class Gateway:
         """Run the provider under the deadlines; every failure becomes UpstreamError."""
         cfg = self.config
         start = anyio.current_time()
-        first_token = anyio.CancelScope(deadline=start + cfg.first_token_timeout)
+        first_token = anyio.CancelScope(deadline=start + cfg.first_token_timeout)  # from the first token: idle
+        idle = IdleDeadline(first_token, cfg.idle_timeout)
         total = anyio.CancelScope(deadline=start + cfg.total_timeout)
         final: Final | None = None
+        UPSTREAM_IDLE.set(idle)  # this task's own context: told of every upstream read
         try:
             with total, first_token:
                 async with aclosing(retried(provider)(self.http, upstream, record.request)) as chunks:
@@ -686,7 +709,7 @@ class Gateway:
                                 continue
                             first = not record.tokens
                             if first:
-                                first_token.deadline = math.inf
+                                idle.arm()
                                 record.first_token_after = anyio.current_time() - start
                             record.tokens += 1
                             record.append("token", chunk)
@@ -694,14 +717,14 @@ class Gateway:
                                 await anyio.lowlevel.checkpoint()
                         elif isinstance(chunk, Final):
                             final = chunk
-        except httpx.ReadTimeout:
-            raise UpstreamError("timeout", f"idle deadline: the upstream sent nothing for {cfg.idle_timeout:g} s") from None
         except httpx.ConnectTimeout:
             raise UpstreamError("timeout", f"connect deadline: no connection within {cfg.connect_timeout:g} s") from None
         except httpx.TimeoutException as exc:
             raise UpstreamError("timeout", f"upstream {type(exc).__name__}") from None
         except (httpx.HTTPError, LineTooLong) as exc:
             raise UpstreamError("protocol_error", f"the upstream stream broke: {str(exc) or type(exc).__name__}") from None
+        if first_token.cancelled_caught and record.tokens:
+            raise UpstreamError("timeout", f"idle deadline: the upstream sent nothing for {cfg.idle_timeout:g} s")
         if first_token.cancelled_caught:
             raise UpstreamError("timeout", f"first-token deadline: no token within {cfg.first_token_timeout:g} s")
         if total.cancelled_caught:

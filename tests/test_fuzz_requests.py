@@ -294,7 +294,7 @@ def _headers(content_type: str | None) -> dict[str, str]:
 
 @pytest.mark.anyio
 async def test_hostile_requests_get_their_4xx_through_the_asgi_app() -> None:
-    gateway = asgi_stream.Gateway({"RESUME_TTL_SECONDS": "0", "USAGE_DB": "", "MAX_TOKENS_LIMIT": "4096"})
+    gateway = asgi_stream.Gateway({"RESUME_TTL_SECONDS": "0", "USAGE_DB": "", "MAX_TOKENS_LIMIT": "4096", "ECHO_DELAY_SECONDS": "0"})
     transport = httpx.ASGITransport(app=gateway)
     async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
         with anyio.fail_after(60):
@@ -328,7 +328,7 @@ def test_a_wrong_type_is_refused_with_a_message_naming_the_field(name: str, body
 
 # --- fuzzing through the ASGI app, on asyncio and trio
 
-ASGI_GATEWAY_ENV = {"RESUME_TTL_SECONDS": "0", "USAGE_DB": "", "MAX_TOKENS_LIMIT": "4096"}
+ASGI_GATEWAY_ENV = {"RESUME_TTL_SECONDS": "0", "USAGE_DB": "", "MAX_TOKENS_LIMIT": "4096", "ECHO_DELAY_SECONDS": "0"}
 
 
 @pytest.mark.anyio

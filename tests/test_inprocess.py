@@ -31,7 +31,7 @@ from stores.memory import StreamRecord, StreamRegistry
 
 pytestmark = pytest.mark.anyio
 
-ENV = {"USAGE_DB": "", "RESUME_GRACE_SECONDS": "0"}
+ENV = {"USAGE_DB": "", "RESUME_GRACE_SECONDS": "0", "ECHO_DELAY_SECONDS": "0"}
 TIMEOUT = 10  # a failing test fails after this; a passing one never waits for it
 
 

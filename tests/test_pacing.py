@@ -53,3 +53,14 @@ def test_a_client_that_takes_no_bytes_is_dropped_after_the_send_timeout() -> Non
             assert time.monotonic() < deadline, "the reader was never dropped"
             time.sleep(0.01)
         assert time.monotonic() - stuck_since < 30  # dropped by the 0.3 s send timeout, not by the test giving up
+
+
+def test_the_echo_backend_is_paced_for_people_by_default() -> None:
+    """A fresh server's echo reply streams word by word, visibly: with the
+    default pacing, five words take at least four pauses of 0.05 s."""
+    with serve({"ECHO_DELAY_SECONDS": ""}) as served, httpx.Client(timeout=20) as client:  # empty: the default
+        body = {"messages": [{"role": "user", "content": "one two three four five"}]}
+        with client.stream("POST", served.url + "/chat/stream", json=body) as response:
+            arrivals = [time.monotonic() for piece in response.iter_raw() if b"event: token" in piece]
+    assert len(arrivals) >= 2  # not the whole reply in one write
+    assert arrivals[-1] - arrivals[0] >= 4 * 0.05 * 0.9
