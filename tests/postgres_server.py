@@ -1,7 +1,7 @@
 """A real PostgreSQL server for the tests: a fresh cluster (initdb) in a temp
 directory, on a free 127.0.0.1 port, password authentication only, run as an
 unprivileged user (PostgreSQL refuses root), stoppable and restartable on the
-same port. Import the fixture: `from tests.postgres_server import postgres_server  # noqa: F401`."""
+same port. Use it as tests/test_ledger_postgres.py does (fixtures bound to module names)."""
 
 from __future__ import annotations
 
