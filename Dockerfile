@@ -6,9 +6,9 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 FROM ${PYTHON_IMAGE} AS build
 WORKDIR /src
 COPY pyproject.toml .
-# Only [project] dependencies (no test extras), read from pyproject.toml so the
-# list lives in one place; the venv gets no pip of its own.
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > requirements.txt \
+# [project] dependencies and the [postgres] extra (USAGE_DB=postgresql://...; no
+# test extras), read from pyproject.toml so the list lives in one place; the venv gets no pip of its own.
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['postgres']))" > requirements.txt \
  && python -m venv --without-pip /venv \
  && python -m pip --python /venv/bin/python install --no-cache-dir --no-compile -r requirements.txt
 

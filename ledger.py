@@ -39,7 +39,7 @@ ADDED_COLUMNS = LEDGER_COLUMNS[14:]
 MAX_WAITING_ROWS = 100_000
 BATCH_ROWS = 1000  # rows per transaction when many wait (after an outage)
 RETRY_DELAYS = (0.2, 0.5, 1.0, 2.0, 5.0)  # then 5 s for as long as the database stays away
-CLOSE_WAIT_SECONDS = 5.0
+CLOSE_WAIT_SECONDS = 3.0  # uvicorn's graceful 5 s + this stay under docker's 10 s stop grace
 GROUPINGS = {"key": "coalesce(key_name, '-')", "backend": "backend", "model": "model", "day": "substr(started_at, 1, 10)"}
 POSTGRES_KEYWORD = re.compile(r"\s*(host|hostaddr|port|dbname|user|password|service|sslmode|passfile|options)\s*=")
 
@@ -226,7 +226,7 @@ class UsageLedger:
         self.store = open_store(target)
         self.max_waiting = max_waiting
         self.replica = this_replica()
-        self.dropped = 0  # rows refused because max_waiting rows were already waiting
+        self.dropped = 0  # rows given up: max_waiting rows were already waiting, or the database refused the row
         self.written = 0  # rows committed (a stream's second row counts too, though it changed nothing)
         self._rows: collections.deque[dict[str, Any]] = collections.deque()
         self._in_flight = 0  # rows taken by the writer and not yet committed
@@ -357,7 +357,7 @@ class UsageLedger:
             "# HELP asgi_stream_ledger_rows_waiting Usage rows not yet written to the ledger.\n"
             "# TYPE asgi_stream_ledger_rows_waiting gauge\n"
             f"asgi_stream_ledger_rows_waiting {self.waiting}\n"
-            "# HELP asgi_stream_ledger_rows_dropped_total Usage rows dropped because too many were waiting.\n"
+            "# HELP asgi_stream_ledger_rows_dropped_total Usage rows dropped: too many were waiting, or the database refused the row.\n"
             "# TYPE asgi_stream_ledger_rows_dropped_total counter\n"
             f"asgi_stream_ledger_rows_dropped_total {self.dropped}\n"
         ).encode()
