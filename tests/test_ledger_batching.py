@@ -206,3 +206,29 @@ def test_an_invalid_postgres_target_is_refused_without_repeating_it(target: str)
     ("usage.db", False), ("/data/usage.db", False), ("./postgres://x", False), ("my=file.db", False)])  # fmt: skip
 def test_which_targets_are_postgres(target: str, postgres: bool) -> None:
     assert ledger.is_postgres(target) is postgres
+
+
+def test_a_write_hanging_past_the_close_deadline_is_reported_and_finished_by_a_later_close(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    usage = UsageLedger(str(tmp_path / "usage.db"))
+    gate = threading.Event()
+    insert = usage.store.insert
+
+    def hanging_insert(rows: Any) -> None:
+        gate.wait(30)
+        insert(rows)
+
+    usage.store.insert = hanging_insert  # type: ignore[method-assign]
+    usage.put(row(1))
+    assert usage.close(0.1) == 1 and not usage.closed  # the writer is still inside its write
+    assert "usage ledger: 1 rows could not be written" in caplog.text
+    gate.set()
+    assert usage.close() == 0 and usage.closed
+    assert stored(tmp_path / "usage.db") == [("s1",)]
+
+
+def test_usage_names_an_unusable_postgres_target_without_repeating_it(capsys: pytest.CaptureFixture[str]) -> None:
+    assert usage_report([], "postgresql://u:hunter2@db/x?bogus=1") == 1
+    err = capsys.readouterr().err
+    assert err == "USAGE_DB is not a valid PostgreSQL URL or connection string\n"

@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 import asgi_stream
-from ledger import LEDGER_COLUMNS, UsageLedger
+from ledger import LEDGER_COLUMNS, UsageLedger, usage_report
 from tests import postgres_server as fixtures
 from tests.conftest import free_port, serve, stream
 from tests.postgres_server import PostgresServer
@@ -215,3 +215,18 @@ def test_usage_reads_postgres_grouped_and_as_csv(postgres_server: PostgresServer
     assert wrong.returncode == 1 and "cannot read the usage ledger at postgresql://ledger@127.0.0.1" in wrong.stderr
     for done in (missing, table, by_day, wrong):
         assert postgres_server.password not in done.stdout + done.stderr
+
+
+def test_usage_in_process_on_postgres(postgres_server: PostgresServer, capsys: pytest.CaptureFixture[str]) -> None:
+    assert usage_report([], postgres_server.url()) == 1
+    assert "no usage ledger at 'postgresql://ledger@127.0.0.1" in capsys.readouterr().err
+    usage = UsageLedger(postgres_server.url())
+    usage.put(row("a", model="m1"))
+    usage.put(row("b", model="m2", estimated=1))
+    assert usage.close() == 0
+    assert usage.summary(["model"]) == [("m1", 1, 1, 2, 3, 0), ("m2", 1, 1, 2, 3, 1)]
+    assert usage_report(["--by", "backend", "--csv"], postgres_server.url()) == 0
+    assert capsys.readouterr().out.splitlines()[1:] == ["echo,2,2,4,6,1"]
+    assert usage_report([], postgres_server.url(password="not-" + postgres_server.password)) == 1
+    err = capsys.readouterr().err
+    assert "password authentication failed" in err and postgres_server.password not in err
