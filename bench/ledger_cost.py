@@ -53,8 +53,9 @@ def measure(usage_db: str, streams: int) -> dict[str, float]:
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "USAGE_DB": usage_db, "ECHO_DELAY_SECONDS": "0", "RESUME_GRACE_SECONDS": "0",
            "MAX_STREAMS": "10000"}  # fmt: skip
-    server = subprocess.Popen([sys.executable, "-m", "uvicorn", "asgi_stream:app", "--port", str(port), "--log-level", "warning",
-                               "--no-access-log"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    command = [sys.executable, "-m", "uvicorn", "asgi_stream:app", "--port", str(port), "--log-level", "warning", "--no-access-log",
+               "--timeout-keep-alive", "60"]  # fmt: skip
+    server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
         for _ in range(200):
@@ -104,10 +105,26 @@ def add_cost(rows: int = 100_000) -> float:
     return cost
 
 
+def write_cost(target: str, batch: int = 50, batches: int = 40) -> float:
+    """µs of the writing thread per row, in transactions of `batch` rows, the thread alone (no event loop beside it)."""
+    from ledger import UsageLedger
+
+    usage = UsageLedger(target)
+    rows = [{"stream_id": f"w{i}-{time.monotonic_ns()}", "backend": "echo", "model": "echo"} for i in range(batch * (batches + 1))]
+    usage.store.insert([usage._values(row) for row in rows[:batch]])  # connect and create the table first
+    start = time.thread_time()
+    for n in range(1, batches + 1):
+        usage.store.insert([usage._values(row) for row in rows[n * batch : (n + 1) * batch]])
+    cost = (time.thread_time() - start) / (batch * batches) * 1e6
+    usage.store.reset()
+    return cost
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--streams", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--write-only", action="store_true", help="only the store writes and add(), not the gateway runs")
     args = parser.parse_args()
     from tests.postgres_server import PostgresServer
 
@@ -117,14 +134,17 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as scratch:
             stores = {"none": "", "sqlite": str(Path(scratch) / "usage.db"), "postgres": postgres.url()}
             runs: dict[str, list[dict[str, float]]] = {name: [] for name in stores}
-            for _ in range(args.rounds):  # the stores take turns, so a load change on the machine hits each alike
+            for _ in range(0 if args.write_only else args.rounds):  # the stores take turns: a load change on the machine hits each alike
                 for name, target in stores.items():
                     runs[name].append(measure(target, args.streams))
-            print(f"{args.streams} echo streams (5 tokens), 20 at a time; CPU µs per stream, median of {args.rounds} rounds")
-            print(f"{'store':<10} {'loop thread':>12} {'other threads':>14} {'whole process':>14}")
-            for name, each in runs.items():
+            if not args.write_only:
+                print(f"{args.streams} echo streams (5 tokens), 20 at a time; CPU µs per stream, median of {args.rounds} rounds")
+                print(f"{'store':<10} {'loop thread':>12} {'other threads':>14} {'whole process':>14}")
+            for name, each in runs.items() if not args.write_only else ():
                 median = {key: statistics.median(run[key] for run in each) for key in each[0]}
                 print(f"{name:<10} {median['loop_us']:>12.1f} {median['others_us']:>14.1f} {median['process_us']:>14.1f}")
+            for name in ("sqlite", "postgres"):
+                print(f"{name}: writing alone, 50 rows a transaction: {write_cost(stores[name]):.1f} µs of the thread per row")
     finally:
         postgres.remove()
     print(f"UsageLedger.add() alone, on the calling thread: {add_cost():.2f} µs")
