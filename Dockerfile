@@ -6,12 +6,13 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 FROM ${PYTHON_IMAGE} AS build
 WORKDIR /src
 # The whole project (.dockerignore leaves out tests and tooling): `pip install .`
-# installs every module pyproject.toml names, so a new module needs no new line here.
+# installs every module pyproject.toml names, so a new module needs no new line
+# here; the extras are the clients of the shared stores (USAGE_DB=postgresql://..., REDIS_URL).
 COPY . .
 # index.html is read from beside the installed module (asgi_stream.INDEX_FILE);
 # -I: import the installed module, not /src/asgi_stream.py. The venv gets no pip of its own.
 RUN python -m venv --without-pip /venv \
- && python -m pip --python /venv/bin/python install --no-cache-dir --no-compile . \
+ && python -m pip --python /venv/bin/python install --no-cache-dir --no-compile '.[postgres,redis]' \
  && /venv/bin/python -I -c "import shutil, asgi_stream; shutil.copy('index.html', asgi_stream.INDEX_FILE)"
 
 FROM ${PYTHON_IMAGE}

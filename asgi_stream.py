@@ -16,7 +16,6 @@ import math
 import os
 import re
 import secrets
-import sqlite3
 import sys
 import time
 from bisect import bisect_left
@@ -32,7 +31,7 @@ import anyio
 import httpx
 import orjson
 
-from ledger import UsageLedger
+from ledger import UsageLedger, target_problem, usage_report
 from providers import ChatRequest, Final, Provider, Upstream, UpstreamError, anthropic, echo, gemini, make_usage, ollama, openai, retried
 from providers.idle import UPSTREAM_IDLE, IdleDeadline
 from providers.lines import LineTooLong
@@ -173,8 +172,11 @@ def load_config(env: Mapping[str, str]) -> Config:
     level = env.get("LOG_LEVEL", "").strip().upper() or "INFO"
     if level not in LOG_LEVELS:
         raise ConfigError(f"LOG_LEVEL={env['LOG_LEVEL']!r} is not one of {', '.join(LOG_LEVELS)}")
+    usage_db = env.get("USAGE_DB", "usage.db").strip()
+    if problem := target_problem(usage_db):
+        raise ConfigError(f"USAGE_DB {problem}")
     return Config(upstreams, default, env.get("DEFAULT_MODEL", "").strip() or None, api_keys, origins,
-                  env.get("USAGE_DB", "usage.db").strip(), **numbers, log_level=logging.getLevelName(level))  # type: ignore[arg-type]
+                  usage_db, **numbers, log_level=logging.getLevelName(level))  # type: ignore[arg-type]
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -422,6 +424,7 @@ def stream_facts(record: StreamRecord, ended_clock: float) -> dict[str, Any]:
         "finish_reason": record.finish_reason,
         "error_type": record.error.type if record.error else None,
         "client_disconnected": int(record.ever_disconnected),
+        "route": "chat/stream",
     }
 
 
@@ -477,7 +480,7 @@ class Gateway:
         self.metrics = Metrics()
         self.registry = StreamRegistry(60.0)
         self.ledger: UsageLedger | None = None
-        self.unaccounted = 0  # streams admitted whose ledger row is not written yet
+        self.unaccounted = 0  # streams admitted whose ledger row is not queued yet
         self._index = b""
 
     @property
@@ -571,7 +574,8 @@ class Gateway:
             return await send_response(send, 200, self._index, b"text/html; charset=utf-8")
         key_name = self.authenticate(headers, query)
         if path == "/metrics":
-            return await send_response(send, 200, self.metrics.render(len(self.registry)), b"text/plain; version=0.0.4")
+            ledger_metrics = self.ledger.metrics() if self.ledger is not None else b""
+            return await send_response(send, 200, self.metrics.render(len(self.registry)) + ledger_metrics, b"text/plain; version=0.0.4")
         if method == "DELETE":
             return await self.cancel_stream(path.removeprefix("/chat/stream/"), key_name, scope, send)
         last_event_id = _last_event_id(scope)
@@ -773,9 +777,7 @@ class Gateway:
         log.info(orjson.dumps({"event": "stream_end", **facts}).decode())
         try:
             if self.ledger is not None:
-                await self.ledger.add(facts)
-        except sqlite3.Error:
-            log.exception("usage ledger write failed for stream %s", record.id)
+                await self.ledger.add(facts)  # only queues it: the ledger's thread writes it
         finally:
             self.unaccounted -= 1
 
@@ -916,16 +918,7 @@ def main(argv: list[str]) -> int:
         print(f"asgi-stream: {exc}", file=sys.stderr)
         return 2
     if argv[1:2] == ["usage"]:
-        if not config.usage_db or not Path(config.usage_db).exists():
-            print(f"no usage ledger at {config.usage_db!r}", file=sys.stderr)
-            return 1
-        row_format = "{:<16} {:<10} {:<28} {:>8} {:>10} {:>11} {:>10} {:>9}"
-        print(row_format.format("key", "backend", "model", "streams", "prompt", "completion", "total", "estimated"))
-        ledger = UsageLedger(config.usage_db)
-        for row in ledger.summary():
-            print(row_format.format(*row))
-        ledger.close()
-        return 0
+        return usage_report(argv[2:], config.usage_db)
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")

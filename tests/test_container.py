@@ -23,6 +23,7 @@ import httpx
 import pytest
 
 import asgi_stream
+import ledger
 from tests.conftest import free_port, stream
 from tests.servers import ROOT, body_of, open_stream, read_until, require_program, wait_until_serving
 
@@ -55,7 +56,7 @@ def test_the_shutdown_budget_fits_inside_the_compose_stop_grace_with_margin() ->
     (cmd,) = [json.loads(args) for op, args in instructions((ROOT / "Dockerfile").read_text()) if op == "CMD"]
     graceful = float(cmd[cmd.index("--timeout-graceful-shutdown") + 1])
     (grace,) = re.findall(r"^\s*stop_grace_period:\s*(\d+)s\b", (ROOT / "docker-compose.yml").read_text(), re.M)
-    ledger_wait = asgi_stream.LEDGER_SHUTDOWN_WAIT_SECONDS
+    ledger_wait = asgi_stream.LEDGER_SHUTDOWN_WAIT_SECONDS + ledger.CLOSE_WAIT_SECONDS  # rows queued, then written
     assert graceful > 0 and ledger_wait > 0
     assert graceful + ledger_wait + 10 <= float(grace), (graceful, ledger_wait, grace)
     readme = (ROOT / "README.md").read_text()

@@ -372,15 +372,15 @@ def test_shutdown_under_open_streams_ends_each_with_an_error_and_loses_no_usage_
     cancels what is left, natively (anyio's shield does not hold against
     that). A slow disk widens the window in which rows could be lost."""
     slow_writes: list[int] = []
-    if disk == "slow":  # the gateway writes its rows in batches, through write_many
-        write_many = ledger.UsageLedger.write_many
+    if disk == "slow":  # the ledger's thread writes its rows in batches, through insert
+        insert = ledger.SqliteStore.insert
 
-        def slow_write_many(self: ledger.UsageLedger, rows: list[dict[str, object]]) -> None:
+        def slow_insert(self: ledger.SqliteStore, rows: list[list[object]]) -> None:
             time.sleep(0.2)
             slow_writes.append(len(rows))
-            write_many(self, rows)
+            insert(self, rows)
 
-        monkeypatch.setattr(ledger.UsageLedger, "write_many", slow_write_many)
+        monkeypatch.setattr(ledger.SqliteStore, "insert", slow_insert)
     db = tmp_path / "usage.db"
     streams = 20
     env = {"OPENAI_API_KEY": KEY, "OPENAI_BASE_URL": upstream.url + "/v1", "USAGE_DB": str(db)}
@@ -403,7 +403,7 @@ def test_shutdown_under_open_streams_ends_each_with_an_error_and_loses_no_usage_
     for text in endings:
         assert '"type":"shutdown"' in text and text.rstrip().endswith("data: error"), text[-300:]
     assert upstream.wait_for(lambda: upstream.open_connections == 0)
-    assert gw.gateway.ledger is not None and gw.gateway.ledger._db is None  # closed last, after every row
+    assert gw.gateway.ledger is not None and gw.gateway.ledger.closed  # closed last, after every row
     rows = usage_rows(db)
     assert len(rows) == streams
     assert {(row["finish_reason"], row["error_type"]) for row in rows} == {("error", "shutdown")}
@@ -572,5 +572,7 @@ def test_a_ledger_that_cannot_be_written_is_logged_and_streaming_goes_on(
         for _ in range(3):
             response = httpx.get(gw.url + "/chat/stream", params={"prompt": "still here"}, timeout=5)
             assert response.status_code == 200 and response.text.rstrip().endswith("data: stop")
-        assert wait_until(lambda: caplog.text.count("usage ledger write failed") == 3)
+        assert wait_until(lambda: "asgi_stream_ledger_rows_waiting 3" in httpx.get(gw.url + "/metrics").text)
+        assert caplog.text.count("usage ledger write failed") == 1  # once per outage, not per row
         gw.nothing_left()
+    assert "usage ledger: 3 rows could not be written" in caplog.text
