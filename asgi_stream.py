@@ -32,6 +32,7 @@ import anyio
 import httpx
 import orjson
 
+import openai_api
 from ledger import UsageLedger
 from providers import ChatRequest, Final, Provider, Upstream, UpstreamError, anthropic, echo, gemini, make_usage, ollama, openai, retried
 from providers.lines import LineTooLong
@@ -401,6 +402,7 @@ def stream_facts(record: StreamRecord, ended_clock: float) -> dict[str, Any]:
         "finish_reason": record.finish_reason,
         "error_type": record.error.type if record.error else None,
         "client_disconnected": int(record.ever_disconnected),
+        "route": record.route,
     }
 
 
@@ -417,7 +419,8 @@ SSE_HEADERS = [
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
 ]
-ROUTES: dict[str, tuple[str, ...]] = {"/": ("GET",), "/healthz": ("GET",), "/metrics": ("GET",), "/chat/stream": ("GET", "POST")}
+ROUTES: dict[str, tuple[str, ...]] = {"/": ("GET",), "/healthz": ("GET",), "/metrics": ("GET",), "/chat/stream": ("GET", "POST"),
+                                      **openai_api.ROUTES}
 INDEX_FILE = Path(__file__).with_name("index.html")
 MAX_HEADER_BYTES = 65536
 
@@ -498,9 +501,10 @@ class Gateway:
         elif scope["type"] == "http":
             try:
                 await self.route(scope, receive, send)
-            except HTTPError as exc:
+            except (HTTPError, openai_api.CompletionError) as exc:
                 self.metrics.rejected[exc.type] += 1
                 body = orjson.dumps({"error": {"type": exc.type, "message": exc.message}})
+                body = openai_api.error_body(exc) if scope["path"].startswith("/v1/") else body
                 await send_response(send, exc.status, body, b"application/json", exc.headers + self.cors_headers(scope))
             except ClientGone:
                 pass
@@ -547,6 +551,11 @@ class Gateway:
         key_name = self.authenticate(headers, query)
         if path == "/metrics":
             return await send_response(send, 200, self.metrics.render(len(self.registry)), b"text/plain; version=0.0.4")
+        if path in openai_api.ROUTES:
+            if method == "POST" and not is_json_media_type(headers.get("content-type", "")):
+                raise HTTPError(415, "unsupported_media_type", "POST bodies must be application/json")
+            body = await read_body(receive, headers, self.config)
+            return await openai_api.serve(self, BACKENDS, path, scope, body, key_name, receive, send)
         if method == "DELETE":
             return await self.cancel_stream(path.removeprefix("/chat/stream/"), key_name, scope, send)
         last_event_id = _last_event_id(scope)
@@ -768,7 +777,9 @@ class Gateway:
 
     # --- the writer: record to client
 
-    async def serve_reader(self, record: StreamRecord, position: int, scope: Scope, receive: Receive, send: Send) -> None:
+    async def serve_reader(
+        self, record: StreamRecord, position: int, scope: Scope, receive: Receive, send: Send, opening: bytes = FIRST_CHUNK
+    ) -> None:
         headers = [*SSE_HEADERS, (b"x-stream-id", record.id.encode()), *self.cors_headers(scope)]
         record.readers += 1
         record.notify()
@@ -776,7 +787,7 @@ class Gateway:
         pace = Pace(anyio.current_time())
         try:
             await send({"type": "http.response.start", "status": 200, "headers": headers})
-            await send({"type": "http.response.body", "body": FIRST_CHUNK, "more_body": True})
+            await send({"type": "http.response.body", "body": opening, "more_body": True})
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(self.watch_reader, receive, tasks.cancel_scope, record, pace)
                 try:
