@@ -538,7 +538,7 @@ class Gateway:
         if allowed is None:
             raise HTTPError(404, "not_found", f"no route for {path[:100]}")
         if method == "OPTIONS":
-            return await self.preflight(headers, send)
+            return await self.preflight(headers, send, path)
         if method not in allowed:
             allow = ", ".join(allowed)
             raise HTTPError(405, "method_not_allowed", f"{path} allows {allow}", [(b"allow", allow.encode())])
@@ -587,7 +587,7 @@ class Gateway:
         allow = [(b"access-control-allow-origin", origin.encode("latin-1")), (b"vary", b"Origin")]
         return [*allow, (b"access-control-expose-headers", b"X-Stream-ID")]
 
-    async def preflight(self, headers: dict[str, str], send: Send) -> None:
+    async def preflight(self, headers: dict[str, str], send: Send, path: str) -> None:
         origins = self.config.cors_origins
         origin = headers.get("origin")
         if not origins or origin is None or not ("*" in origins or origin in origins):
@@ -595,7 +595,8 @@ class Gateway:
         await send_response(send, 204, b"", None, [
             (b"access-control-allow-origin", origin.encode("latin-1")), (b"vary", b"Origin"),
             (b"access-control-allow-methods", b"GET, POST, DELETE, OPTIONS"),
-            (b"access-control-allow-headers", b"Authorization, Content-Type, Last-Event-ID"),
+            (b"access-control-allow-headers", openai_api.allowed_headers(headers) if path in openai_api.ROUTES
+             else b"Authorization, Content-Type, Last-Event-ID"),
             (b"access-control-max-age", b"600"),
         ])  # fmt: skip
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ ROUTES: dict[str, tuple[str, ...]] = {"/v1/chat/completions": ("POST",), "/v1/mo
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MAX_STOP_SEQUENCES = 4  # OpenAI's own limit; Gemini's is 5
 DONE = b"data: [DONE]\n\n"
+HEADER_NAMES = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+(?:[ \t]*,[ \t]*[!#$%&'*+.^_`|~0-9A-Za-z-]+)*")
 
 
 # --- errors in OpenAI's shape ---------------------------------------------------------
@@ -79,6 +81,14 @@ def upstream_error_fields(error: UpstreamError) -> dict[str, Any]:
 
 def retry_after(error: UpstreamError) -> list[tuple[bytes, bytes]]:
     return [] if error.retry_after is None else [(b"retry-after", str(math.ceil(error.retry_after)).encode())]
+
+
+def allowed_headers(headers: Mapping[str, str]) -> bytes:
+    """A browser preflight's answer: the SDKs send headers of their own
+    (`x-stainless-*`, `openai-organization`, ...) whose list changes between
+    versions, so allow those the browser asks for, if it asks for header names."""
+    asked = headers.get("access-control-request-headers", "").strip()
+    return (asked if HEADER_NAMES.fullmatch(asked) else "Authorization, Content-Type").encode("latin-1")
 
 
 # --- the request: OpenAI's body to a ChatRequest ----------------------------------------
