@@ -83,6 +83,9 @@ def retry_after(error: UpstreamError) -> list[tuple[bytes, bytes]]:
     return [] if error.retry_after is None else [(b"retry-after", str(math.ceil(error.retry_after)).encode())]
 
 
+# --- CORS -------------------------------------------------------------------------------
+
+
 def allowed_headers(headers: Mapping[str, str]) -> bytes:
     """A browser preflight's answer: the SDKs send headers of their own
     (`x-stainless-*`, `openai-organization`, ...) whose list changes between
@@ -104,7 +107,7 @@ class Completion:
     include_usage: bool
 
 
-def invalid(param: str, message: str) -> CompletionError:
+def invalid(param: str | None, message: str) -> CompletionError:
     return CompletionError(400, "invalid_request", message, param)
 
 
@@ -127,9 +130,9 @@ def parse_completion_request(body: bytes, config: Config, backends: Mapping[str,
     try:
         fields = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise invalid("body", f"the request body is not valid JSON: {exc}") from None
+        raise invalid(None, f"the request body is not valid JSON: {exc}") from None
     if not isinstance(fields, dict):
-        raise invalid("body", "the request body must be a JSON object")
+        raise invalid(None, "the request body must be a JSON object")
     refuse_unsupported(fields)
     backend, model = route_model(fields.get("model"), config, backends)
     messages = parse_messages(fields.get("messages"))
@@ -371,15 +374,18 @@ async def respond(gateway: Gateway, record: CompletionRecord, scope: Scope, rece
     streaming = record.completion.stream
     if not await until(lambda: record.finished or (streaming and bool(record.pieces)), record, receive):
         return
+    error = record.error
+    if streaming and (record.pieces or error is None):
+        return await gateway.serve_reader(record, 0, scope, receive, send, opening=record.opening())
     cors = gateway.cors_headers(scope)
-    if record.error is not None and not (streaming and record.pieces):
-        error = record.error
-        return await send_json(send, upstream_status(error), {"error": upstream_error_fields(error)}, retry_after(error) + cors)
-    if not streaming:
+    try:
         with anyio.move_on_after(gateway.config.send_timeout):  # a client that takes no bytes is let go
-            await send_json(send, 200, record.completion_object(), cors)
-        return
-    await gateway.serve_reader(record, 0, scope, receive, send, opening=record.opening())
+            if error is not None:
+                await send_json(send, upstream_status(error), {"error": upstream_error_fields(error)}, retry_after(error) + cors)
+            else:
+                await send_json(send, 200, record.completion_object(), cors)
+    except OSError:  # ASGI 2.4 servers raise it on a send to a gone client
+        record.ever_disconnected = True
 
 
 async def until(ready: Callable[[], bool], record: StreamRecord, receive: Receive) -> bool:
