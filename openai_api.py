@@ -260,11 +260,21 @@ def stop_sequences(value: Any) -> list[str] | None:
 # --- the answer: chunks, or one completion object -------------------------------------
 
 
+# Line breaks to str.splitlines() but not to SSE or JSON: written raw, they cut
+# a chunk in two for clients that split decoded text (the ollama SDK does).
+UNICODE_LINE_BREAKS = ((b"\xc2\x85", b"\\u0085"), (b"\xe2\x80\xa8", b"\\u2028"), (b"\xe2\x80\xa9", b"\\u2029"))
+
+
 def dumps(value: Any) -> bytes:
+    """JSON in UTF-8, with the Unicode line breaks escaped (they can only be in strings)."""
     try:
-        return orjson.dumps(value)
+        data = orjson.dumps(value)
     except orjson.JSONEncodeError:  # a lone surrogate (JSON escapes can carry one) is no UTF-8
-        return json.dumps(value, ensure_ascii=False).encode("utf-8", "replace")
+        data = json.dumps(value, ensure_ascii=False).encode("utf-8", "replace")
+    for raw, escaped in UNICODE_LINE_BREAKS:
+        if raw in data:
+            data = data.replace(raw, escaped)
+    return data
 
 
 def frame_completion_chunk(head: dict[str, Any], delta: dict[str, str], finish_reason: str | None) -> bytes:
@@ -400,8 +410,7 @@ async def until(ready: Callable[[], bool], record: StreamRecord, receive: Receiv
 
 
 async def cancel_on_disconnect(receive: Receive, record: StreamRecord, scope: anyio.CancelScope) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
+    await receive()  # the body was read whole: all that can come now is http.disconnect
     record.ever_disconnected = True
     scope.cancel()
 

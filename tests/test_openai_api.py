@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import asgi_stream
@@ -515,6 +515,8 @@ def test_the_stream_has_only_data_lines_and_comment_heartbeats(rig: Rig) -> None
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(backend=st.sampled_from(ALL_BACKENDS), tokens=st.lists(st.text(min_size=1, max_size=6), min_size=1, max_size=12),
        stream=st.booleans())  # fmt: skip
+@example(backend="openai", tokens=["a\x85b", "\u2028", "\r\n", "data: x\n\n", "[DONE]", " "], stream=True)
+@example(backend="gemini", tokens=["\u2029é", "\r", ": ping", "😀"], stream=True)
 def test_the_sdk_reassembles_exactly_the_text_the_upstream_sent(rig: Rig, backend: str, tokens: list[str], stream: bool) -> None:
     text = "".join(tokens)
     messages = [{"role": "user", "content": text if backend == "echo" else "hi"}]
