@@ -17,7 +17,7 @@ RUN useradd --system --uid 10001 --home-dir /app --shell /usr/sbin/nologin app \
  && mkdir -p /data && chown app /data
 COPY --from=build /venv /venv
 WORKDIR /app
-COPY asgi_stream.py sse.py ledger.py index.html ./
+COPY asgi_stream.py openai_api.py sse.py ledger.py index.html ./
 COPY stores ./stores
 COPY providers ./providers
 

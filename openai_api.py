@@ -1,10 +1,6 @@
-"""OpenAI's Chat Completions protocol as a second front door: `POST
-/v1/chat/completions` and `GET /v1/models`, so OpenAI SDKs reach every backend.
-One translation at each edge: the request becomes the ChatRequest /chat/stream
-makes; the generation, record writer and accounting are the gateway's own; the
-record frames what it holds as `chat.completion.chunk`s (or one
-`chat.completion`), and every error takes OpenAI's shape and status.
-"""
+"""OpenAI's Chat Completions as a second front door (`/v1/chat/completions`,
+`/v1/models`): the request becomes the same ChatRequest, the gateway's own
+generation and writer run it, only the framing and the error shape are OpenAI's."""
 
 from __future__ import annotations
 

@@ -104,7 +104,8 @@ def test_the_image_venv_holds_the_runtime_dependencies_and_nothing_for_tests(ima
     names = installed(image.venv)
     assert {"httpx", "anyio", "orjson", "uvicorn"} <= names
     assert not names & {"pytest", "hypothesis", "mypy", "ruff", "hypercorn", "granian", "daphne", "playwright", "trio", "pip"}
-    assert sorted(p.name for p in image.app.iterdir()) == ["asgi_stream.py", "index.html", "ledger.py", "providers", "sse.py", "stores"]
+    app_files = ["asgi_stream.py", "index.html", "ledger.py", "openai_api.py", "providers", "sse.py", "stores"]
+    assert sorted(p.name for p in image.app.iterdir()) == app_files
     print(f"\nruntime venv: {tree_bytes(image.venv) / 1e6:.1f} MB; app files: {tree_bytes(image.app) / 1e3:.0f} kB")
 
 
