@@ -31,6 +31,7 @@ import anyio
 import httpx
 import orjson
 
+import openai_api
 from ledger import UsageLedger, target_problem, usage_report
 from providers import ChatRequest, Final, Provider, Upstream, UpstreamError, anthropic, echo, gemini, make_usage, ollama, openai, retried
 from providers.idle import UPSTREAM_IDLE, IdleDeadline
@@ -424,7 +425,7 @@ def stream_facts(record: StreamRecord, ended_clock: float) -> dict[str, Any]:
         "finish_reason": record.finish_reason,
         "error_type": record.error.type if record.error else None,
         "client_disconnected": int(record.ever_disconnected),
-        "route": "chat/stream",
+        "route": record.route,
     }
 
 
@@ -441,7 +442,8 @@ SSE_HEADERS = [
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
 ]
-ROUTES: dict[str, tuple[str, ...]] = {"/": ("GET",), "/healthz": ("GET",), "/metrics": ("GET",), "/chat/stream": ("GET", "POST")}
+ROUTES: dict[str, tuple[str, ...]] = {"/": ("GET",), "/healthz": ("GET",), "/metrics": ("GET",), "/chat/stream": ("GET", "POST"),
+                                      **openai_api.ROUTES}
 INDEX_FILE = Path(__file__).with_name("index.html")
 # Server's graceful timeout + this must stay below the orchestrator's stop grace (docker-compose.yml).
 LEDGER_SHUTDOWN_WAIT_SECONDS = 5.0
@@ -526,9 +528,10 @@ class Gateway:
         elif scope["type"] == "http":
             try:
                 await self.route(scope, receive, send)
-            except HTTPError as exc:
+            except (HTTPError, openai_api.CompletionError) as exc:
                 self.metrics.rejected[exc.type] += 1
                 body = orjson.dumps({"error": {"type": exc.type, "message": exc.message}})
+                body = openai_api.error_body(exc) if scope["path"].startswith("/v1/") else body
                 await send_response(send, exc.status, body, b"application/json", exc.headers + self.cors_headers(scope))
             except ClientGone:
                 pass
@@ -562,7 +565,7 @@ class Gateway:
         if allowed is None:
             raise HTTPError(404, "not_found", f"no route for {path[:100]}")
         if method == "OPTIONS":
-            return await self.preflight(headers, send)
+            return await self.preflight(headers, send, path)
         if method not in allowed:
             allow = ", ".join(allowed)
             raise HTTPError(405, "method_not_allowed", f"{path[:100]} allows {allow}", [(b"allow", allow.encode())])
@@ -576,6 +579,11 @@ class Gateway:
         if path == "/metrics":
             ledger_metrics = self.ledger.metrics() if self.ledger is not None else b""
             return await send_response(send, 200, self.metrics.render(len(self.registry)) + ledger_metrics, b"text/plain; version=0.0.4")
+        if path in openai_api.ROUTES:
+            if method == "POST" and not is_json_media_type(headers.get("content-type", "")):
+                raise HTTPError(415, "unsupported_media_type", "POST bodies must be application/json")
+            body = await read_body(receive, headers, self.config)
+            return await openai_api.serve(self, BACKENDS, path, scope, body, key_name, receive, send)
         if method == "DELETE":
             return await self.cancel_stream(path.removeprefix("/chat/stream/"), key_name, scope, send)
         last_event_id = _last_event_id(scope)
@@ -607,7 +615,7 @@ class Gateway:
         allow = [(b"access-control-allow-origin", origin.encode("latin-1")), (b"vary", b"Origin")]
         return [*allow, (b"access-control-expose-headers", b"X-Stream-ID")]
 
-    async def preflight(self, headers: dict[str, str], send: Send) -> None:
+    async def preflight(self, headers: dict[str, str], send: Send, path: str) -> None:
         origins = self.config.cors_origins
         origin = headers.get("origin")
         if not origins or origin is None or not ("*" in origins or origin in origins):
@@ -615,7 +623,8 @@ class Gateway:
         await send_response(send, 204, b"", None, [
             (b"access-control-allow-origin", origin.encode("latin-1")), (b"vary", b"Origin"),
             (b"access-control-allow-methods", b"GET, POST, DELETE, OPTIONS"),
-            (b"access-control-allow-headers", b"Authorization, Content-Type, Last-Event-ID"),
+            (b"access-control-allow-headers", openai_api.allowed_headers(headers) if path in openai_api.ROUTES
+             else b"Authorization, Content-Type, Last-Event-ID"),
             (b"access-control-max-age", b"600"),
         ])  # fmt: skip
 
@@ -798,7 +807,9 @@ class Gateway:
 
     # --- the writer: record to client
 
-    async def serve_reader(self, record: StreamRecord, position: int, scope: Scope, receive: Receive, send: Send) -> None:
+    async def serve_reader(
+        self, record: StreamRecord, position: int, scope: Scope, receive: Receive, send: Send, opening: bytes = FIRST_CHUNK
+    ) -> None:
         headers = [*SSE_HEADERS, (b"x-stream-id", record.id.encode()), *self.cors_headers(scope)]
         record.readers += 1
         record.notify()
@@ -806,7 +817,7 @@ class Gateway:
         pace = Pace(anyio.current_time())
         try:
             await send({"type": "http.response.start", "status": 200, "headers": headers})
-            await send({"type": "http.response.body", "body": FIRST_CHUNK, "more_body": True})
+            await send({"type": "http.response.body", "body": opening, "more_body": True})
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(self.watch_reader, receive, tasks.cancel_scope, record, pace)
                 try:
