@@ -676,6 +676,8 @@ class Gateway:
             with total, first_token:
                 async with aclosing(retried(provider)(self.http, upstream, record.request)) as chunks:
                     async for chunk in chunks:
+                        if record.cancel_reason is not None:  # the cancel may not land on its own: see StreamRecord.wait
+                            await anyio.lowlevel.checkpoint_if_cancelled()
                         if type(chunk) is str:
                             if not chunk:
                                 continue
@@ -759,8 +761,9 @@ class Gateway:
             if record.readers:
                 await record.wait()
                 continue
-            with anyio.move_on_after(grace):
-                while not record.readers and not record.finished:
+            deadline = anyio.current_time() + grace
+            while not record.readers and not record.finished and anyio.current_time() < deadline:  # grace 0: no wait at all
+                with anyio.move_on_after(deadline - anyio.current_time()):
                     await record.wait()
             if not record.readers:
                 record.cancel("client gone")
@@ -834,6 +837,8 @@ class Gateway:
             with anyio.CancelScope(deadline=due) as timer:
                 if (await receive())["type"] == "http.disconnect":
                     record.ever_disconnected = True
+                    if record.readers == 1 and not cfg.resume_grace:  # the last reader left: stop the upstream now
+                        record.cancel("client gone")
                     return writer.cancel()
             if not timer.cancelled_caught or (pace.last_write, pace.sending) != (started, sending):
                 continue
