@@ -134,7 +134,7 @@ class NotingTransport(httpx.AsyncBaseTransport):
 
 
 async def test_with_no_grace_the_upstream_is_closed_before_the_ledger_row_is_written(tmp_path: Path) -> None:
-    tokens = [f"data: {{\"choices\":[{{\"delta\":{{\"content\":\"t{i} \"}}}}]}}\n\n".encode() for i in range(3)]
+    tokens = [f'data: {{"choices":[{{"delta":{{"content":"t{i} "}}}}]}}\n\n'.encode() for i in range(3)]
     reply = Reply(pieces=[*tokens, 0.02], repeat=[tokens[0], 0.02])  # then a token every 20 ms until we hang up
     order: list[str] = []
     with FakeUpstream(lambda seen: reply) as upstream:
