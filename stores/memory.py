@@ -114,10 +114,6 @@ class StreamRecord:
         if self._changed is None:
             self._changed = anyio.Event()
         await self._changed.wait()
-        # anyio (on asyncio) cancels a task only while it waits on something
-        # not yet done; a waiter woken by a token every loop turn is never one,
-        # so a cancelled reader or linger would run on as long as tokens came.
-        await anyio.lowlevel.checkpoint_if_cancelled()
 
     def notify(self) -> None:
         if self._changed is not None:
