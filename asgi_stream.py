@@ -717,6 +717,8 @@ class Gateway:
             with total, first_token:
                 async with aclosing(retried(provider)(self.http, upstream, record.request)) as chunks:
                     async for chunk in chunks:
+                        if record.cancel_reason is not None:  # a read ready at every loop turn never lets the cancel land: see Pace.gone
+                            await anyio.lowlevel.checkpoint_if_cancelled()
                         if type(chunk) is str:
                             if not chunk:
                                 continue
@@ -798,8 +800,9 @@ class Gateway:
             if record.readers:
                 await record.wait()
                 continue
-            with anyio.move_on_after(grace):
-                while not record.readers and not record.finished:
+            deadline = anyio.current_time() + grace
+            while not record.readers and not record.finished and anyio.current_time() < deadline:  # grace 0: no wait at all
+                with anyio.move_on_after(deadline - anyio.current_time()):
                     await record.wait()
             if not record.readers:
                 record.cancel("client gone")
@@ -845,7 +848,7 @@ class Gateway:
         when silent, then close the response (unless the client fell behind the
         held events). No timer per token: watch_reader keeps time for all sends."""
         more_body = True
-        while more_body:
+        while more_body and not pace.gone:
             pending = record.read(cursor[0])
             if pending is None:
                 return
@@ -874,11 +877,14 @@ class Gateway:
             due = started + cfg.send_timeout if sending else min(beat, now + cfg.send_timeout)
             with anyio.CancelScope(deadline=due) as timer:
                 if (await receive())["type"] == "http.disconnect":
-                    record.ever_disconnected = True
+                    record.ever_disconnected = pace.gone = True
+                    if record.readers == 1 and not cfg.resume_grace:  # the last reader left: stop the upstream now
+                        record.cancel("client gone")
                     return writer.cancel()
             if not timer.cancelled_caught or (pace.last_write, pace.sending) != (started, sending):
                 continue
             if sending:  # the same send is still blocked: the client stopped reading
+                pace.gone = True
                 return writer.cancel()
             if due >= beat:
                 woke, pace.beat = anyio.current_time(), True
@@ -887,12 +893,17 @@ class Gateway:
 
 class Pace:
     """When a reader's writer last started a send, whether it is still in it,
-    and whether a heartbeat is due."""
+    whether a heartbeat is due, and whether the client is gone.
 
-    __slots__ = ("beat", "last_write", "sending")
+    `gone` stops the writer at its next wake-up even if the watcher's cancel
+    has not landed: anyio (on asyncio) cancels a task only while it waits on
+    something not yet done, and a writer woken by a token at every loop turn
+    never is one; it then wrote on for nobody as long as tokens came."""
+
+    __slots__ = ("beat", "gone", "last_write", "sending")
 
     def __init__(self, now: float):
-        self.last_write, self.sending, self.beat = now, False, False
+        self.last_write, self.sending, self.beat, self.gone = now, False, False, False
 
 
 def _last_event_id(scope: Scope) -> str | None:
