@@ -458,8 +458,8 @@ def test_a_client_closing_mid_stream_cancels_the_upstream_at_once(rig: Rig, back
 def test_a_client_leaving_before_the_first_token_cancels_the_upstream(rig: Rig) -> None:
     with answering(rig, lambda b: Reply(200, "text/event-stream", [60.0])):
         with pytest.raises(openai.APITimeoutError):
-            client(rig, timeout=0.5).chat.completions.create(model="openai/m", messages=HI, stream=True)
-        assert rig.upstream.wait_for(lambda: rig.seen[0].closed_by_client is not None, 10)
+            client(rig, timeout=3).chat.completions.create(model="openai/m", messages=HI, stream=True)  # 3 s: time to reach the upstream
+        assert rig.upstream.wait_for(lambda: bool(rig.seen) and rig.seen[0].closed_by_client is not None, 10)
 
 
 def test_the_ledger_row_log_line_and_metrics_tell_the_route_and_the_disconnect(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
