@@ -126,6 +126,16 @@ class Config:
     log_level: int = logging.INFO  # of the per-stream log line (LOG_LEVEL)
 
 
+def backends_listing(config: Config) -> bytes:
+    """GET /backends: the backends this server can serve, each with the model a
+    request naming none gets (what the page offers)."""
+    def model(name: str) -> str:
+        return (name == config.default_backend and config.default_model) or BACKENDS[name].default_model
+
+    backends = [{"name": name, "default_model": model(name)} for name in config.upstreams]
+    return orjson.dumps({"default_backend": config.default_backend, "backends": backends})
+
+
 def _number(env: Mapping[str, str], name: str, default: float, low: float) -> float:
     raw = env.get(name, "").strip()
     if not raw:
@@ -356,6 +366,14 @@ def encode_event(event: str, data: str, event_id: str) -> bytes:
     if not SAFE_FIELD.fullmatch(event) or not SAFE_FIELD.fullmatch(event_id):
         raise ValueError("event names and ids must be printable ASCII without spaces")
     return frame_event(event.encode(), event_id.encode(), frame_data(data))
+
+
+def opening_chunk(stream_id: str) -> bytes:
+    """A new stream's first bytes: FIRST_CHUNK and a `stream` event, id
+    `<stream>.0`, so a page learns the id before any token (to stop it). A
+    resumed response sends FIRST_CHUNK alone: position 0 would move the
+    browser's Last-Event-ID back."""
+    return FIRST_CHUNK + encode_event("stream", stream_id, f"{stream_id}.0")
 
 
 def frame_data(data: str) -> bytes:
@@ -717,7 +735,9 @@ SSE_HEADERS = [
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
 ]
-ROUTES: dict[str, tuple[str, ...]] = {"/": ("GET",), "/healthz": ("GET",), "/metrics": ("GET",), "/chat/stream": ("GET", "POST")}
+ROUTES: dict[str, tuple[str, ...]] = {
+    "/": ("GET",), "/healthz": ("GET",), "/metrics": ("GET",), "/backends": ("GET",), "/chat/stream": ("GET", "POST"),
+}
 INDEX_FILE = Path(__file__).with_name("index.html")
 MAX_HEADER_BYTES = 65536
 
@@ -849,6 +869,8 @@ class Gateway:
         key_name = self.authenticate(headers, query)
         if path == "/metrics":
             return await send_response(send, 200, self.metrics.render(len(self.registry)), b"text/plain; version=0.0.4")
+        if path == "/backends":
+            return await send_response(send, 200, backends_listing(self.config), b"application/json")
         if method == "DELETE":
             return await self.cancel_stream(path.removeprefix("/chat/stream/"), key_name, scope, send)
         last_event_id = _last_event_id(scope)
@@ -930,7 +952,7 @@ class Gateway:
         # once), and generate() takes ownership of the stream's ending before that.
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(self.generate, record, backend.stream, cfg.upstreams[request.backend])
-            await self.serve_reader(record, 0, scope, receive, send)
+            await self.serve_reader(record, 0, scope, receive, send, opening_chunk(record.id))
             await self.linger(record)
 
     async def resume_stream(self, last_event_id: str, key_name: str | None, scope: Scope, receive: Receive, send: Send) -> None:
@@ -1072,7 +1094,9 @@ class Gateway:
 
     # --- the writer: record to client
 
-    async def serve_reader(self, record: StreamRecord, position: int, scope: Scope, receive: Receive, send: Send) -> None:
+    async def serve_reader(
+        self, record: StreamRecord, position: int, scope: Scope, receive: Receive, send: Send, opening: bytes = FIRST_CHUNK
+    ) -> None:
         headers = [*SSE_HEADERS, (b"x-stream-id", record.id.encode()), *self.cors_headers(scope)]
         record.readers += 1
         record.notify()
@@ -1080,7 +1104,7 @@ class Gateway:
         pace = Pace(anyio.current_time())
         try:
             await send({"type": "http.response.start", "status": 200, "headers": headers})
-            await send({"type": "http.response.body", "body": FIRST_CHUNK, "more_body": True})
+            await send({"type": "http.response.body", "body": opening, "more_body": True})
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(self.watch_reader, receive, tasks.cancel_scope, record, pace)
                 try:
