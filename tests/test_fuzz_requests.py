@@ -58,7 +58,7 @@ bodies = st.one_of(near_valid, near_valid, near_valid, json_values, valid_messag
 
 
 def check_parsed(request: ChatRequest) -> None:
-    """A request that passed validation satisfies every rule of DESIGN.md."""
+    """A request that passed validation satisfies every rule of docs/design.md."""
     assert request.messages and all(set(m) == {"role", "content"} for m in request.messages)
     assert all(m["role"] in ROLES and isinstance(m["content"], str) for m in request.messages)
     assert request.backend in CONFIG.upstreams
