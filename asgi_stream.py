@@ -36,7 +36,7 @@ from ledger import UsageLedger, target_problem, usage_report
 from providers import ChatRequest, Final, Provider, Upstream, UpstreamError, anthropic, echo, gemini, make_usage, ollama, openai, retried
 from providers.idle import UPSTREAM_IDLE, IdleDeadline
 from providers.lines import LineTooLong
-from sse import FIRST_CHUNK, HEARTBEAT
+from sse import FIRST_CHUNK, HEARTBEAT, opening_chunk
 from stores.memory import StreamRecord, StreamRegistry
 
 Scope = dict[str, Any]
@@ -125,6 +125,16 @@ class Config:
     stream_buffer_bytes: int
     echo_delay: float
     log_level: int = logging.INFO  # of the per-stream log line (LOG_LEVEL)
+
+
+def backends_listing(config: Config) -> bytes:
+    """GET /backends: the backends this server can serve, each with the model a
+    request naming none gets (what the page offers)."""
+    def model(name: str) -> str:
+        return (name == config.default_backend and config.default_model) or BACKENDS[name].default_model
+
+    backends = [{"name": name, "default_model": model(name)} for name in config.upstreams]
+    return orjson.dumps({"default_backend": config.default_backend, "backends": backends})
 
 
 def _number(env: Mapping[str, str], name: str, default: float, low: float) -> float:
@@ -442,8 +452,10 @@ SSE_HEADERS = [
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
 ]
-ROUTES: dict[str, tuple[str, ...]] = {"/": ("GET",), "/healthz": ("GET",), "/metrics": ("GET",), "/chat/stream": ("GET", "POST"),
-                                      **openai_api.ROUTES}
+ROUTES: dict[str, tuple[str, ...]] = {
+    "/": ("GET",), "/healthz": ("GET",), "/metrics": ("GET",), "/backends": ("GET",), "/chat/stream": ("GET", "POST"),
+    **openai_api.ROUTES,
+}
 INDEX_FILE = Path(__file__).with_name("index.html")
 # Server's graceful timeout + this must stay below the orchestrator's stop grace (docker-compose.yml).
 LEDGER_SHUTDOWN_WAIT_SECONDS = 5.0
@@ -584,6 +596,8 @@ class Gateway:
                 raise HTTPError(415, "unsupported_media_type", "POST bodies must be application/json")
             body = await read_body(receive, headers, self.config)
             return await openai_api.serve(self, BACKENDS, path, scope, body, key_name, receive, send)
+        if path == "/backends":
+            return await send_response(send, 200, backends_listing(self.config), b"application/json")
         if method == "DELETE":
             return await self.cancel_stream(path.removeprefix("/chat/stream/"), key_name, scope, send)
         last_event_id = _last_event_id(scope)
@@ -666,7 +680,7 @@ class Gateway:
         # once), and generate() takes ownership of the stream's ending before that.
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(self.generate, record, backend.stream, cfg.upstreams[request.backend])
-            await self.serve_reader(record, 0, scope, receive, send)
+            await self.serve_reader(record, 0, scope, receive, send, opening_chunk(record.id))
             await self.linger(record)
 
     async def resume_stream(self, last_event_id: str, key_name: str | None, scope: Scope, receive: Receive, send: Send) -> None:
