@@ -16,12 +16,6 @@ import pytest
 from tests.conftest import free_port
 from tests.servers import require_program
 
-# coredis 6.9 leaves a connection's anyio memory streams unclosed when connecting
-# fails (they are garbage-collected with a ResourceWarning). Tests that make
-# connections fail on purpose let only that warning through.
-COREDIS_FAILED_CONNECT = pytest.mark.filterwarnings(
-    "ignore:Exception ignored in.*MemoryObject(Send|Receive)Stream:pytest.PytestUnraisableExceptionWarning")
-
 
 class RedisServer:
     """One redis-server process; `url` stays valid across stop()/start()."""

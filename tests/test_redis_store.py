@@ -5,7 +5,6 @@ them, a dead owner's streams interrupted, and a Redis outage answered."""
 from __future__ import annotations
 
 import contextlib
-import gc
 import json
 import random
 import sqlite3
@@ -16,7 +15,7 @@ from pathlib import Path
 import httpx
 
 from tests.conftest import serve, stream
-from tests.redis_server import COREDIS_FAILED_CONNECT, RedisServer, redis_server  # noqa: F401 - a fixture
+from tests.redis_server import RedisServer, redis_server  # noqa: F401 - a fixture
 from tests.test_lifecycle import BODY, read_events, tokens_of
 from tests.upstream import FakeUpstream, sse_tokens
 
@@ -161,7 +160,6 @@ def test_an_owner_that_stops_renewing_its_lease_is_interrupted_once_and_written_
             assert len(rows) == 1 and rows[0][:3] == (sid, "interrupted", 1) and rows[0][3] >= 3
 
 
-@COREDIS_FAILED_CONNECT
 def test_redis_lost_and_back_mid_stream(redis_server: RedisServer) -> None:
     with FakeUpstream(lambda seen: sse_tokens([f" t{i}" for i in range(150)], pause=0.02)) as upstream:
         env = two_replicas_env(redis_server, upstream, RESUME_GRACE_SECONDS="5")
@@ -186,4 +184,3 @@ def test_redis_lost_and_back_mid_stream(redis_server: RedisServer) -> None:
                 assert time.monotonic() < deadline, "no recovery after Redis came back"
                 time.sleep(0.2)
             assert client.get(one.url + "/healthz").json()["store_ok"] is True
-    gc.collect()  # coredis's unclosed streams warn here, under this test's filter, not in a later test
