@@ -6,6 +6,7 @@ others, which serve resumes from a local copy fed by one follower task."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import secrets
 from collections.abc import AsyncIterator, Callable
@@ -25,6 +26,7 @@ from stores.memory import StreamRecord, StreamRegistry
 FLUSH_SECONDS = 0.005  # write-behind: how long appends wait to share one pipeline
 PREFIX = "asgi-stream:"
 SLOTS = PREFIX + "slots"  # sorted set: stream id -> slot lease expiry (ms, Redis clock)
+log = logging.getLogger("asgi_stream")
 ORPHANS = PREFIX + "orphans"  # streams whose slot lease expired unfinished: their owner died
 
 # Check-and-take a stream slot, atomically for every replica. Expired leases
@@ -238,8 +240,8 @@ class RedisStore:
     async def _flush(self, dirty: set[str]) -> None:
         client = self.client
         assert client is not None
-        done: list[tuple[StreamRecord, Owned, int]] = []
-        async with client.pipeline(transaction=False) as pipe:
+        done: list[tuple[StreamRecord, Owned, int, Any]] = []
+        async with client.pipeline(transaction=False, raise_on_error=False) as pipe:
             for stream_id in dirty:
                 record, owned = self.owned.get(stream_id, (None, None))
                 if record is None or owned is None:
@@ -249,11 +251,10 @@ class RedisStore:
                     events = record.events(record.first) or []
                 if record.first > owned.first:
                     pipe.xtrim(events_key(stream_id), coredis.PureToken.MINID, record.first + 1)
-                if events:
-                    pipe.xadd(events_key(stream_id), {"e": pack(events)}, identifier=f"{record.count}-0")
+                added = pipe.xadd(events_key(stream_id), {"e": pack(events)}, identifier=f"{record.count}-0") if events else None
                 pipe.hset(meta_key(stream_id), {"count": record.count, "first": record.first, "tokens": record.tokens,
                                                 **({"finished": record.finish_reason or "error"} if record.finished else {})})
-                done.append((record, owned, record.count))
+                done.append((record, owned, record.count, added))
                 if record.finished:
                     expiry = self.ttl * 1000
                     pipe.zrem(SLOTS, [stream_id])
@@ -266,7 +267,15 @@ class RedisStore:
                 pipe.pexpire(events_key(stream_id), expiry)
                 pipe.pexpire(meta_key(stream_id), expiry)
         self.ok = True
-        for record, owned, count in done:
+        for record, owned, count, added in done:
+            try:
+                if added is not None:
+                    await added
+            except coredis.exceptions.ResponseError:  # a replica declared this owner dead and ended the stream
+                log.warning("stream %s was ended by another replica (its lease lapsed); cancelling it here", record.id)
+                del self.owned[record.id]
+                record.cancel("taken over")
+                continue
             owned.flushed, owned.first = count, record.first
             if record.finished and count == record.count:
                 del self.owned[record.id]
