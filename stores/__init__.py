@@ -9,3 +9,4 @@ class Refused(Exception):
     def __init__(self, status: int, type: str, message: str):
         super().__init__(message)
         self.status, self.type, self.message = status, type, message
+        self.headers = [(b"retry-after", b"1")]
