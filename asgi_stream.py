@@ -36,7 +36,7 @@ from ledger import UsageLedger
 from providers import ChatRequest, Final, Provider, Upstream, UpstreamError, anthropic, echo, gemini, make_usage, ollama, openai, retried
 from providers.lines import LineTooLong
 from sse import FIRST_CHUNK, HEARTBEAT
-from stores import Refused
+from stores import Refused, Store
 from stores.memory import MemoryStore, StreamRecord, StreamRegistry
 
 Scope = dict[str, Any]
@@ -460,7 +460,7 @@ class Gateway:
         self._http: httpx.AsyncClient | None = None
         self.metrics = Metrics()
         self.registry = StreamRegistry(60.0)
-        self.store: Any = MemoryStore(self.registry)  # stores.memory.MemoryStore or stores.redis.RedisStore
+        self.store: Store = MemoryStore(self.registry)
         self.ledger: UsageLedger | None = None
         self.unaccounted = 0  # streams admitted whose ledger row is not written yet
         self._index = b""

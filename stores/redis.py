@@ -10,7 +10,7 @@ import math
 import secrets
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import anyio
@@ -21,6 +21,10 @@ import orjson
 from providers import ChatRequest, UpstreamError, make_usage
 from stores import Refused
 from stores.memory import StreamRecord, StreamRegistry
+
+if TYPE_CHECKING:
+    from asgi_stream import Config
+    from ledger import UsageLedger
 
 FLUSH_SECONDS = 0.005  # write-behind: how long appends wait to share one pipeline
 PREFIX = "asgi-stream:"
@@ -124,7 +128,8 @@ class RedisStore:
 
     name = "redis"
 
-    def __init__(self, config: Any, registry: StreamRegistry, ledger: Any, facts: Callable[[StreamRecord, float], dict[str, Any]]):
+    def __init__(self, config: Config, registry: StreamRegistry, ledger: UsageLedger | None,
+                 facts: Callable[[StreamRecord, float], dict[str, Any]]):
         self.config, self.registry, self.ledger, self.facts = config, registry, ledger, facts
         self.url = config.redis_url
         self.lease_ms = max(100, int(config.owner_lease * 1000))
