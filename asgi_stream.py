@@ -22,7 +22,7 @@ import time
 from bisect import bisect_left
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
-from contextlib import aclosing
+from contextlib import AsyncExitStack, aclosing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,8 @@ from ledger import UsageLedger
 from providers import ChatRequest, Final, Provider, Upstream, UpstreamError, anthropic, echo, gemini, make_usage, ollama, openai, retried
 from providers.lines import LineTooLong
 from sse import FIRST_CHUNK, HEARTBEAT
-from stores.memory import StreamRecord, StreamRegistry
+from stores import Refused
+from stores.memory import MemoryStore, StreamRecord, StreamRegistry
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -96,6 +97,7 @@ NUMBERS: dict[str, tuple[str, float, float]] = {
     "send_timeout": ("SEND_TIMEOUT_SECONDS", 30.0, 0.001),  # a client taking no bytes this long is dropped
     "stream_buffer_bytes": ("STREAM_BUFFER_BYTES", 1_048_576, 1024),  # events held per stream for resume
     "echo_delay": ("ECHO_DELAY_SECONDS", 0.0, 0),
+    "owner_lease": ("OWNER_LEASE_SECONDS", 10.0, 0.1),  # with REDIS_URL: a dead owner's streams end within this
 }
 
 
@@ -123,6 +125,8 @@ class Config:
     send_timeout: float
     stream_buffer_bytes: int
     echo_delay: float
+    owner_lease: float
+    redis_url: str
 
 
 def _number(env: Mapping[str, str], name: str, default: float, low: float) -> float:
@@ -168,8 +172,11 @@ def load_config(env: Mapping[str, str]) -> Config:
             raise ConfigError("API_KEYS must be name:key pairs separated by commas")
         api_keys[key] = name
     origins = frozenset(o.strip() for o in env.get("CORS_ORIGINS", "").split(",") if o.strip())
+    redis_url = env.get("REDIS_URL", "").strip()
+    if redis_url and not redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(f"REDIS_URL must start with redis://, rediss:// or unix:// (got {redis_url.partition(':')[0][:20]!r}...)")
     return Config(upstreams, default, env.get("DEFAULT_MODEL", "").strip() or None, api_keys, origins,
-                  env.get("USAGE_DB", "usage.db").strip(), **numbers)  # type: ignore[arg-type]
+                  env.get("USAGE_DB", "usage.db").strip(), **numbers, redis_url=redis_url)  # type: ignore[arg-type]
 
 
 # --- requests and their validation -------------------------------------------
@@ -453,6 +460,7 @@ class Gateway:
         self._http: httpx.AsyncClient | None = None
         self.metrics = Metrics()
         self.registry = StreamRegistry(60.0)
+        self.store: Any = MemoryStore(self.registry)  # stores.memory.MemoryStore or stores.redis.RedisStore
         self.ledger: UsageLedger | None = None
         self.unaccounted = 0  # streams admitted whose ledger row is not written yet
         self._index = b""
@@ -463,6 +471,11 @@ class Gateway:
             config = load_config(os.environ if self._environ is None else self._environ)
             self.registry = StreamRegistry(config.resume_ttl)
             self.ledger = UsageLedger(config.usage_db) if config.usage_db else None
+            self.store = MemoryStore(self.registry)
+            if config.redis_url:  # imported only when asked for: coredis is an optional extra
+                from stores.redis import RedisStore
+
+                self.store = RedisStore(config, self.registry, self.ledger, stream_facts)
             self._index = INDEX_FILE.read_bytes() if INDEX_FILE.exists() else b"<!doctype html><title>asgi-stream</title>"
             self._config = config
         return self._config
@@ -506,19 +519,22 @@ class Gateway:
                 pass
 
     async def lifespan(self, receive: Receive, send: Send) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                try:
-                    self.http  # noqa: B018 - reads the settings and opens the shared client
-                except ConfigError as exc:
-                    await send({"type": "lifespan.startup.failed", "message": f"asgi-stream: {exc}"})
+        async with AsyncExitStack() as running:
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    try:
+                        self.http  # noqa: B018 - reads the settings and opens the shared client
+                        await running.enter_async_context(self.store.running())
+                    except (ConfigError, Refused) as exc:
+                        await send({"type": "lifespan.startup.failed", "message": f"asgi-stream: {exc}"})
+                        return
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await self.aclose()
+                    await running.aclose()  # a shared store writes the streams' last events first
+                    await send({"type": "lifespan.shutdown.complete"})
                     return
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await self.aclose()
-                await send({"type": "lifespan.shutdown.complete"})
-                return
 
     # --- routing, auth, CORS, limits
 
@@ -540,7 +556,7 @@ class Gateway:
             raise HTTPError(405, "method_not_allowed", f"{path} allows {allow}", [(b"allow", allow.encode())])
         if path == "/healthz":
             self.config  # noqa: B018 - without lifespan (daphne) bad settings must fail the health check
-            return await send_response(send, 200, b'{"status":"ok"}', b"application/json")
+            return await send_response(send, 200, orjson.dumps({"status": "ok", **self.store.health()}), b"application/json")
         if path == "/":
             self.config  # noqa: B018 - loads the page with the settings
             return await send_response(send, 200, self._index, b"text/html; charset=utf-8")
@@ -622,7 +638,12 @@ class Gateway:
         request = parse_chat_request(scope["method"], query, body, cfg)
         self.admit(key_name)
         record = StreamRecord(secrets.token_urlsafe(16), key_name, request, cfg.stream_buffer_bytes)
-        self.registry.add(record)
+        try:
+            await self.store.hold(record)
+        except Refused as exc:
+            self.release(key_name)
+            self.unaccounted -= 1
+            raise HTTPError(exc.status, exc.type, exc.message, [(b"retry-after", b"1")]) from None
         backend = BACKENDS[request.backend]
         # Spawned tasks always run to their first checkpoint (even when cancelled at
         # once), and generate() takes ownership of the stream's ending before that.
@@ -635,14 +656,16 @@ class Gateway:
         """Replay what followed `last_event_id`, then follow the generation.
         Whatever cannot be resumed gets 204, which stops EventSource."""
         stream_id, _, position = last_event_id.rpartition(".")
-        record = self.registry.get(stream_id, key_name) if position.isascii() and position.isdigit() else None
+        try:
+            record = await self.store.find(stream_id, key_name, int(position)) if position.isascii() and position.isdigit() else None
+        except Refused as exc:
+            raise HTTPError(exc.status, exc.type, exc.message, [(b"retry-after", b"1")]) from None
         if record is None or not record.holds_position(int(position)) or (record.finished and int(position) >= record.count):
             return await send_response(send, 204, b"", None, self.cors_headers(scope))
         await self.serve_reader(record, int(position), scope, receive, send)
 
     async def cancel_stream(self, stream_id: str, key_name: str | None, scope: Scope, send: Send) -> None:
-        record = self.registry.get(stream_id, key_name)
-        if record is None or not record.cancel("cancelled"):
+        if not await self.store.cancel(stream_id, key_name):
             raise HTTPError(404, "not_found", "no running stream with this id")
         await send_response(send, 204, b"", None, self.cors_headers(scope))
 
@@ -722,6 +745,7 @@ class Gateway:
             usage = estimate_usage(record)
         record.finish(reason, usage, error)
         self.release(record.key_name)
+        self.store.finished(record)
 
     def redact(self, text: str) -> str:
         """Upstreams sometimes echo the key they were given; never pass it on."""
@@ -754,15 +778,15 @@ class Gateway:
     async def linger(self, record: StreamRecord) -> None:
         """While the generation runs without a reader, wait the resume grace
         for one to come back; then cancel it (and its upstream request)."""
-        grace = self.config.resume_grace
+        grace, readers = self.config.resume_grace, self.store.readers  # readers on every replica
         while not record.finished:
-            if record.readers:
+            if readers(record):
                 await record.wait()
                 continue
             with anyio.move_on_after(grace):
-                while not record.readers and not record.finished:
+                while not readers(record) and not record.finished:
                     await record.wait()
-            if not record.readers:
+            if not readers(record):
                 record.cancel("client gone")
                 return
 

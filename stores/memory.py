@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import time
 from array import array
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
@@ -53,23 +55,30 @@ class StreamRecord:
         self._held = 0  # bytes the held events take framed
         self._changed: anyio.Event | None = None
         self._id_prefix = stream_id.encode() + b"."
+        self.on_append: Callable[[StreamRecord], None] | None = None  # a shared store's write-behind hears of appends
 
     @property
     def count(self) -> int:
         return self._first + len(self._ends)
 
     def append(self, event: str, data: str) -> None:
+        self.append_framed(event, frame_data(data))
+
+    def append_framed(self, event: str, framed: bytes) -> None:
+        """Append an event whose data frame_data already made (a replica's copy)."""
         kind = EVENT_KINDS.get(event)
         if kind is None:  # names come from code, not from input: a handful
             kind = EVENT_KINDS[event] = len(EVENT_NAMES)
             EVENT_NAMES.append(event.encode())
         start = len(self._data)
-        self._data += frame_data(data)
+        self._data += framed
         self._ends.append(len(self._data))
         self._kinds.append(kind)
         self._held += self._framed_size(kind, self.count, len(self._data) - start)
         if self._held > self.max_bytes:
             self._drop_oldest()
+        if self.on_append is not None:
+            self.on_append(self)
         self.notify()
 
     def _framed_size(self, kind: int, number: int, data_size: int) -> int:
@@ -105,6 +114,28 @@ class StreamRecord:
             frames.append(frame_event(name, b"%b%d" % (self._id_prefix, self._first + i + 1), data))
             start = end
         return b"".join(frames)
+
+    def events(self, position: int) -> list[tuple[str, str]] | None:
+        """The held events after `position` as (name, framed data); None if some were dropped."""
+        if position < self._first:
+            return None
+        held, events = position - self._first, []
+        start = self._ends[held - 1] if held else 0
+        for i in range(held, len(self._ends)):
+            events.append((EVENT_NAMES[self._kinds[i]].decode(), self._data[start:self._ends[i]].decode()))
+            start = self._ends[i]
+        return events
+
+    @property
+    def first(self) -> int:
+        """Events up to this position were dropped to bound memory."""
+        return self._first
+
+    def skip_to(self, position: int) -> None:
+        """Hold nothing before `position`: a replica's copy starts where its reader resumes."""
+        del self._data[:], self._kinds[:]
+        self._ends = array("Q")
+        self._first, self._held = position, 0
 
     def holds_position(self, position: int) -> bool:
         return self._first <= position <= self.count
@@ -178,3 +209,37 @@ class StreamRegistry:
         for stream_id in [s for s, t in self._expiry.items() if t <= now]:
             del self._expiry[stream_id]
             self._streams.pop(stream_id, None)
+
+
+class MemoryStore:
+    """The store of one process: limits are the gateway's own counters, and
+    every stream it can serve is in its registry."""
+
+    name = "memory"
+    ok = True
+
+    def __init__(self, registry: StreamRegistry):
+        self.registry = registry
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        yield
+
+    def health(self) -> dict[str, Any]:
+        return {}
+
+    async def hold(self, record: StreamRecord) -> None:
+        self.registry.add(record)
+
+    async def find(self, stream_id: str, key_name: str | None, position: int) -> StreamRecord | None:
+        return self.registry.get(stream_id, key_name)
+
+    async def cancel(self, stream_id: str, key_name: str | None) -> bool:
+        record = self.registry.get(stream_id, key_name)
+        return record is not None and record.cancel("cancelled")
+
+    def readers(self, record: StreamRecord) -> int:
+        return record.readers
+
+    def finished(self, record: StreamRecord) -> None:
+        pass

@@ -41,16 +41,23 @@ def test_every_setting_is_read() -> None:
         "CONNECT_TIMEOUT_SECONDS": "1.5", "FIRST_TOKEN_TIMEOUT_SECONDS": "2", "IDLE_TIMEOUT_SECONDS": "3",
         "TOTAL_TIMEOUT_SECONDS": "4", "HEARTBEAT_SECONDS": " 0.5 ", "RESUME_GRACE_SECONDS": "0", "RESUME_TTL_SECONDS": "0",
         "USAGE_DB": " /tmp/x.db ", "BODY_TIMEOUT_SECONDS": "11", "SEND_TIMEOUT_SECONDS": "12", "STREAM_BUFFER_BYTES": "1024",
-        "ECHO_DELAY_SECONDS": "0.25",
+        "ECHO_DELAY_SECONDS": "0.25", "OWNER_LEASE_SECONDS": "3", "REDIS_URL": " redis://:pw@h:1/2 ",
     })  # fmt: skip
     assert config == Config(
         upstreams=config.upstreams, default_backend="echo", default_model="m", max_tokens=5, max_tokens_limit=6,
         api_keys={"k1": "alice", "k:2": "bob"}, cors_origins=frozenset({"https://a.example", "*"}), max_body_bytes=7,
         max_streams=8, max_streams_per_key=9, connect_timeout=1.5, first_token_timeout=2, idle_timeout=3, total_timeout=4,
         heartbeat=0.5, resume_grace=0, resume_ttl=0, usage_db="/tmp/x.db", body_timeout=11, send_timeout=12,
-        stream_buffer_bytes=1024, echo_delay=0.25,
+        stream_buffer_bytes=1024, echo_delay=0.25, owner_lease=3, redis_url="redis://:pw@h:1/2",
     )  # fmt: skip
     assert config.upstreams["echo"].token_delay == 0.25
+
+
+@pytest.mark.parametrize("url", ["http://h:6379", "h:6379", "redis:/x", "valkey://h"])
+def test_a_redis_url_of_another_scheme_is_refused_naming_redis_url_without_its_password(url: str) -> None:
+    with pytest.raises(ConfigError, match="^REDIS_URL must start with") as caught:
+        load_config({"REDIS_URL": url.replace("//", "//user:hunter2@")})
+    assert "hunter2" not in str(caught.value)
 
 
 def test_max_tokens_defaults_to_the_limit_when_the_limit_is_below_1024() -> None:

@@ -1,0 +1,509 @@
+"""Where stream records live when `REDIS_URL` is set: every replica is one
+service. The process that admits a stream owns it and serves its own readers
+from memory; a write-behind task copies its events to a Redis stream for the
+others, which serve resumes from a local copy fed by one follower task."""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import anyio
+import coredis
+import coredis.exceptions
+import orjson
+
+from providers import ChatRequest, UpstreamError, make_usage
+from stores import Refused
+from stores.memory import StreamRecord, StreamRegistry
+
+FLUSH_SECONDS = 0.005  # write-behind: how long appends wait to share one pipeline
+PREFIX = "asgi-stream:"
+SLOTS = PREFIX + "slots"  # sorted set: stream id -> slot lease expiry (ms, Redis clock)
+ORPHANS = PREFIX + "orphans"  # streams whose slot lease expired unfinished: their owner died
+
+# Check-and-take a stream slot, atomically for every replica. Expired leases
+# are dropped first (and their streams handed to whoever ends orphans).
+ADMIT = """
+local now = redis.call('TIME')
+now = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+for _, stream in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)) do redis.call('SADD', KEYS[3], stream) end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then return 1 end
+if ARGV[5] == '1' and redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[4]) then return 2 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+if ARGV[5] == '1' then
+  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1])
+  redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[2]) * 2)
+end
+return 0
+"""
+# Renew the slot leases of a process's running streams (ARGV: lease ms, then
+# pairs of stream id and per-key set); then hand out up to 10 orphans.
+RENEW = """
+local now = redis.call('TIME')
+now = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local lease = tonumber(ARGV[1])
+for i = 2, #ARGV, 2 do
+  redis.call('ZADD', KEYS[1], 'XX', now + lease, ARGV[i])
+  if ARGV[i + 1] ~= '' then
+    redis.call('ZADD', ARGV[i + 1], 'XX', now + lease, ARGV[i])
+    redis.call('PEXPIRE', ARGV[i + 1], lease * 2)
+  end
+end
+for _, stream in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)) do redis.call('SADD', KEYS[2], stream) end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+return redis.call('SPOP', KEYS[2], 10)
+"""
+
+
+def redacted(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")[2]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:[redacted]@{netloc}"))
+
+
+def events_key(stream_id: str) -> str:
+    return f"{PREFIX}{stream_id}:events"
+
+
+def meta_key(stream_id: str) -> str:
+    return f"{PREFIX}{stream_id}:meta"
+
+
+def key_slots(key_name: str | None) -> str:
+    return f"{PREFIX}slots:key:{key_name}" if key_name is not None else ""
+
+
+def as_bytes(value: str | bytes) -> bytes:
+    """coredis types stream ids and values as str or bytes; without decoding they are bytes."""
+    return value.encode() if isinstance(value, str) else value
+
+
+def pack(events: list[tuple[str, str]]) -> bytes:
+    """One Redis stream entry's value: the events of one flush, framed data as is."""
+    return orjson.dumps(events)
+
+
+def unpack(entry_id: bytes, value: bytes) -> tuple[int, list[tuple[str, str]]]:
+    """(position of the entry's first event, its events); the entry id is its last event's position."""
+    events = orjson.loads(value)
+    return int(entry_id.split(b"-")[0]) - len(events) + 1, events
+
+
+class Owned:
+    """What the write-behind knows of a stream this process owns."""
+
+    __slots__ = ("first", "flushed", "released", "remote")
+
+    def __init__(self) -> None:
+        self.flushed = 0  # events up to this position are in Redis
+        self.first = 0  # the owner dropped events up to here; Redis too
+        self.released = False
+        self.remote: dict[str, tuple[int, float]] = {}  # process -> (its readers of this stream, until)
+
+
+class RedisStore:
+    """The store shared by every replica through Redis (see docs/scaling.md)."""
+
+    name = "redis"
+
+    def __init__(self, config: Any, registry: StreamRegistry, ledger: Any, facts: Callable[[StreamRecord, float], dict[str, Any]]):
+        self.config, self.registry, self.ledger, self.facts = config, registry, ledger, facts
+        self.url = config.redis_url
+        self.lease_ms = max(100, int(config.owner_lease * 1000))
+        self.ttl = max(1, math.ceil(config.resume_ttl))
+        self.process = secrets.token_hex(6)
+        self.channel = f"{PREFIX}process:{self.process}"
+        self.wake_key = f"{PREFIX}wake:{self.process}"
+        self.ok = False
+        self.client: coredis.Redis[bytes] | None = None
+        self.owned: dict[str, tuple[StreamRecord, Owned]] = {}
+        self.dirty: set[str] = set()
+        self.flush_due = anyio.Event()
+        self.followed: dict[str, tuple[StreamRecord, bytes]] = {}  # events key -> (local copy, last entry id read)
+        self.tasks: anyio.abc.TaskGroup | None = None
+        self._owner_channel: dict[str, str] = {}  # stream id -> its owner's channel, for copies followed here
+
+    # --- lifetime
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        client = coredis.Redis.from_url(self.url, connect_timeout=2, stream_timeout=5,
+                                        retry_policy=coredis.retry.NoRetryPolicy())  # fmt: skip
+        try:
+            async with client:
+                try:
+                    await client.ping()
+                except (coredis.exceptions.RedisError, OSError) as exc:
+                    raise Refused(503, "store_unavailable", f"REDIS_URL={redacted(self.url)} is unreachable: {self._say(exc)}") from None
+                self.client, self.ok = client, True
+                async with anyio.create_task_group() as tasks:
+                    self.tasks = tasks
+                    tasks.start_soon(self._write_behind)
+                    tasks.start_soon(self._follow)
+                    tasks.start_soon(self._listen)
+                    tasks.start_soon(self._renew)
+                    try:
+                        yield
+                    finally:
+                        with anyio.move_on_after(3, shield=True):  # the streams' last events reach Redis
+                            while self.dirty and self.ok:  # bounded, at shutdown
+                                self.flush_due.set()
+                                await anyio.sleep(0.01)
+                        tasks.cancel_scope.cancel()
+        except Refused:
+            raise
+        except BaseExceptionGroup as group:  # coredis's own task group wraps a lost connection at exit
+            if not group.subgroup((coredis.exceptions.RedisError, OSError)):
+                raise
+        finally:
+            self.client, self.ok = None, False
+
+    def _say(self, exc: BaseException) -> str:
+        return redacted(str(exc) or type(exc).__name__).replace(self.url, redacted(self.url))
+
+    def health(self) -> dict[str, Any]:
+        return {"store": "redis", "store_ok": self.ok}
+
+    def _client(self) -> coredis.Redis[bytes]:
+        if self.client is None or not self.ok:
+            raise Refused(503, "store_unavailable", "the shared stream store (Redis) is unreachable; try again shortly")
+        return self.client
+
+    # --- the owner: admission, write-behind, leases
+
+    async def hold(self, record: StreamRecord) -> None:
+        client, cfg = self._client(), self.config
+        check_key = "1" if cfg.api_keys else "0"
+        try:
+            refused = await client.eval(ADMIT, [SLOTS, key_slots(record.key_name) or SLOTS, ORPHANS],
+                                        [record.id, self.lease_ms, cfg.max_streams, cfg.max_streams_per_key, check_key])
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.hset(meta_key(record.id), {
+                    "key": "" if record.key_name is None else "=" + record.key_name, "owner": self.process,
+                    "backend": record.request.backend, "model": record.request.model, "started": repr(record.started),
+                    "prompt_chars": sum(len(m["content"]) for m in record.request.messages), "count": 0, "first": 0, "tokens": 0,
+                })  # fmt: skip
+                pipe.pexpire(meta_key(record.id), self.lease_ms * 3 + self.ttl * 1000)
+        except (coredis.exceptions.RedisError, OSError) as exc:
+            self._lost(exc)
+            raise Refused(503, "store_unavailable", "the shared stream store (Redis) is unreachable; try again shortly") from None
+        if refused == 1:
+            raise Refused(503, "overloaded", f"the service is at its limit of {cfg.max_streams} streams")
+        if refused == 2:
+            raise Refused(429, "rate_limited", f"this key is at its limit of {cfg.max_streams_per_key} streams")
+        self.registry.add(record)
+        self.owned[record.id] = (record, Owned())
+        record.on_append = self._appended
+
+    def _appended(self, record: StreamRecord) -> None:
+        self.dirty.add(record.id)
+        self.flush_due.set()
+
+    def finished(self, record: StreamRecord) -> None:
+        if record.id in self.owned:
+            self._appended(record)
+
+    def _lost(self, exc: BaseException) -> None:
+        self.ok = False
+
+    async def _write_behind(self) -> None:
+        """Every pending append of every owned stream, in one pipeline per flush."""
+        while True:
+            await self.flush_due.wait()
+            await anyio.sleep(FLUSH_SECONDS if self.ok else 0.5)
+            self.flush_due = anyio.Event()
+            dirty, self.dirty = self.dirty, set()
+            try:
+                await self._flush(dirty)
+            except (coredis.exceptions.RedisError, OSError) as exc:
+                self.dirty |= dirty
+                self._lost(exc)
+                self.flush_due.set()
+                await self._reconnect()
+
+    async def _flush(self, dirty: set[str]) -> None:
+        client = self.client
+        assert client is not None
+        done: list[tuple[StreamRecord, Owned, int]] = []
+        async with client.pipeline(transaction=False) as pipe:
+            for stream_id in dirty:
+                record, owned = self.owned.get(stream_id, (None, None))
+                if record is None or owned is None:
+                    continue
+                events = record.events(owned.flushed)
+                if events is None:  # dropped before it was written: Redis drops it too
+                    events = record.events(record.first) or []
+                if record.first > owned.first:
+                    pipe.xtrim(events_key(stream_id), coredis.PureToken.MINID, record.first + 1)
+                if events:
+                    pipe.xadd(events_key(stream_id), {"e": pack(events)}, identifier=f"{record.count}-0")
+                pipe.hset(meta_key(stream_id), {"count": record.count, "first": record.first, "tokens": record.tokens,
+                                                **({"finished": record.finish_reason or "error"} if record.finished else {})})
+                done.append((record, owned, record.count))
+                if record.finished:
+                    expiry = self.ttl * 1000
+                    pipe.zrem(SLOTS, [stream_id])
+                    if record.key_name is not None:
+                        pipe.zrem(key_slots(record.key_name), [stream_id])
+                else:
+                    expiry = self.lease_ms * 3 + self.ttl * 1000
+                pipe.pexpire(events_key(stream_id), expiry)
+                pipe.pexpire(meta_key(stream_id), expiry)
+        self.ok = True
+        for record, owned, count in done:
+            owned.flushed, owned.first = count, record.first
+            if record.finished and count == record.count:
+                del self.owned[record.id]
+
+    async def _reconnect(self) -> None:
+        """Until Redis answers again."""
+        while not self.ok:
+            try:
+                assert self.client is not None
+                with anyio.fail_after(3):
+                    await self.client.ping()
+                self.ok = True
+            except (coredis.exceptions.RedisError, OSError, TimeoutError):
+                await anyio.sleep(0.5)
+
+    async def _renew(self) -> None:
+        """One task per process: renew the slot leases and key expiries of every
+        owned stream in one round trip, and end the streams of dead owners."""
+        while True:
+            await anyio.sleep(self.lease_ms / 3000)
+            client = self.client
+            if client is None or not self.ok:
+                continue
+            pairs: list[str] = []
+            for stream_id, (record, _) in self.owned.items():
+                if not record.finished:
+                    pairs += [stream_id, key_slots(record.key_name)]
+            try:
+                async with client.pipeline(transaction=False) as pipe:
+                    orphans = pipe.eval(RENEW, [SLOTS, ORPHANS], [self.lease_ms, *pairs])
+                    for renewed in pairs[::2]:
+                        for key in (events_key(renewed), meta_key(renewed)):
+                            pipe.pexpire(key, self.lease_ms * 3 + self.ttl * 1000)
+                    self._announce_readers(pipe)
+                for orphan in await orphans or []:  # type: ignore[union-attr]
+                    await self._interrupt(as_bytes(orphan).decode())  # type: ignore[arg-type]
+            except (coredis.exceptions.RedisError, OSError) as exc:
+                self._lost(exc)
+                continue
+            now = anyio.current_time()
+            for record, owned in self.owned.values():  # remote readers that stopped saying so are gone
+                if any(until < now for _, until in owned.remote.values()):
+                    owned.remote = {p: v for p, v in owned.remote.items() if v[1] >= now}
+                    record.notify()
+
+    async def _interrupt(self, stream_id: str) -> None:
+        """End the stream of an owner that died: error `interrupted` and done in
+        Redis (so every resume ends the same way), and its ledger row, once."""
+        client = self.client
+        assert client is not None
+        if not await client.set(f"{PREFIX}{stream_id}:ended-by", self.process, condition=coredis.PureToken.NX, ex=self.ttl + 60):
+            return
+        meta = await client.hgetall(meta_key(stream_id))
+        if not meta or b"finished" in meta:
+            return
+        count = int(meta[b"count"])
+        error = UpstreamError("interrupted", "the process running this generation stopped")
+        events = [("error", orjson.dumps(error.as_event_data()).decode()), ("done", "error")]
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.xadd(events_key(stream_id), {"e": pack(events)}, identifier=f"{count + 2}-0")
+            pipe.hset(meta_key(stream_id), {"count": count + 2, "finished": "error"})
+            pipe.pexpire(events_key(stream_id), self.ttl * 1000)
+            pipe.pexpire(meta_key(stream_id), self.ttl * 1000)
+        if self.ledger is not None:
+            record = self._copy(stream_id, meta, 0)
+            record.tokens = int(meta[b"tokens"])
+            prompt_chars = int(meta[b"prompt_chars"])
+            record.finish_reason, record.error = "error", error
+            record.usage = make_usage(-(-prompt_chars // 4), record.tokens, estimated=True)
+            record.started = float(meta[b"started"])
+            await self.ledger.add(self.facts(record, record.started_clock))
+
+    # --- followers: resume on any replica
+
+    def _copy(self, stream_id: str, meta: dict[bytes, bytes], position: int) -> StreamRecord:
+        key = meta[b"key"].decode()
+        request = ChatRequest([], meta[b"backend"].decode(), meta[b"model"].decode(), 0, None)
+        record = StreamRecord(stream_id, key[1:] if key else None, request, self.config.stream_buffer_bytes)
+        record.skip_to(position)
+        return record
+
+    async def find(self, stream_id: str, key_name: str | None, position: int) -> StreamRecord | None:
+        local = self.registry.get(stream_id, key_name)
+        if local is not None and (stream_id in self.owned or local.finished):
+            return local
+        client = self._client()
+        try:
+            meta = await client.hgetall(meta_key(stream_id))
+            if not meta or meta[b"key"].decode() != ("" if key_name is None else "=" + key_name):
+                return None
+            count, first = int(meta[b"count"]), int(meta[b"first"])
+            with anyio.move_on_after(1):  # the owner's client may be a few ms ahead of its write-behind
+                while position > count and b"finished" not in meta:
+                    await anyio.sleep(0.02)
+                    meta = await client.hgetall(meta_key(stream_id))
+                    count, first = int(meta.get(b"count", 0)), int(meta.get(b"first", 0))
+            if not first <= position <= count or (b"finished" in meta and position >= count):
+                return None
+            entries = await client.xrange(events_key(stream_id), f"({position}-0", "+")
+        except (coredis.exceptions.RedisError, OSError) as exc:
+            self._lost(exc)
+            raise Refused(503, "store_unavailable", "the shared stream store (Redis) is unreachable; try again shortly") from None
+        mirror = self._copy(stream_id, meta, position)
+        last = f"{position}-0".encode()
+        for entry in entries:
+            if not self._feed(mirror, as_bytes(entry.identifier), as_bytes(entry.field_values[b"e"])):
+                return None  # a gap: those events were dropped
+            last = as_bytes(entry.identifier)
+        if not mirror.finished:
+            self.followed[events_key(stream_id)] = (mirror, last)
+            await self._wake_follower()
+        owner = meta[b"owner"].decode()
+        assert self.tasks is not None
+        self.tasks.start_soon(self._watch_copy, mirror, owner)
+        return mirror
+
+    def _feed(self, mirror: StreamRecord, entry_id: bytes, value: bytes) -> bool:
+        first, events = unpack(entry_id, value)
+        if first > mirror.count + 1:
+            return False
+        for offset, (name, data) in enumerate(events):
+            if first + offset <= mirror.count:
+                continue
+            if name == "token":
+                mirror.tokens += 1
+            mirror.append_framed(name, data.encode())
+            if name == "done":
+                mirror.finish_reason, mirror.finished = data, True
+                mirror.notify()
+        return True
+
+    async def _wake_follower(self) -> None:
+        client = self._client()
+        await client.xadd(self.wake_key, {"w": "1"}, trim_strategy=coredis.PureToken.MAXLEN, threshold=10)
+
+    async def _follow(self) -> None:
+        """One blocking XREAD over every followed stream of this process."""
+        woken = b"0-0"
+        while True:
+            client = self.client
+            if client is None or not self.ok:
+                await anyio.sleep(0.2)
+                continue
+            streams: dict[str | bytes, str | bytes] = {self.wake_key: woken}
+            streams.update({key: last for key, (_, last) in self.followed.items()})
+            try:
+                replies = await client.xread(streams, block=1000, count=500) or {}
+            except (coredis.exceptions.RedisError, OSError) as exc:
+                self._lost(exc)
+                continue
+            for key, entries in replies.items():
+                if key.decode() == self.wake_key:
+                    woken = as_bytes(entries[-1].identifier)
+                    continue
+                followed = self.followed.get(key.decode())
+                if followed is None:
+                    continue
+                mirror = followed[0]
+                for entry in entries:
+                    entry_id = as_bytes(entry.identifier)
+                    if not self._feed(mirror, entry_id, as_bytes(entry.field_values[b"e"])):
+                        mirror.skip_to(int(entry_id.split(b"-")[0]))  # readers behind it get None: closed
+                        mirror.notify()
+                if mirror.finished:
+                    del self.followed[key.decode()]
+                else:
+                    self.followed[key.decode()] = (mirror, as_bytes(entries[-1].identifier))
+
+    async def _watch_copy(self, mirror: StreamRecord, owner: str) -> None:
+        """Tell the owner while this copy has readers (its resume grace counts
+        them); forget the copy when its last reader leaves."""
+        await anyio.lowlevel.checkpoint()
+        said = -1
+        while True:
+            if mirror.readers != said and not mirror.finished:
+                said = mirror.readers
+                await self._tell(owner, f"readers {mirror.id} {self.process} {id(mirror)} {said}")
+            if not mirror.readers:
+                self.followed.pop(events_key(mirror.id), None)
+                return
+            await mirror.wait()
+
+    def _announce_readers(self, pipe: Any) -> None:
+        for mirror, _ in self.followed.values():
+            if mirror.readers:
+                pipe.publish(self._owner_channel.get(mirror.id, ""), f"readers {mirror.id} {self.process} {id(mirror)} {mirror.readers}")
+
+    async def _tell(self, owner: str, message: str) -> None:
+        channel = f"{PREFIX}process:{owner}"
+        self._owner_channel[message.split()[1]] = channel
+        try:
+            await self._client().publish(channel, message)
+        except (coredis.exceptions.RedisError, OSError, Refused):
+            pass  # the renewal says it again
+
+    # --- cancel and reader counts across replicas
+
+    async def cancel(self, stream_id: str, key_name: str | None) -> bool:
+        local = self.registry.get(stream_id, key_name)
+        if local is not None and stream_id in self.owned:
+            return local.cancel("cancelled")
+        client = self._client()
+        try:
+            meta = await client.hgetall(meta_key(stream_id))
+            if not meta or b"finished" in meta or meta[b"key"].decode() != ("" if key_name is None else "=" + key_name):
+                return False
+            return bool(await client.publish(f"{PREFIX}process:{meta[b'owner'].decode()}", f"cancel {stream_id}"))
+        except (coredis.exceptions.RedisError, OSError) as exc:
+            self._lost(exc)
+            raise Refused(503, "store_unavailable", "the shared stream store (Redis) is unreachable; try again shortly") from None
+
+    def readers(self, record: StreamRecord) -> int:
+        owned = self.owned.get(record.id)
+        return record.readers + (sum(n for n, _ in owned[1].remote.values()) if owned else 0)
+
+    async def _listen(self) -> None:
+        """This process's channel: cancels and reader counts for the streams it owns."""
+        while True:
+            client = self.client
+            if client is None:
+                await anyio.sleep(0.2)
+                continue
+            try:
+                async with client.pubsub(channels=[self.channel], ignore_subscribe_messages=True) as pubsub:
+                    async for message in pubsub:
+                        self._heard(as_bytes(message["data"]).decode())  # type: ignore[arg-type]
+            except (coredis.exceptions.RedisError, OSError) as exc:
+                self._lost(exc)
+                await anyio.sleep(0.5)
+
+    def _heard(self, message: str) -> None:
+        words = message.split()
+        record, owned = self.owned.get(words[1], (None, None)) if len(words) > 1 else (None, None)
+        if record is None or owned is None:
+            return
+        if words[0] == "cancel":
+            record.cancel("cancelled")
+        elif words[0] == "readers" and len(words) == 5:
+            copy, count = f"{words[2]}/{words[3]}", int(words[4])
+            if count:
+                owned.remote[copy] = (count, anyio.current_time() + self.lease_ms / 1000)
+            else:
+                owned.remote.pop(copy, None)
+            record.notify()
+
