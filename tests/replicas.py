@@ -57,52 +57,6 @@ def gateway_env(upstream: FakeUpstream, redis_url: str, **extra: str) -> dict[st
             "RESUME_GRACE_SECONDS": "30", **extra}  # fmt: skip
 
 
-# --- redis-server -----------------------------------------------------------------
-
-
-@dataclass
-class Redis:
-    port: int
-    popen: subprocess.Popen[bytes]
-    log: Path
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def cli(self, *args: str) -> str:
-        cli = require_program("redis-cli", "/usr/bin/redis-cli")
-        done = subprocess.run([cli, "-p", str(self.port), *args], capture_output=True, text=True, timeout=30)
-        return done.stdout.strip()
-
-
-def start_redis(tmp: Path, port: int | None = None) -> Redis:
-    """A redis-server on a loopback port, persistence off, in `tmp`."""
-    server = require_program("redis-server", "/usr/bin/redis-server")
-    port = port or free_port()
-    log = tmp / f"redis-{port}.log"
-    with log.open("ab") as out:
-        popen = subprocess.Popen(
-            [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp)],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-    redis = Redis(port, popen, log)
-    deadline = time.monotonic() + 20
-    while redis.cli("PING") != "PONG":
-        assert popen.poll() is None and time.monotonic() < deadline, log.read_text()
-        time.sleep(0.05)
-    return redis
-
-
-@contextmanager
-def run_redis(tmp: Path) -> Iterator[Redis]:
-    redis = start_redis(tmp)
-    try:
-        yield redis
-    finally:
-        stop(redis.popen)
-
-
 # --- gateway replicas -------------------------------------------------------------
 
 

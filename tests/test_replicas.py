@@ -21,9 +21,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.redis_server import RedisServer
 from tests.replicas import (
     Read,
-    Redis,
     chat,
     follow,
     gateway_env,
@@ -32,11 +32,8 @@ from tests.replicas import (
     read_stream,
     respond,
     resume,
-    run_redis,
     run_replicas,
     seen_with,
-    start_redis,
-    stop,
     stream_ids,
     wait_for,
     words,
@@ -55,13 +52,17 @@ def upstream() -> Iterator[FakeUpstream]:
 
 
 @pytest.fixture(scope="module")
-def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Redis]:
-    with run_redis(tmp_path_factory.mktemp("redis")) as server:
+def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    try:
         yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="module")
-def replicas(upstream: FakeUpstream, redis: Redis, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Process]]:
+def replicas(upstream: FakeUpstream, redis: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Process]]:
     """Two uvicorn processes and one hypercorn trio worker, one REDIS_URL."""
     with run_replicas(["uvicorn", "uvicorn", "hypercorn-trio"], gateway_env(upstream, redis.url),
                       tmp_path_factory.mktemp("replicas")) as started:  # fmt: skip
@@ -105,7 +106,7 @@ def test_an_unknown_or_foreign_stream_still_gets_204_on_every_replica(replicas: 
 
 
 def test_uvicorn_with_two_workers_resumes_through_whichever_worker_accepts(
-    upstream: FakeUpstream, redis: Redis, tmp_path: Path
+    upstream: FakeUpstream, redis: RedisServer, tmp_path: Path
 ) -> None:
     """The issue's reproduction: one stream cut after 3 tokens, then reconnects
     with its Last-Event-ID; without Redis most reached the wrong worker (204)."""
@@ -182,7 +183,7 @@ KEYS = {"alice": "ka", "bob": "kb", "carol": "kc", "dave": "kd", "erin": "ke", "
 
 
 @pytest.fixture(scope="module")
-def limited(upstream: FakeUpstream, redis: Redis, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Process]]:
+def limited(upstream: FakeUpstream, redis: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Process]]:
     env = gateway_env(upstream, redis.url, MAX_STREAMS="4", MAX_STREAMS_PER_KEY="2", RESUME_GRACE_SECONDS="0",
                       API_KEYS=",".join(f"{name}:{key}" for name, key in KEYS.items()))  # fmt: skip
     with run_replicas(["uvicorn", "uvicorn", "hypercorn-trio"], env, tmp_path_factory.mktemp("limited")) as started:
@@ -253,7 +254,7 @@ def test_a_burst_of_one_key_over_three_replicas_admits_exactly_max_streams_per_k
 
 
 def test_sigkill_of_the_owner_interrupts_readers_elsewhere_within_the_lease(
-    upstream: FakeUpstream, redis: Redis, tmp_path: Path
+    upstream: FakeUpstream, redis: RedisServer, tmp_path: Path
 ) -> None:
     lease = 2
     dbs = [tmp_path / f"usage-{i}.db" for i in range(3)]
@@ -296,7 +297,8 @@ def test_sigkill_of_the_owner_interrupts_readers_elsewhere_within_the_lease(
 
 
 def test_redis_stopped_mid_stream_then_restarted(upstream: FakeUpstream, tmp_path: Path) -> None:
-    redis = start_redis(tmp_path)
+    redis = RedisServer(tmp_path)
+    redis.start()
     try:
         env = gateway_env(upstream, redis.url)
         with run_replicas(["uvicorn", "hypercorn-trio"], env, tmp_path) as (a, b):
@@ -306,8 +308,8 @@ def test_redis_stopped_mid_stream_then_restarted(upstream: FakeUpstream, tmp_pat
             with ThreadPoolExecutor(1) as pool:
                 reader = pool.submit(follow, "POST", a.url, got, json=chat("slow 50 0.1 outage"))
                 assert wait_for(lambda: len(got) >= 3, 20 * SLOW)
-                stop(redis.popen)
-                assert redis.popen.poll() is not None
+                redis.stop()
+                assert not redis.ping()
                 during = []
                 for replica in (a, b):
                     refused = read_stream("POST", replica.url + "/chat/stream", json=chat("slow 1 0"), timeout=60 * SLOW)
@@ -325,8 +327,7 @@ def test_redis_stopped_mid_stream_then_restarted(upstream: FakeUpstream, tmp_pat
             assert read.status == 200
             assert_lossless([read], words(50))
             # Redis comes back (empty, as a restarted cache would): service resumes by itself
-            restarted = start_redis(tmp_path, redis.port)
-            redis = restarted
+            redis.start()  # same port
             for replica in (a, b):
                 assert wait_for(lambda r=replica: read_stream("POST", r.url + "/chat/stream", json=chat("slow 2 0")).status == 200,
                                 30 * SLOW, 0.5), f"{replica.name} did not recover"  # fmt: skip
@@ -334,4 +335,4 @@ def test_redis_stopped_mid_stream_then_restarted(upstream: FakeUpstream, tmp_pat
                 assert again.tokens == words(3) and again.of("done") == ["stop"]
                 assert httpx.get(replica.url + "/healthz", timeout=30).text == healthy.text
     finally:
-        stop(redis.popen)
+        redis.stop()
