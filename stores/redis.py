@@ -283,8 +283,10 @@ class RedisStore:
         while True:
             await anyio.sleep(self.lease_ms / 3000)
             client = self.client
-            if client is None or not self.ok:
+            if client is None:
                 continue
+            if not self.ok:  # a refused admission or resume may be all that noticed: nothing else would ask again
+                await self._reconnect()
             pairs: list[str] = []
             for stream_id, (record, _) in self.owned.items():
                 if not record.finished:
