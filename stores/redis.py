@@ -5,6 +5,7 @@ others, which serve resumes from a local copy fed by one follower task."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import secrets
 from collections.abc import AsyncIterator, Callable
@@ -256,8 +257,10 @@ class RedisStore:
                     pipe.zrem(SLOTS, [stream_id])
                     if record.key_name is not None:
                         pipe.zrem(key_slots(record.key_name), [stream_id])
-                else:
+                elif owned.flushed == 0:  # the first write makes the key; the renewal refreshes its expiry
                     expiry = self.lease_ms * 3 + self.ttl * 1000
+                else:
+                    continue
                 pipe.pexpire(events_key(stream_id), expiry)
                 pipe.pexpire(meta_key(stream_id), expiry)
         self.ok = True
@@ -281,12 +284,14 @@ class RedisStore:
         """One task per process: renew the slot leases and key expiries of every
         owned stream in one round trip, and end the streams of dead owners."""
         while True:
-            await anyio.sleep(self.lease_ms / 3000)
+            await anyio.sleep(self.lease_ms / 3000 if self.ok else 0.5)
             client = self.client
             if client is None:
                 continue
-            if not self.ok:  # a refused admission or resume may be all that noticed: nothing else would ask again
-                await self._reconnect()
+            if not self.ok:  # service resumes by itself when Redis answers again
+                with contextlib.suppress(coredis.exceptions.RedisError, OSError, TimeoutError), anyio.fail_after(3):
+                    self.ok = await client.ping() == b"PONG"
+                continue
             pairs: list[str] = []
             for stream_id, (record, _) in self.owned.items():
                 if not record.finished:

@@ -55,7 +55,7 @@ def test_every_setting_is_read() -> None:
 
 @pytest.mark.parametrize("url", ["http://h:6379", "h:6379", "redis:/x", "valkey://h"])
 def test_a_redis_url_of_another_scheme_is_refused_naming_redis_url_without_its_password(url: str) -> None:
-    with pytest.raises(ConfigError, match="^REDIS_URL must start with") as caught:
+    with pytest.raises(ConfigError, match=r"^REDIS_URL must start with") as caught:
         load_config({"REDIS_URL": url.replace("//", "//user:hunter2@")})
     assert "hunter2" not in str(caught.value)
 
