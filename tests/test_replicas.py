@@ -51,14 +51,20 @@ def upstream() -> Iterator[FakeUpstream]:
         yield fake
 
 
-@pytest.fixture(scope="module")
-def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
+@contextmanager
+def running_redis(tmp: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp)
     server.start()
     try:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    with running_redis(tmp_path_factory.mktemp("redis")) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -183,11 +189,14 @@ KEYS = {"alice": "ka", "bob": "kb", "carol": "kc", "dave": "kd", "erin": "ke", "
 
 
 @pytest.fixture(scope="module")
-def limited(upstream: FakeUpstream, redis: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Process]]:
-    env = gateway_env(upstream, redis.url, MAX_STREAMS="4", MAX_STREAMS_PER_KEY="2", RESUME_GRACE_SECONDS="0",
-                      API_KEYS=",".join(f"{name}:{key}" for name, key in KEYS.items()))  # fmt: skip
-    with run_replicas(["uvicorn", "uvicorn", "hypercorn-trio"], env, tmp_path_factory.mktemp("limited")) as started:
-        yield started
+def limited(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Process]]:
+    """Three replicas on a Redis of their own: the limits count every stream in it."""
+    tmp = tmp_path_factory.mktemp("limited")
+    with running_redis(tmp) as redis:
+        env = gateway_env(upstream, redis.url, MAX_STREAMS="4", MAX_STREAMS_PER_KEY="2", RESUME_GRACE_SECONDS="0",
+                          API_KEYS=",".join(f"{name}:{key}" for name, key in KEYS.items()))  # fmt: skip
+        with run_replicas(["uvicorn", "uvicorn", "hypercorn-trio"], env, tmp) as started:
+            yield started
 
 
 def burst(replicas: list[Process], keys: list[str], tag: str) -> list[tuple[int, httpx.Headers, bytes]]:
@@ -253,13 +262,17 @@ def test_a_burst_of_one_key_over_three_replicas_admits_exactly_max_streams_per_k
 # --- 5. SIGKILL of an owner ------------------------------------------------------------
 
 
-def test_sigkill_of_the_owner_interrupts_readers_elsewhere_within_the_lease(
-    upstream: FakeUpstream, redis: RedisServer, tmp_path: Path
-) -> None:
+def test_sigkill_of_the_owner_interrupts_readers_elsewhere_within_the_lease(upstream: FakeUpstream, tmp_path: Path) -> None:
+    """On a Redis of its own: any replica on it may be the one that notices the
+    dead owner and writes the row, and only these three have ledgers."""
     lease = 2
     dbs = [tmp_path / f"usage-{i}.db" for i in range(3)]
-    env = gateway_env(upstream, redis.url, OWNER_LEASE_SECONDS=str(lease), MAX_STREAMS="1")
-    with run_replicas(["uvicorn", "uvicorn", "hypercorn-trio"], env, tmp_path, lambda i: {"USAGE_DB": str(dbs[i])}) as (owner, b, c):
+    with running_redis(tmp_path) as redis, run_replicas(
+        ["uvicorn", "uvicorn", "hypercorn-trio"],
+        gateway_env(upstream, redis.url, OWNER_LEASE_SECONDS=str(lease), MAX_STREAMS="1"),
+        tmp_path,
+        lambda i: {"USAGE_DB": str(dbs[i])},
+    ) as (owner, b, c):
         start = read_stream("POST", owner.url + "/chat/stream", json=chat("forever sigkill"), stop_after=2)
         stream_id = start.last_id.rsplit(".", 1)[0]
         got: list[tuple[str, str, str]] = []
