@@ -6,6 +6,7 @@ others, which serve resumes from a local copy fed by one follower task."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import secrets
 from collections.abc import AsyncIterator, Callable
@@ -25,6 +26,7 @@ from stores.memory import StreamRecord, StreamRegistry
 FLUSH_SECONDS = 0.005  # write-behind: how long appends wait to share one pipeline
 PREFIX = "asgi-stream:"
 SLOTS = PREFIX + "slots"  # sorted set: stream id -> slot lease expiry (ms, Redis clock)
+log = logging.getLogger("asgi_stream")
 ORPHANS = PREFIX + "orphans"  # streams whose slot lease expired unfinished: their owner died
 
 # Check-and-take a stream slot, atomically for every replica. Expired leases
@@ -131,7 +133,7 @@ class RedisStore:
         self.owned: dict[str, tuple[StreamRecord, Owned]] = {}
         self.dirty: set[str] = set()
         self.flush_due = anyio.Event()
-        self.followed: dict[str, tuple[StreamRecord, bytes]] = {}  # events key -> (local copy, last entry id read)
+        self.followed: dict[StreamRecord, int] = {}  # local copy -> the last entry id (a position) it was fed
         self.tasks: anyio.abc.TaskGroup | None = None
         self._owner_channel: dict[str, str] = {}  # stream id -> its owner's channel, for copies followed here
 
@@ -141,34 +143,36 @@ class RedisStore:
     async def running(self) -> AsyncIterator[None]:
         client = coredis.Redis.from_url(self.url, connect_timeout=2, stream_timeout=5,
                                         retry_policy=coredis.retry.NoRetryPolicy())  # fmt: skip
+        unreachable: BaseException | None = None
         try:
             async with client:
                 try:
                     await client.ping()
                 except (coredis.exceptions.RedisError, OSError) as exc:
-                    raise Refused(503, "store_unavailable", f"REDIS_URL={redacted(self.url)} is unreachable: {self._say(exc)}") from None
-                self.client, self.ok = client, True
-                async with anyio.create_task_group() as tasks:
-                    self.tasks = tasks
-                    tasks.start_soon(self._write_behind)
-                    tasks.start_soon(self._follow)
-                    tasks.start_soon(self._listen)
-                    tasks.start_soon(self._renew)
-                    try:
-                        yield
-                    finally:
-                        with anyio.move_on_after(3, shield=True):  # the streams' last events reach Redis
-                            while self.dirty and self.ok:  # bounded, at shutdown
-                                self.flush_due.set()
-                                await anyio.sleep(0.01)
-                        tasks.cancel_scope.cancel()
-        except Refused:
-            raise
+                    unreachable = exc  # raised below: here coredis's task group would wrap it
+                else:
+                    self.client, self.ok = client, True
+                    async with anyio.create_task_group() as tasks:
+                        self.tasks = tasks
+                        tasks.start_soon(self._write_behind)
+                        tasks.start_soon(self._follow)
+                        tasks.start_soon(self._listen)
+                        tasks.start_soon(self._renew)
+                        try:
+                            yield
+                        finally:
+                            with anyio.move_on_after(3, shield=True):  # the streams' last events reach Redis
+                                while self.dirty and self.ok:  # bounded, at shutdown
+                                    self.flush_due.set()
+                                    await anyio.sleep(0.01)
+                            tasks.cancel_scope.cancel()
         except BaseExceptionGroup as group:  # coredis's own task group wraps a lost connection at exit
             if not group.subgroup((coredis.exceptions.RedisError, OSError)):
                 raise
         finally:
             self.client, self.ok = None, False
+        if unreachable is not None:
+            raise Refused(503, "store_unavailable", f"REDIS_URL={redacted(self.url)} is unreachable: {self._say(unreachable)}")
 
     def _say(self, exc: BaseException) -> str:
         return redacted(str(exc) or type(exc).__name__).replace(self.url, redacted(self.url))
@@ -236,8 +240,8 @@ class RedisStore:
     async def _flush(self, dirty: set[str]) -> None:
         client = self.client
         assert client is not None
-        done: list[tuple[StreamRecord, Owned, int]] = []
-        async with client.pipeline(transaction=False) as pipe:
+        done: list[tuple[StreamRecord, Owned, int, Any]] = []
+        async with client.pipeline(transaction=False, raise_on_error=False) as pipe:
             for stream_id in dirty:
                 record, owned = self.owned.get(stream_id, (None, None))
                 if record is None or owned is None:
@@ -247,11 +251,10 @@ class RedisStore:
                     events = record.events(record.first) or []
                 if record.first > owned.first:
                     pipe.xtrim(events_key(stream_id), coredis.PureToken.MINID, record.first + 1)
-                if events:
-                    pipe.xadd(events_key(stream_id), {"e": pack(events)}, identifier=f"{record.count}-0")
+                added = pipe.xadd(events_key(stream_id), {"e": pack(events)}, identifier=f"{record.count}-0") if events else None
                 pipe.hset(meta_key(stream_id), {"count": record.count, "first": record.first, "tokens": record.tokens,
                                                 **({"finished": record.finish_reason or "error"} if record.finished else {})})
-                done.append((record, owned, record.count))
+                done.append((record, owned, record.count, added))
                 if record.finished:
                     expiry = self.ttl * 1000
                     pipe.zrem(SLOTS, [stream_id])
@@ -264,7 +267,15 @@ class RedisStore:
                 pipe.pexpire(events_key(stream_id), expiry)
                 pipe.pexpire(meta_key(stream_id), expiry)
         self.ok = True
-        for record, owned, count in done:
+        for record, owned, count, added in done:
+            try:
+                if added is not None:
+                    await added
+            except coredis.exceptions.ResponseError:  # a replica declared this owner dead and ended the stream
+                log.warning("stream %s was ended by another replica (its lease lapsed); cancelling it here", record.id)
+                del self.owned[record.id]
+                record.cancel("taken over")
+                continue
             owned.flushed, owned.first = count, record.first
             if record.finished and count == record.count:
                 del self.owned[record.id]
@@ -378,7 +389,7 @@ class RedisStore:
                 return None  # a gap: those events were dropped
             last = as_bytes(entry.identifier)
         if not mirror.finished:
-            self.followed[events_key(stream_id)] = (mirror, last)
+            self.followed[mirror] = int(last.split(b"-")[0])
             await self._wake_follower()
         owner = meta[b"owner"].decode()
         assert self.tasks is not None
@@ -413,29 +424,35 @@ class RedisStore:
                 await anyio.sleep(0.2)
                 continue
             streams: dict[str | bytes, str | bytes] = {self.wake_key: woken}
-            streams.update({key: last for key, (_, last) in self.followed.items()})
+            reading: dict[str, list[StreamRecord]] = {}  # copies of one stream (readers from different positions) share a read
+            positions: dict[str, int] = {}
+            for mirror, last in self.followed.items():
+                key = events_key(mirror.id)
+                reading.setdefault(key, []).append(mirror)
+                positions[key] = min(last, positions.get(key, last))
+            streams.update({key: f"{position}-0" for key, position in positions.items()})
             try:
                 replies = await client.xread(streams, block=1000, count=500) or {}
             except (coredis.exceptions.RedisError, OSError) as exc:
                 self._lost(exc)
                 continue
-            for key, entries in replies.items():
-                if key.decode() == self.wake_key:
+            for read_key, entries in replies.items():
+                key = as_bytes(read_key).decode()
+                if key == self.wake_key:
                     woken = as_bytes(entries[-1].identifier)
                     continue
-                followed = self.followed.get(key.decode())
-                if followed is None:
-                    continue
-                mirror = followed[0]
-                for entry in entries:
-                    entry_id = as_bytes(entry.identifier)
-                    if not self._feed(mirror, entry_id, as_bytes(entry.field_values[b"e"])):
-                        mirror.skip_to(int(entry_id.split(b"-")[0]))  # readers behind it get None: closed
-                        mirror.notify()
-                if mirror.finished:
-                    del self.followed[key.decode()]
-                else:
-                    self.followed[key.decode()] = (mirror, as_bytes(entries[-1].identifier))
+                for mirror in reading.get(key, []):
+                    if mirror not in self.followed:  # its last reader left meanwhile
+                        continue
+                    for entry in entries:
+                        entry_id = as_bytes(entry.identifier)
+                        if not self._feed(mirror, entry_id, as_bytes(entry.field_values[b"e"])):
+                            mirror.skip_to(int(entry_id.split(b"-")[0]))  # readers behind it get None: closed
+                            mirror.notify()
+                    if mirror.finished:
+                        del self.followed[mirror]
+                    else:
+                        self.followed[mirror] = int(as_bytes(entries[-1].identifier).split(b"-")[0])
 
     async def _watch_copy(self, mirror: StreamRecord, owner: str) -> None:
         """Tell the owner while this copy has readers (its resume grace counts
@@ -447,14 +464,17 @@ class RedisStore:
                 said = mirror.readers
                 await self._tell(owner, f"readers {mirror.id} {self.process} {id(mirror)} {said}")
             if not mirror.readers:
-                self.followed.pop(events_key(mirror.id), None)
+                self.followed.pop(mirror, None)
+                if not any(copy.id == mirror.id for copy in self.followed):
+                    self._owner_channel.pop(mirror.id, None)
                 return
             await mirror.wait()
 
     def _announce_readers(self, pipe: Any) -> None:
-        for mirror, _ in self.followed.values():
-            if mirror.readers:
-                pipe.publish(self._owner_channel.get(mirror.id, ""), f"readers {mirror.id} {self.process} {id(mirror)} {mirror.readers}")
+        for mirror in self.followed:
+            channel = self._owner_channel.get(mirror.id)
+            if mirror.readers and channel:
+                pipe.publish(channel, f"readers {mirror.id} {self.process} {id(mirror)} {mirror.readers}")
 
     async def _tell(self, owner: str, message: str) -> None:
         channel = f"{PREFIX}process:{owner}"

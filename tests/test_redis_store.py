@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
 
 from tests.conftest import serve, stream
 from tests.redis_server import RedisServer, redis_server  # noqa: F401 - a fixture
@@ -161,9 +160,6 @@ def test_an_owner_that_stops_renewing_its_lease_is_interrupted_once_and_written_
             assert len(rows) == 1 and rows[0][:3] == (sid, "interrupted", 1) and rows[0][3] >= 3
 
 
-# coredis 6.9 leaves a connection's anyio memory streams unclosed when connecting fails
-# (garbage-collected with a ResourceWarning); only that warning is let through here.
-@pytest.mark.filterwarnings("ignore:Exception ignored in.*MemoryObject(Send|Receive)Stream:pytest.PytestUnraisableExceptionWarning")
 def test_redis_lost_and_back_mid_stream(redis_server: RedisServer) -> None:
     with FakeUpstream(lambda seen: sse_tokens([f" t{i}" for i in range(150)], pause=0.02)) as upstream:
         env = two_replicas_env(redis_server, upstream, RESUME_GRACE_SECONDS="5")
@@ -188,3 +184,38 @@ def test_redis_lost_and_back_mid_stream(redis_server: RedisServer) -> None:
                 assert time.monotonic() < deadline, "no recovery after Redis came back"
                 time.sleep(0.2)
             assert client.get(one.url + "/healthz").json()["store_ok"] is True
+
+
+def test_an_owner_shutting_down_ends_its_streams_with_shutdown_for_readers_elsewhere(redis_server: RedisServer) -> None:
+    with FakeUpstream(slow_reply) as upstream:
+        env = two_replicas_env(redis_server, upstream, RESUME_GRACE_SECONDS="30")
+        with serve(env) as two, httpx.Client(timeout=20) as client:
+            owner = serve(env)
+            one = owner.__enter__()
+            with client.stream("POST", one.url + "/chat/stream", json=BODY) as response:
+                last = read_events(response, 3)[-1][2]
+            with client.stream("GET", two.url + "/chat/stream", headers={"Last-Event-ID": last}) as follower:
+                read_events(follower, 2)
+                owner.__exit__(None, None, None)  # uvicorn's graceful shutdown of the owner
+                rest = read_events(follower)
+            assert [e for e, _, _ in rest[-2:]] == ["error", "done"] and rest[-1][1] == "error"
+            assert json.loads(rest[-2][1])["type"] == "shutdown"
+            again = stream("GET", two.url + "/chat/stream", headers={"Last-Event-ID": last})
+            assert again.names[-2:] == ["error", "done"] and json.loads(again.of("error")[0])["type"] == "shutdown"
+
+
+def test_redis_holds_what_the_owner_holds_a_trimmed_position_gets_204_everywhere(redis_server: RedisServer) -> None:
+    words = [f" word{i:03}" for i in range(300)]
+    env = {"REDIS_URL": redis_server.url, "RESUME_GRACE_SECONDS": "5", "STREAM_BUFFER_BYTES": "2048", "ECHO_DELAY_SECONDS": "0.003"}
+    with serve(env) as one, serve(env) as two:
+        whole = stream("GET", one.url + "/chat/stream", params={"prompt": "".join(words)})
+        sid, count = whole.headers["x-stream-id"], len(whole.events)
+        assert whole.text == "".join(words)
+        assert stream("GET", one.url + "/chat/stream", headers={"Last-Event-ID": f"{sid}.2"}).status == 204
+        assert stream("GET", two.url + "/chat/stream", headers={"Last-Event-ID": f"{sid}.2"}).status == 204
+        tail = stream("GET", two.url + "/chat/stream", headers={"Last-Event-ID": f"{sid}.{count - 5}"})
+        assert tail.status == 200 and tail.events == whole.events[-5:]
+        held = int(redis_server.command("XLEN", f"asgi-stream:{sid}:events")[1:].split(b"\r\n")[0])
+        first_entry = redis_server.command("EVAL", "return redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)[1][1]", "1",
+                                           f"asgi-stream:{sid}:events")
+        assert 0 < held < count / 4 and int(first_entry.split(b"\r\n")[1].split(b"-")[0]) > count // 2  # old entries trimmed

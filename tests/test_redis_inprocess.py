@@ -1,0 +1,147 @@
+"""The Redis store in-process, on asyncio and on trio: several gateways in one
+event loop on one real redis-server. The limits' Lua check-and-take under a
+burst, the write-behind's entry ids, resume on another gateway, and startup
+against an unreachable Redis."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio
+import coredis
+import pytest
+
+from asgi_stream import Gateway
+from providers import ChatRequest
+from stores import Refused
+from stores.memory import StreamRecord
+from stores.redis import events_key, unpack
+from tests.conftest import free_port
+from tests.redis_server import RedisServer, redis_server  # noqa: F401 - a fixture
+from tests.test_inprocess import ENV, request, sse_events
+
+pytestmark = pytest.mark.anyio
+
+
+@asynccontextmanager
+async def running(env: dict[str, str]) -> AsyncIterator[Gateway]:
+    """A gateway through its lifespan startup; shut down on exit."""
+    app = Gateway({**ENV, **env})
+    answers: list[dict[str, Any]] = []
+    shutdown = anyio.Event()
+
+    async def receive() -> dict[str, Any]:
+        if not answers:
+            return {"type": "lifespan.startup"}
+        await shutdown.wait()
+        return {"type": "lifespan.shutdown"}
+
+    async def send(message: dict[str, Any]) -> None:
+        answers.append(message)
+
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(app, {"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
+        with anyio.fail_after(10):
+            while not answers:
+                await anyio.sleep(0.01)
+        assert answers == [{"type": "lifespan.startup.complete"}], answers
+        try:
+            yield app
+        finally:
+            shutdown.set()
+    assert answers[-1] == {"type": "lifespan.shutdown.complete"}
+
+
+def record_for(key_name: str | None) -> StreamRecord:
+    request = ChatRequest([{"role": "user", "content": "hi"}], "echo", "echo", 10, None)
+    return StreamRecord(f"s{id(object())}", key_name, request, 1 << 20)
+
+
+async def test_a_burst_of_admissions_over_several_gateways_takes_exactly_the_limits(redis_server: RedisServer) -> None:
+    env = {"REDIS_URL": redis_server.url, "MAX_STREAMS": "7", "MAX_STREAMS_PER_KEY": "3", "API_KEYS": "a:ka,b:kb,c:kc"}
+    async with running(env) as one, running(env) as two, running(env) as three:
+        outcomes: list[tuple[str, str]] = []
+
+        async def admit(app: Gateway, key_name: str) -> None:
+            try:
+                await app.store.hold(record_for(key_name))
+                outcomes.append((key_name, "held"))
+            except Refused as exc:
+                outcomes.append((key_name, exc.type))
+
+        async def burst(keys: str) -> list[tuple[str, str]]:
+            outcomes.clear()
+            async with anyio.create_task_group() as tasks:
+                for i in range(40):
+                    tasks.start_soon(admit, (one, two, three)[i % 3], keys[i % len(keys)])
+            return sorted(outcomes)
+
+        assert await burst("a") == [("a", "held")] * 3 + [("a", "rate_limited")] * 37  # the key's limit, exactly
+        second = await burst("bc")
+        held = [k for k, outcome in second if outcome == "held"]
+        assert len(held) == 4 and held.count("b") <= 3 and held.count("c") <= 3  # then the global one, exactly
+        assert len(second) == 40 and {o for _, o in second} <= {"held", "overloaded", "rate_limited"}
+        assert ("b", "overloaded") in second or ("c", "overloaded") in second
+        assert redis_server.command("ZCARD", "asgi-stream:slots") == b":7\r\n"
+
+
+async def test_events_reach_redis_as_entries_whose_ids_are_event_positions(redis_server: RedisServer) -> None:
+    async with running({"REDIS_URL": redis_server.url}) as app:
+        ex = await request(app, "GET", "/chat/stream", "prompt=" + "word%20" * 30)
+        events = sse_events(ex.body)
+        stream_id = ex.headers["x-stream-id"]
+        with anyio.fail_after(5):
+            while app.store.owned:
+                await anyio.sleep(0.01)
+        client = coredis.Redis.from_url(redis_server.url)
+        async with client:
+            entries = await client.xrange(events_key(stream_id), "-", "+")
+            meta = await client.hgetall(f"asgi-stream:{stream_id}:meta")
+            ttl = await client.pttl(events_key(stream_id))
+    positions: list[int] = []
+    replayed: list[tuple[str, str]] = []
+    for entry in entries:
+        first, packed = unpack(entry.identifier, entry.field_values[b"e"])  # type: ignore[arg-type]
+        assert first == len(positions) + 1  # entries follow each other without gap or overlap
+        positions += range(first, first + len(packed))
+        replayed += [(name, data) for name, data in packed]
+    assert positions == list(range(1, len(events) + 1))
+    assert replayed == [(name, data) for name, data, _ in events]
+    assert len(entries) < len(events)  # appends share entries (one per flush), not one each
+    assert meta[b"finished"] == b"stop" and int(meta[b"count"]) == len(events)
+    assert 0 < ttl <= 60_000  # a finished stream expires after RESUME_TTL_SECONDS
+
+
+async def test_a_resume_on_another_gateway_replays_from_redis_then_follows(redis_server: RedisServer) -> None:
+    env = {"REDIS_URL": redis_server.url, "ECHO_DELAY_SECONDS": "0.01", "RESUME_GRACE_SECONDS": "5"}
+    async with running(env) as one, running(env) as two:
+        whole = await request(one, "GET", "/chat/stream", "prompt=" + "w%20" * 40)
+        events = sse_events(whole.body)
+        last_id = events[4][2]
+        rest = await request(two, "GET", "/chat/stream", headers=[("last-event-id", last_id)])
+        assert sse_events(rest.body) == events[5:]
+        assert rest.headers["x-stream-id"] == whole.headers["x-stream-id"]
+        gone = await request(two, "GET", "/chat/stream", headers=[("last-event-id", events[-1][2])])
+        assert gone.status == 204
+        health = await request(two, "GET", "/healthz")
+        assert health.body == b'{"status":"ok","store":"redis","store_ok":true}'
+
+
+async def test_startup_fails_naming_redis_url_without_its_password() -> None:
+    app = Gateway({**ENV, "REDIS_URL": f"redis://user:hunter2@127.0.0.1:{free_port()}/3"})
+    answers: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "lifespan.startup"}
+
+    async def send(message: dict[str, Any]) -> None:
+        answers.append(message)
+
+    with anyio.fail_after(10):
+        await app({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
+    assert len(answers) == 1 and answers[0]["type"] == "lifespan.startup.failed"
+    message = answers[0]["message"]
+    assert message.startswith("asgi-stream: REDIS_URL=redis://user:[redacted]@127.0.0.1:") and "unreachable" in message
+    assert "hunter2" not in message
