@@ -5,7 +5,6 @@ real nginx in front that balances round robin over them."""
 
 from __future__ import annotations
 
-import json
 import random
 import socket
 import sqlite3
@@ -13,6 +12,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +24,7 @@ from tests.conftest import free_port
 from tests.servers import GRACE, ROOT, SERVERS, Process, main_config, require_program, run_server, stop, wait_until_serving
 from tests.upstream import FakeUpstream, Reply, Seen, sse_tokens
 
+SLOWNESS = 5  # the factor deadlines allow for a loaded machine
 UVICORN_WORKERS = ["-m", "uvicorn", "asgi_stream:app", "--host", "127.0.0.1", "--port", "{port}", "--workers", "2",
                    "--timeout-graceful-shutdown", str(GRACE), "--log-level", "warning"]  # fmt: skip
 
@@ -279,5 +280,34 @@ def close(*sockets: socket.socket) -> None:
         sock.close()
 
 
-def request_json(prompt: str) -> str:
-    return json.dumps(chat(prompt))
+# --- DELETE across replicas (tests/test_replicas.py, bench/replica_cancel.py) ---------
+
+
+@contextmanager
+def quitting(quit: threading.Event) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        quit.set()
+
+
+def cancel_across(owner: Process, other: Process, upstream: FakeUpstream, prompt: str) -> float:
+    """Start `prompt` on `owner` with a reader there, DELETE it on `other`;
+    the seconds from sending DELETE to the upstream connection closing."""
+    got: list[tuple[str, str, str]] = []
+    quit = threading.Event()  # a failed assertion must not leave the reader of an endless stream behind
+    with ThreadPoolExecutor(1) as pool, quitting(quit):
+        reader = pool.submit(follow, "POST", owner.url, got, quit, json=chat(prompt))
+        assert wait_for(lambda: len(got) >= 2, 20 * SLOWNESS), "the stream never started"
+        seen = seen_with(upstream, prompt)[0]
+        stream_id = got[0][2].rsplit(".", 1)[0]
+        sent = time.monotonic()
+        response = httpx.delete(f"{other.url}/chat/stream/{stream_id}", timeout=30)
+        assert response.status_code == 204, (response.status_code, response.text)
+        assert upstream.wait_for(lambda: seen.closed_by_client is not None, 10 * SLOWNESS), "the owner never closed the upstream request"
+        assert seen.closed_by_client is not None
+        result = reader.result(30 * SLOWNESS)
+    assert not seen.completed
+    assert result.of("done") == ["cancelled"], result.events[-3:]
+    assert httpx.delete(f"{other.url}/chat/stream/{stream_id}", timeout=30).status_code == 404  # finished now
+    return seen.closed_by_client - sent

@@ -23,12 +23,15 @@ import pytest
 
 from tests.redis_server import RedisServer
 from tests.replicas import (
+    SLOWNESS,
     Read,
+    cancel_across,
     chat,
     follow,
     gateway_env,
     ledger_rows,
     positions,
+    quitting,
     read_stream,
     respond,
     resume,
@@ -42,7 +45,7 @@ from tests.servers import Process
 from tests.upstream import FakeUpstream
 
 pytestmark = pytest.mark.timeout(300)
-SLOW = 5  # the factor the deadlines below allow for a loaded machine
+SLOW = SLOWNESS
 
 
 @pytest.fixture(scope="module")
@@ -142,14 +145,6 @@ def test_control_without_redis_two_workers_lose_the_stream(upstream: FakeUpstrea
 # --- 3. DELETE on a replica that does not own the stream ------------------------------
 
 
-@contextmanager
-def quitting(quit: threading.Event) -> Iterator[None]:
-    try:
-        yield
-    finally:
-        quit.set()
-
-
 def test_delete_on_a_replica_that_does_not_own_the_stream_cancels_its_upstream(
     replicas: list[Process], upstream: FakeUpstream
 ) -> None:
@@ -159,28 +154,6 @@ def test_delete_on_a_replica_that_does_not_own_the_stream_cancels_its_upstream(
         latency = cancel_across(replicas[owner], replicas[other], upstream, prompt)
         latencies.append(latency)
     assert all(0 <= latency < 5 * SLOW for latency in latencies), latencies
-
-
-def cancel_across(owner: Process, other: Process, upstream: FakeUpstream, prompt: str) -> float:
-    """Start `prompt` on `owner` with a reader there, DELETE it on `other`;
-    the seconds from sending DELETE to the upstream connection closing."""
-    got: list[tuple[str, str, str]] = []
-    quit = threading.Event()  # a failed assertion must not leave the reader of an endless stream behind
-    with ThreadPoolExecutor(1) as pool, quitting(quit):
-        reader = pool.submit(follow, "POST", owner.url, got, quit, json=chat(prompt))
-        assert wait_for(lambda: len(got) >= 2, 20 * SLOW), "the stream never started"
-        seen = seen_with(upstream, prompt)[0]
-        stream_id = got[0][2].rsplit(".", 1)[0]
-        sent = time.monotonic()
-        response = httpx.delete(f"{other.url}/chat/stream/{stream_id}", timeout=30)
-        assert response.status_code == 204, (response.status_code, response.text)
-        assert upstream.wait_for(lambda: seen.closed_by_client is not None, 10 * SLOW), "the owner never closed the upstream request"
-        assert seen.closed_by_client is not None
-        result = reader.result(30 * SLOW)
-    assert not seen.completed
-    assert result.of("done") == ["cancelled"], result.events[-3:]
-    assert httpx.delete(f"{other.url}/chat/stream/{stream_id}", timeout=30).status_code == 404  # finished now
-    return seen.closed_by_client - sent
 
 
 # --- 4. a burst of starts against the shared limits -----------------------------------
