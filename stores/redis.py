@@ -5,7 +5,6 @@ others, which serve resumes from a local copy fed by one follower task."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import secrets
@@ -29,8 +28,9 @@ SLOTS = PREFIX + "slots"  # sorted set: stream id -> slot lease expiry (ms, Redi
 log = logging.getLogger("asgi_stream")
 ORPHANS = PREFIX + "orphans"  # streams whose slot lease expired unfinished: their owner died
 
-# Check-and-take a stream slot, atomically for every replica. Expired leases
-# are dropped first (and their streams handed to whoever ends orphans).
+# Check-and-take a stream slot, atomically for every replica, and describe
+# the stream (KEYS[4], ARGV[6] ms to live, then field/value pairs). Expired
+# leases are dropped first (and their streams handed to whoever ends orphans).
 ADMIT = """
 local now = redis.call('TIME')
 now = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
@@ -44,18 +44,22 @@ if ARGV[5] == '1' then
   redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1])
   redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[2]) * 2)
 end
+redis.call('HSET', KEYS[4], unpack(ARGV, 7))
+redis.call('PEXPIRE', KEYS[4], ARGV[6])
 return 0
 """
 # Renew the slot leases of a process's running streams (ARGV: lease ms, then
-# pairs of stream id and per-key set); then hand out up to 10 orphans.
+# pairs of stream id and per-key set), taking back any that lapsed meanwhile
+# (a slow round); then hand out up to 10 orphans.
 RENEW = """
 local now = redis.call('TIME')
 now = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 local lease = tonumber(ARGV[1])
 for i = 2, #ARGV, 2 do
-  redis.call('ZADD', KEYS[1], 'XX', now + lease, ARGV[i])
+  redis.call('ZADD', KEYS[1], now + lease, ARGV[i])
+  redis.call('SREM', KEYS[2], ARGV[i])
   if ARGV[i + 1] ~= '' then
-    redis.call('ZADD', ARGV[i + 1], 'XX', now + lease, ARGV[i])
+    redis.call('ZADD', ARGV[i + 1], now + lease, ARGV[i])
     redis.call('PEXPIRE', ARGV[i + 1], lease * 2)
   end
 end
@@ -135,13 +139,14 @@ class RedisStore:
         self.flush_due = anyio.Event()
         self.followed: dict[StreamRecord, int] = {}  # local copy -> the last entry id (a position) it was fed
         self.tasks: anyio.abc.TaskGroup | None = None
+        self.flushes = 0  # write-behind pipelines sent (bench/redis_costs.py counts them per token)
         self._owner_channel: dict[str, str] = {}  # stream id -> its owner's channel, for copies followed here
 
     # --- lifetime
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
-        client = coredis.Redis.from_url(self.url, connect_timeout=2, stream_timeout=5,
+        client = coredis.Redis.from_url(self.url, connect_timeout=2, stream_timeout=10,
                                         retry_policy=coredis.retry.NoRetryPolicy())  # fmt: skip
         unreachable: BaseException | None = None
         try:
@@ -190,16 +195,16 @@ class RedisStore:
     async def hold(self, record: StreamRecord) -> None:
         client, cfg = self._client(), self.config
         check_key = "1" if cfg.api_keys else "0"
-        try:
-            refused = await client.eval(ADMIT, [SLOTS, key_slots(record.key_name) or SLOTS, ORPHANS],
-                                        [record.id, self.lease_ms, cfg.max_streams, cfg.max_streams_per_key, check_key])
-            async with client.pipeline(transaction=False) as pipe:
-                pipe.hset(meta_key(record.id), {
-                    "key": "" if record.key_name is None else "=" + record.key_name, "owner": self.process,
-                    "backend": record.request.backend, "model": record.request.model, "started": repr(record.started),
-                    "prompt_chars": sum(len(m["content"]) for m in record.request.messages), "count": 0, "first": 0, "tokens": 0,
-                })  # fmt: skip
-                pipe.pexpire(meta_key(record.id), self.lease_ms * 3 + self.ttl * 1000)
+        meta: dict[str, str | int] = {
+            "key": "" if record.key_name is None else "=" + record.key_name, "owner": self.process,
+            "backend": record.request.backend, "model": record.request.model, "started": repr(record.started),
+            "prompt_chars": sum(len(m["content"]) for m in record.request.messages), "count": 0, "first": 0, "tokens": 0,
+        }  # fmt: skip
+        try:  # one command, not a pipeline: commands share this process's connection, pipelines each take one
+            refused = await client.eval(ADMIT, [SLOTS, key_slots(record.key_name) or SLOTS, ORPHANS, meta_key(record.id)], [
+                record.id, self.lease_ms, cfg.max_streams, cfg.max_streams_per_key, check_key,
+                self.lease_ms * 3 + self.ttl * 1000, *[item for pair in meta.items() for item in pair],
+            ])  # fmt: skip
         except (coredis.exceptions.RedisError, OSError) as exc:
             self._lost(exc)
             raise Refused(503, "store_unavailable", "the shared stream store (Redis) is unreachable; try again shortly") from None
@@ -220,6 +225,10 @@ class RedisStore:
             self._appended(record)
 
     def _lost(self, exc: BaseException) -> None:
+        if isinstance(exc, TimeoutError):  # slow (Redis or this loop), not gone: that request is refused
+            return
+        if self.ok:
+            log.warning("the stream store lost Redis (%s): new streams get 503 store_unavailable until it answers", self._say(exc))
         self.ok = False
 
     async def _write_behind(self) -> None:
@@ -241,6 +250,7 @@ class RedisStore:
         client = self.client
         assert client is not None
         done: list[tuple[StreamRecord, Owned, int, Any]] = []
+        self.flushes += 1
         async with client.pipeline(transaction=False, raise_on_error=False) as pipe:
             for stream_id in dirty:
                 record, owned = self.owned.get(stream_id, (None, None))
@@ -299,10 +309,6 @@ class RedisStore:
             client = self.client
             if client is None:
                 continue
-            if not self.ok:  # service resumes by itself when Redis answers again
-                with contextlib.suppress(coredis.exceptions.RedisError, OSError, TimeoutError), anyio.fail_after(3):
-                    self.ok = await client.ping() == b"PONG"
-                continue
             pairs: list[str] = []
             for stream_id, (record, _) in self.owned.items():
                 if not record.finished:
@@ -314,8 +320,10 @@ class RedisStore:
                         for key in (events_key(renewed), meta_key(renewed)):
                             pipe.pexpire(key, self.lease_ms * 3 + self.ttl * 1000)
                     self._announce_readers(pipe)
+                self.ok = True  # this round doubles as the health check: service resumes by itself when Redis is back
                 for orphan in await orphans or []:  # type: ignore[union-attr]
-                    await self._interrupt(as_bytes(orphan).decode())  # type: ignore[arg-type]
+                    stream_id = as_bytes(orphan).decode()  # type: ignore[arg-type]
+                    await self._interrupt(stream_id)
             except (coredis.exceptions.RedisError, OSError) as exc:
                 self._lost(exc)
                 continue
