@@ -166,8 +166,9 @@ def limited(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) ->
     """Three replicas on a Redis of their own: the limits count every stream in it."""
     tmp = tmp_path_factory.mktemp("limited")
     with running_redis(tmp) as redis:
+        # A lease far longer than wait_all_free waits: a slot that comes back was freed at `done`, not by expiry.
         env = gateway_env(upstream, redis.url, MAX_STREAMS="4", MAX_STREAMS_PER_KEY="2", RESUME_GRACE_SECONDS="0",
-                          API_KEYS=",".join(f"{name}:{key}" for name, key in KEYS.items()))  # fmt: skip
+                          OWNER_LEASE_SECONDS="300", API_KEYS=",".join(f"{name}:{key}" for name, key in KEYS.items()))  # fmt: skip
         with run_replicas(["uvicorn", "uvicorn", "hypercorn-trio"], env, tmp) as started:
             yield started
 
@@ -206,7 +207,7 @@ def wait_all_free(replicas: list[Process], key: str) -> None:
     """Until one more start on each replica is admitted: the burst's slots are back."""
     assert wait_for(lambda: all(read_stream("POST", r.url + "/chat/stream", json=chat("slow 1 0"),
                                             headers={"authorization": f"Bearer {key}"}).status == 200
-                                for r in replicas), 30 * SLOW, step=0.5)  # fmt: skip
+                                for r in replicas), 60, step=0.5)  # fmt: skip
 
 
 def test_a_burst_over_three_replicas_admits_exactly_max_streams(limited: list[Process]) -> None:
