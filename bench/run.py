@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -237,6 +238,7 @@ class Bench:
             "cpu_us_per_token": cpu / max(tokens, 1) * 1e6, "tokens_per_s": tokens / wall, "demanded_tokens_per_s": count * 50,
             "ttft_p50_ms": pct(ttfts, 50), "ttft_p99_ms": pct(ttfts, 99), "gap_p99_ms": pct(gaps, 99),
             "idle_rss_mib": idle, "peak_rss_mib": max(peak), "kib_per_stream": (max(peak) - idle) * 1024 / count,
+            "errors": dict(Counter(s.error[:80] for s in streams if s.error)),  # why streams did not end: status, cut
         }
 
     async def held(self) -> None:
