@@ -36,7 +36,7 @@ from ledger import UsageLedger
 from providers import ChatRequest, Final, Provider, Upstream, UpstreamError, anthropic, echo, gemini, make_usage, ollama, openai, retried
 from providers.lines import LineTooLong
 from sse import FIRST_CHUNK, HEARTBEAT
-from stores import Refused
+from stores import Refused, Store
 from stores.memory import MemoryStore, StreamRecord, StreamRegistry
 
 Scope = dict[str, Any]
@@ -460,7 +460,7 @@ class Gateway:
         self._http: httpx.AsyncClient | None = None
         self.metrics = Metrics()
         self.registry = StreamRegistry(60.0)
-        self.store: Any = MemoryStore(self.registry)  # stores.memory.MemoryStore or stores.redis.RedisStore
+        self.store: Store = MemoryStore(self.registry)
         self.ledger: UsageLedger | None = None
         self.unaccounted = 0  # streams admitted whose ledger row is not written yet
         self._index = b""
@@ -511,7 +511,7 @@ class Gateway:
         elif scope["type"] == "http":
             try:
                 await self.route(scope, receive, send)
-            except HTTPError as exc:
+            except (HTTPError, Refused) as exc:  # Refused: the store's, with a Retry-After
                 self.metrics.rejected[exc.type] += 1
                 body = orjson.dumps({"error": {"type": exc.type, "message": exc.message}})
                 await send_response(send, exc.status, body, b"application/json", exc.headers + self.cors_headers(scope))
@@ -640,10 +640,10 @@ class Gateway:
         record = StreamRecord(secrets.token_urlsafe(16), key_name, request, cfg.stream_buffer_bytes)
         try:
             await self.store.hold(record)
-        except Refused as exc:
+        except Refused:
             self.release(key_name)
             self.unaccounted -= 1
-            raise HTTPError(exc.status, exc.type, exc.message, [(b"retry-after", b"1")]) from None
+            raise
         backend = BACKENDS[request.backend]
         # Spawned tasks always run to their first checkpoint (even when cancelled at
         # once), and generate() takes ownership of the stream's ending before that.
@@ -656,10 +656,7 @@ class Gateway:
         """Replay what followed `last_event_id`, then follow the generation.
         Whatever cannot be resumed gets 204, which stops EventSource."""
         stream_id, _, position = last_event_id.rpartition(".")
-        try:
-            record = await self.store.find(stream_id, key_name, int(position)) if position.isascii() and position.isdigit() else None
-        except Refused as exc:
-            raise HTTPError(exc.status, exc.type, exc.message, [(b"retry-after", b"1")]) from None
+        record = await self.store.find(stream_id, key_name, int(position)) if position.isascii() and position.isdigit() else None
         if record is None or not record.holds_position(int(position)) or (record.finished and int(position) >= record.count):
             return await send_response(send, 204, b"", None, self.cors_headers(scope))
         await self.serve_reader(record, int(position), scope, receive, send)

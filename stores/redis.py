@@ -10,7 +10,7 @@ import math
 import secrets
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import anyio
@@ -21,6 +21,10 @@ import orjson
 from providers import ChatRequest, UpstreamError, make_usage
 from stores import Refused
 from stores.memory import StreamRecord, StreamRegistry
+
+if TYPE_CHECKING:
+    from asgi_stream import Config
+    from ledger import UsageLedger
 
 FLUSH_SECONDS = 0.005  # write-behind: how long appends wait to share one pipeline
 PREFIX = "asgi-stream:"
@@ -110,12 +114,11 @@ def unpack(entry_id: bytes, value: bytes) -> tuple[int, list[tuple[str, str]]]:
 class Owned:
     """What the write-behind knows of a stream this process owns."""
 
-    __slots__ = ("first", "flushed", "released", "remote")
+    __slots__ = ("first", "flushed", "remote")
 
     def __init__(self) -> None:
         self.flushed = 0  # events up to this position are in Redis
         self.first = 0  # the owner dropped events up to here; Redis too
-        self.released = False
         self.remote: dict[str, tuple[int, float]] = {}  # process -> (its readers of this stream, until)
 
 
@@ -124,7 +127,8 @@ class RedisStore:
 
     name = "redis"
 
-    def __init__(self, config: Any, registry: StreamRegistry, ledger: Any, facts: Callable[[StreamRecord, float], dict[str, Any]]):
+    def __init__(self, config: Config, registry: StreamRegistry, ledger: UsageLedger | None,
+                 facts: Callable[[StreamRecord, float], dict[str, Any]]):
         self.config, self.registry, self.ledger, self.facts = config, registry, ledger, facts
         self.url = config.redis_url
         self.lease_ms = max(100, int(config.owner_lease * 1000))
@@ -139,6 +143,7 @@ class RedisStore:
         self.flush_due = anyio.Event()
         self.followed: dict[StreamRecord, int] = {}  # local copy -> the last entry id (a position) it was fed
         self.tasks: anyio.abc.TaskGroup | None = None
+        self.flushing = False
         self.flushes = 0  # write-behind pipelines sent (bench/redis_costs.py counts them per token)
         self._owner_channel: dict[str, str] = {}  # stream id -> its owner's channel, for copies followed here
 
@@ -167,7 +172,7 @@ class RedisStore:
                             yield
                         finally:
                             with anyio.move_on_after(3, shield=True):  # the streams' last events reach Redis
-                                while self.dirty and self.ok:  # bounded, at shutdown
+                                while (self.dirty or self.flushing) and self.ok:  # bounded, at shutdown
                                     self.flush_due.set()
                                     await anyio.sleep(0.01)
                             tasks.cancel_scope.cancel()
@@ -180,7 +185,10 @@ class RedisStore:
             raise Refused(503, "store_unavailable", f"REDIS_URL={redacted(self.url)} is unreachable: {self._say(unreachable)}")
 
     def _say(self, exc: BaseException) -> str:
-        return redacted(str(exc) or type(exc).__name__).replace(self.url, redacted(self.url))
+        """An error's text, never with the password in it."""
+        text = (str(exc) or type(exc).__name__).replace(self.url, redacted(self.url))
+        password = urlsplit(self.url).password
+        return text.replace(password, "[redacted]") if password else text
 
     def health(self) -> dict[str, Any]:
         return {"store": "redis", "store_ok": self.ok}
@@ -200,11 +208,18 @@ class RedisStore:
             "backend": record.request.backend, "model": record.request.model, "started": repr(record.started),
             "prompt_chars": sum(len(m["content"]) for m in record.request.messages), "count": 0, "first": 0, "tokens": 0,
         }  # fmt: skip
+        keys = [SLOTS, key_slots(record.key_name) or SLOTS, ORPHANS, meta_key(record.id)]
+        args = [record.id, self.lease_ms, cfg.max_streams, cfg.max_streams_per_key, check_key,
+                self.lease_ms * 3 + self.ttl * 1000, *[item for pair in meta.items() for item in pair]]  # fmt: skip
         try:  # one command, not a pipeline: commands share this process's connection, pipelines each take one
-            refused = await client.eval(ADMIT, [SLOTS, key_slots(record.key_name) or SLOTS, ORPHANS, meta_key(record.id)], [
-                record.id, self.lease_ms, cfg.max_streams, cfg.max_streams_per_key, check_key,
-                self.lease_ms * 3 + self.ttl * 1000, *[item for pair in meta.items() for item in pair],
-            ])  # fmt: skip
+            refused = await client.eval(ADMIT, keys, args)
+            if refused and any(held.finished for held, _ in self.owned.values()):
+                # a slot here is free from done on, as without Redis: write the pending releases, then ask again
+                with anyio.move_on_after(1):
+                    while any(held.finished for held, _ in self.owned.values()):  # the write-behind empties it
+                        self.flush_due.set()
+                        await anyio.sleep(0.002)
+                refused = await client.eval(ADMIT, keys, args)
         except (coredis.exceptions.RedisError, OSError) as exc:
             self._lost(exc)
             raise Refused(503, "store_unavailable", "the shared stream store (Redis) is unreachable; try again shortly") from None
@@ -237,7 +252,7 @@ class RedisStore:
             await self.flush_due.wait()
             await anyio.sleep(FLUSH_SECONDS if self.ok else 0.5)
             self.flush_due = anyio.Event()
-            dirty, self.dirty = self.dirty, set()
+            dirty, self.dirty, self.flushing = self.dirty, set(), True
             try:
                 await self._flush(dirty)
             except (coredis.exceptions.RedisError, OSError) as exc:
@@ -245,6 +260,8 @@ class RedisStore:
                 self._lost(exc)
                 self.flush_due.set()
                 await self._reconnect()
+            finally:
+                self.flushing = False
 
     async def _flush(self, dirty: set[str]) -> None:
         client = self.client

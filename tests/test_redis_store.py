@@ -173,6 +173,8 @@ def test_redis_lost_and_back_mid_stream(redis_server: RedisServer) -> None:
                 assert new.headers["retry-after"] == "1"
                 resumed = client.get(two.url + "/chat/stream", headers={"Last-Event-ID": first[-1][2]})
                 assert resumed.status_code == 503
+                cancel = client.delete(f"{two.url}/chat/stream/{response.headers['x-stream-id']}")
+                assert cancel.status_code == 503 and cancel.json()["error"]["type"] == "store_unavailable"
                 health = client.get(one.url + "/healthz")
                 assert health.status_code == 200 and health.json()["store_ok"] is False
                 rest = read_events(response)  # the owner's own reader carries on undisturbed
