@@ -323,3 +323,22 @@ def test_redis_stopped_mid_stream_then_restarted(upstream: FakeUpstream, tmp_pat
                 assert httpx.get(replica.url + "/healthz", timeout=30).text == healthy.text
     finally:
         redis.stop()
+
+
+# --- a process where the [redis] extra is missing --------------------------------------
+
+
+def test_redis_url_without_the_redis_extra_installed_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An image built without `asgi-stream[redis]` (the Dockerfile installs only the
+    core dependencies) must refuse to start with a message naming REDIS_URL and the
+    extra, like any invalid setting, not with a ModuleNotFoundError traceback."""
+    import sys
+
+    import asgi_stream
+
+    monkeypatch.setitem(sys.modules, "coredis", None)  # as if not installed: importing it raises ImportError
+    monkeypatch.delitem(sys.modules, "stores.redis", raising=False)
+    gateway = asgi_stream.Gateway({"REDIS_URL": "redis://127.0.0.1:1/0", "USAGE_DB": ""})
+    with pytest.raises(asgi_stream.ConfigError, match="REDIS_URL") as refused:
+        gateway.config  # reading the settings is what fails
+    assert "asgi-stream[redis]" in str(refused.value)
