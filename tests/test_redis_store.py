@@ -175,8 +175,10 @@ def test_redis_lost_and_back_mid_stream(redis_server: RedisServer) -> None:
                 assert resumed.status_code == 503
                 cancel = client.delete(f"{two.url}/chat/stream/{response.headers['x-stream-id']}")
                 assert cancel.status_code == 503 and cancel.json()["error"]["type"] == "store_unavailable"
-                health = client.get(one.url + "/healthz")
-                assert health.status_code == 200 and health.json()["store_ok"] is False
+                deadline = time.monotonic() + 10  # the owner notices at its next write
+                while (health := client.get(one.url + "/healthz")).json()["store_ok"] and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert health.status_code == 200 and health.json() == {"status": "ok", "store": "redis", "store_ok": False}
                 rest = read_events(response)  # the owner's own reader carries on undisturbed
             events = first + rest
             assert tokens_of(events) == "".join(f" t{i}" for i in range(150)) and events[-1][:2] == ("done", "stop")
