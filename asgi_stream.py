@@ -514,8 +514,10 @@ class Gateway:
             self.ledger = UsageLedger(config.usage_db) if config.usage_db else None
             self.store = MemoryStore(self.registry)
             if config.redis_url:  # imported only when asked for: coredis is an optional extra
-                from stores.redis import RedisStore
-
+                try:
+                    from stores.redis import RedisStore
+                except ImportError as exc:
+                    raise ConfigError(f"REDIS_URL is set but its client is missing ({exc}): pip install 'asgi-stream[redis]'") from None
                 self.store = RedisStore(config, self.registry, self.ledger, stream_facts)
             self._index = INDEX_FILE.read_bytes() if INDEX_FILE.exists() else b"<!doctype html><title>asgi-stream</title>"
             self._config = config

@@ -174,6 +174,8 @@ class FakeUpstream:
         finally:
             if not hangup.done():
                 hangup.cancel()
+                # let the read really end: a kept-alive connection's next readuntil would find it still waiting
+                await asyncio.wait({hangup})
 
     async def _reply(self, reply: Reply, seen: Seen, writer: asyncio.StreamWriter, hangup: asyncio.Future[bytes]) -> bool:
         async def pause(seconds: float) -> bool:  # True if the gateway hung up meanwhile
