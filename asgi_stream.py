@@ -16,7 +16,6 @@ import math
 import os
 import re
 import secrets
-import sqlite3
 import sys
 import time
 from bisect import bisect_left
@@ -32,8 +31,10 @@ import anyio
 import httpx
 import orjson
 
-from ledger import UsageLedger
+import openai_api
+from ledger import UsageLedger, target_problem, usage_report
 from providers import ChatRequest, Final, Provider, Upstream, UpstreamError, anthropic, echo, gemini, make_usage, ollama, openai, retried
+from providers.idle import UPSTREAM_IDLE, IdleDeadline
 from providers.lines import LineTooLong
 from sse import FIRST_CHUNK, HEARTBEAT
 from stores import Refused, Store
@@ -96,7 +97,7 @@ NUMBERS: dict[str, tuple[str, float, float]] = {
     "body_timeout": ("BODY_TIMEOUT_SECONDS", 30.0, 0.001),  # an unfinished body then gets 408
     "send_timeout": ("SEND_TIMEOUT_SECONDS", 30.0, 0.001),  # a client taking no bytes this long is dropped
     "stream_buffer_bytes": ("STREAM_BUFFER_BYTES", 1_048_576, 1024),  # events held per stream for resume
-    "echo_delay": ("ECHO_DELAY_SECONDS", 0.0, 0),
+    "echo_delay": ("ECHO_DELAY_SECONDS", 0.05, 0),  # paced for people; tests set 0
     "owner_lease": ("OWNER_LEASE_SECONDS", 10.0, 0.1),  # with REDIS_URL: a dead owner's streams end within this
 }
 
@@ -127,6 +128,7 @@ class Config:
     echo_delay: float
     owner_lease: float
     redis_url: str
+    log_level: int = logging.INFO  # of the per-stream log line (LOG_LEVEL)
 
 
 def _number(env: Mapping[str, str], name: str, default: float, low: float) -> float:
@@ -172,11 +174,31 @@ def load_config(env: Mapping[str, str]) -> Config:
             raise ConfigError("API_KEYS must be name:key pairs separated by commas")
         api_keys[key] = name
     origins = frozenset(o.strip() for o in env.get("CORS_ORIGINS", "").split(",") if o.strip())
+    level = env.get("LOG_LEVEL", "").strip().upper() or "INFO"
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"LOG_LEVEL={env['LOG_LEVEL']!r} is not one of {', '.join(LOG_LEVELS)}")
     redis_url = env.get("REDIS_URL", "").strip()
     if redis_url and not redis_url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError(f"REDIS_URL must start with redis://, rediss:// or unix:// (got {redis_url.partition(':')[0][:20]!r}...)")
+    usage_db = env.get("USAGE_DB", "usage.db").strip()
+    if problem := target_problem(usage_db):
+        raise ConfigError(f"USAGE_DB {problem}")
     return Config(upstreams, default, env.get("DEFAULT_MODEL", "").strip() or None, api_keys, origins,
-                  env.get("USAGE_DB", "usage.db").strip(), **numbers, redis_url=redis_url)  # type: ignore[arg-type]
+                  usage_db, **numbers, redis_url=redis_url, log_level=logging.getLevelName(level))  # type: ignore[arg-type]
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def attach_stream_log(level: int) -> None:
+    """Servers other than `python -m asgi_stream` (uvicorn's CLI among them)
+    configure only their own loggers, so our INFO line would be dropped: give
+    ours a stderr handler, unless the host set up logging (no line twice)."""
+    log.setLevel(level)
+    if not log.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
 
 
 # --- requests and their validation -------------------------------------------
@@ -244,6 +266,8 @@ def _body_field(fields: dict[str, Any], query: dict[str, str], name: str, kind: 
     if kind is int:
         if not raw.isascii() or not raw.isdigit():
             raise invalid(f"{name} must be an integer, got {raw[:40]!r}")
+        if len(raw) > 20:  # past every limit here, and int() refuses past 4,300 digits
+            raise invalid(f"{name} is out of range, got {_show(raw)}")
         return int(raw)
     if kind is float:
         try:
@@ -293,7 +317,7 @@ def parse_chat_request(method: str, query: dict[str, str], body: bytes, config: 
     if max_tokens is None:
         max_tokens = config.max_tokens
     if not 1 <= max_tokens <= config.max_tokens_limit:
-        raise invalid(f"max_tokens must be from 1 to {config.max_tokens_limit}, got {max_tokens}")
+        raise invalid(f"max_tokens must be from 1 to {config.max_tokens_limit}, got {_show(max_tokens)}")
     temperature = _body_field(fields, query, "temperature", float)
     if temperature is not None and not 0 <= temperature <= 2:
         raise invalid(f"temperature must be from 0 to 2, got {temperature}")
@@ -310,7 +334,7 @@ async def read_body(receive: Receive, headers: dict[str, str], config: Config) -
     limit = config.max_body_bytes
     too_large = HTTPError(413, "payload_too_large", f"the request body is larger than {limit} bytes")
     declared = headers.get("content-length", "")
-    if declared.isascii() and declared.isdigit() and int(declared) > limit:  # isdigit alone passes "²"
+    if declared.isascii() and declared.isdigit() and (len(declared) > 20 or int(declared) > limit):  # isdigit alone passes "²"
         raise too_large
     body = bytearray()
     with anyio.move_on_after(config.body_timeout) as scope:
@@ -408,6 +432,7 @@ def stream_facts(record: StreamRecord, ended_clock: float) -> dict[str, Any]:
         "finish_reason": record.finish_reason,
         "error_type": record.error.type if record.error else None,
         "client_disconnected": int(record.ever_disconnected),
+        "route": record.route,
     }
 
 
@@ -424,8 +449,11 @@ SSE_HEADERS = [
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
 ]
-ROUTES: dict[str, tuple[str, ...]] = {"/": ("GET",), "/healthz": ("GET",), "/metrics": ("GET",), "/chat/stream": ("GET", "POST")}
+ROUTES: dict[str, tuple[str, ...]] = {"/": ("GET",), "/healthz": ("GET",), "/metrics": ("GET",), "/chat/stream": ("GET", "POST"),
+                                      **openai_api.ROUTES}
 INDEX_FILE = Path(__file__).with_name("index.html")
+# Server's graceful timeout + this must stay below the orchestrator's stop grace (docker-compose.yml).
+LEDGER_SHUTDOWN_WAIT_SECONDS = 5.0
 MAX_HEADER_BYTES = 65536
 
 
@@ -462,13 +490,14 @@ class Gateway:
         self.registry = StreamRegistry(60.0)
         self.store: Store = MemoryStore(self.registry)
         self.ledger: UsageLedger | None = None
-        self.unaccounted = 0  # streams admitted whose ledger row is not written yet
+        self.unaccounted = 0  # streams admitted whose ledger row is not queued yet
         self._index = b""
 
     @property
     def config(self) -> Config:
         if self._config is None:
             config = load_config(os.environ if self._environ is None else self._environ)
+            attach_stream_log(config.log_level)
             self.registry = StreamRegistry(config.resume_ttl)
             self.ledger = UsageLedger(config.usage_db) if config.usage_db else None
             self.store = MemoryStore(self.registry)
@@ -487,7 +516,8 @@ class Gateway:
             cfg = self.config
             connect = cfg.connect_timeout
             self._http = httpx.AsyncClient(
-                timeout=httpx.Timeout(connect=connect, read=cfg.idle_timeout, write=connect, pool=connect),  # read: the idle deadline
+                # no read timeout: the first-token, then the idle deadline are cancel scopes in drive
+                timeout=httpx.Timeout(connect=connect, read=None, write=connect, pool=connect),
                 transport=PoolShards(UPSTREAM_POOLS, limits=httpx.Limits(max_connections=None, max_keepalive_connections=8)),
                 follow_redirects=False,
             )
@@ -496,7 +526,7 @@ class Gateway:
     async def aclose(self) -> None:
         # Servers cancel open streams before the lifespan shutdown but do not
         # wait for them: give their last ledger rows time to be written.
-        with anyio.move_on_after(5):
+        with anyio.move_on_after(LEDGER_SHUTDOWN_WAIT_SECONDS):
             while self.unaccounted:  # noqa: ASYNC110 - a rare, bounded wait at shutdown
                 await anyio.sleep(0.01)
         if self._http is not None:
@@ -511,9 +541,10 @@ class Gateway:
         elif scope["type"] == "http":
             try:
                 await self.route(scope, receive, send)
-            except (HTTPError, Refused) as exc:  # Refused: the store's, with a Retry-After
+            except (HTTPError, Refused, openai_api.CompletionError) as exc:  # Refused: the store's, with a Retry-After
                 self.metrics.rejected[exc.type] += 1
                 body = orjson.dumps({"error": {"type": exc.type, "message": exc.message}})
+                body = openai_api.error_body(exc) if scope["path"].startswith("/v1/") else body
                 await send_response(send, exc.status, body, b"application/json", exc.headers + self.cors_headers(scope))
             except ClientGone:
                 pass
@@ -550,10 +581,10 @@ class Gateway:
         if allowed is None:
             raise HTTPError(404, "not_found", f"no route for {path[:100]}")
         if method == "OPTIONS":
-            return await self.preflight(headers, send)
+            return await self.preflight(headers, send, path)
         if method not in allowed:
             allow = ", ".join(allowed)
-            raise HTTPError(405, "method_not_allowed", f"{path} allows {allow}", [(b"allow", allow.encode())])
+            raise HTTPError(405, "method_not_allowed", f"{path[:100]} allows {allow}", [(b"allow", allow.encode())])
         if path == "/healthz":
             self.config  # noqa: B018 - without lifespan (daphne) bad settings must fail the health check
             return await send_response(send, 200, orjson.dumps({"status": "ok", **self.store.health()}), b"application/json")
@@ -562,7 +593,13 @@ class Gateway:
             return await send_response(send, 200, self._index, b"text/html; charset=utf-8")
         key_name = self.authenticate(headers, query)
         if path == "/metrics":
-            return await send_response(send, 200, self.metrics.render(len(self.registry)), b"text/plain; version=0.0.4")
+            ledger_metrics = self.ledger.metrics() if self.ledger is not None else b""
+            return await send_response(send, 200, self.metrics.render(len(self.registry)) + ledger_metrics, b"text/plain; version=0.0.4")
+        if path in openai_api.ROUTES:
+            if method == "POST" and not is_json_media_type(headers.get("content-type", "")):
+                raise HTTPError(415, "unsupported_media_type", "POST bodies must be application/json")
+            body = await read_body(receive, headers, self.config)
+            return await openai_api.serve(self, BACKENDS, path, scope, body, key_name, receive, send)
         if method == "DELETE":
             return await self.cancel_stream(path.removeprefix("/chat/stream/"), key_name, scope, send)
         last_event_id = _last_event_id(scope)
@@ -594,7 +631,7 @@ class Gateway:
         allow = [(b"access-control-allow-origin", origin.encode("latin-1")), (b"vary", b"Origin")]
         return [*allow, (b"access-control-expose-headers", b"X-Stream-ID")]
 
-    async def preflight(self, headers: dict[str, str], send: Send) -> None:
+    async def preflight(self, headers: dict[str, str], send: Send, path: str) -> None:
         origins = self.config.cors_origins
         origin = headers.get("origin")
         if not origins or origin is None or not ("*" in origins or origin in origins):
@@ -602,7 +639,8 @@ class Gateway:
         await send_response(send, 204, b"", None, [
             (b"access-control-allow-origin", origin.encode("latin-1")), (b"vary", b"Origin"),
             (b"access-control-allow-methods", b"GET, POST, DELETE, OPTIONS"),
-            (b"access-control-allow-headers", b"Authorization, Content-Type, Last-Event-ID"),
+            (b"access-control-allow-headers", openai_api.allowed_headers(headers) if path in openai_api.ROUTES
+             else b"Authorization, Content-Type, Last-Event-ID"),
             (b"access-control-max-age", b"600"),
         ])  # fmt: skip
 
@@ -656,7 +694,8 @@ class Gateway:
         """Replay what followed `last_event_id`, then follow the generation.
         Whatever cannot be resumed gets 204, which stops EventSource."""
         stream_id, _, position = last_event_id.rpartition(".")
-        record = await self.store.find(stream_id, key_name, int(position)) if position.isascii() and position.isdigit() else None
+        readable = position.isascii() and position.isdigit() and len(position) <= 20  # int() refuses past 4,300 digits
+        record = await self.store.find(stream_id, key_name, int(position)) if readable else None
         if record is None or not record.holds_position(int(position)) or (record.finished and int(position) >= record.count):
             return await send_response(send, 204, b"", None, self.cors_headers(scope))
         await self.serve_reader(record, int(position), scope, receive, send)
@@ -689,19 +728,23 @@ class Gateway:
         """Run the provider under the deadlines; every failure becomes UpstreamError."""
         cfg = self.config
         start = anyio.current_time()
-        first_token = anyio.CancelScope(deadline=start + cfg.first_token_timeout)
+        first_token = anyio.CancelScope(deadline=start + cfg.first_token_timeout)  # from the first token: idle
+        idle = IdleDeadline(first_token, cfg.idle_timeout)
         total = anyio.CancelScope(deadline=start + cfg.total_timeout)
         final: Final | None = None
+        UPSTREAM_IDLE.set(idle)  # this task's own context: told of every upstream read
         try:
             with total, first_token:
                 async with aclosing(retried(provider)(self.http, upstream, record.request)) as chunks:
                     async for chunk in chunks:
+                        if record.cancel_reason is not None:  # a read ready at every loop turn never lets the cancel land: see Pace.gone
+                            await anyio.lowlevel.checkpoint_if_cancelled()
                         if type(chunk) is str:
                             if not chunk:
                                 continue
                             first = not record.tokens
                             if first:
-                                first_token.deadline = math.inf
+                                idle.arm()
                                 record.first_token_after = anyio.current_time() - start
                             record.tokens += 1
                             record.append("token", chunk)
@@ -709,14 +752,14 @@ class Gateway:
                                 await anyio.lowlevel.checkpoint()
                         elif isinstance(chunk, Final):
                             final = chunk
-        except httpx.ReadTimeout:
-            raise UpstreamError("timeout", f"idle deadline: the upstream sent nothing for {cfg.idle_timeout:g} s") from None
         except httpx.ConnectTimeout:
             raise UpstreamError("timeout", f"connect deadline: no connection within {cfg.connect_timeout:g} s") from None
         except httpx.TimeoutException as exc:
             raise UpstreamError("timeout", f"upstream {type(exc).__name__}") from None
         except (httpx.HTTPError, LineTooLong) as exc:
             raise UpstreamError("protocol_error", f"the upstream stream broke: {str(exc) or type(exc).__name__}") from None
+        if first_token.cancelled_caught and record.tokens:
+            raise UpstreamError("timeout", f"idle deadline: the upstream sent nothing for {cfg.idle_timeout:g} s")
         if first_token.cancelled_caught:
             raise UpstreamError("timeout", f"first-token deadline: no token within {cfg.first_token_timeout:g} s")
         if total.cancelled_caught:
@@ -766,9 +809,7 @@ class Gateway:
         log.info(orjson.dumps({"event": "stream_end", **facts}).decode())
         try:
             if self.ledger is not None:
-                await self.ledger.add(facts)
-        except sqlite3.Error:
-            log.exception("usage ledger write failed for stream %s", record.id)
+                await self.ledger.add(facts)  # only queues it: the ledger's thread writes it
         finally:
             self.unaccounted -= 1
 
@@ -780,8 +821,9 @@ class Gateway:
             if readers(record):
                 await record.wait()
                 continue
-            with anyio.move_on_after(grace):
-                while not readers(record) and not record.finished:
+            deadline = anyio.current_time() + grace
+            while not readers(record) and not record.finished and anyio.current_time() < deadline:  # grace 0: no wait at all
+                with anyio.move_on_after(deadline - anyio.current_time()):
                     await record.wait()
             if not readers(record):
                 record.cancel("client gone")
@@ -789,7 +831,9 @@ class Gateway:
 
     # --- the writer: record to client
 
-    async def serve_reader(self, record: StreamRecord, position: int, scope: Scope, receive: Receive, send: Send) -> None:
+    async def serve_reader(
+        self, record: StreamRecord, position: int, scope: Scope, receive: Receive, send: Send, opening: bytes = FIRST_CHUNK
+    ) -> None:
         headers = [*SSE_HEADERS, (b"x-stream-id", record.id.encode()), *self.cors_headers(scope)]
         record.readers += 1
         record.notify()
@@ -797,7 +841,7 @@ class Gateway:
         pace = Pace(anyio.current_time())
         try:
             await send({"type": "http.response.start", "status": 200, "headers": headers})
-            await send({"type": "http.response.body", "body": FIRST_CHUNK, "more_body": True})
+            await send({"type": "http.response.body", "body": opening, "more_body": True})
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(self.watch_reader, receive, tasks.cancel_scope, record, pace)
                 try:
@@ -825,7 +869,7 @@ class Gateway:
         when silent, then close the response (unless the client fell behind the
         held events). No timer per token: watch_reader keeps time for all sends."""
         more_body = True
-        while more_body:
+        while more_body and not pace.gone:
             pending = record.read(cursor[0])
             if pending is None:
                 return
@@ -854,11 +898,14 @@ class Gateway:
             due = started + cfg.send_timeout if sending else min(beat, now + cfg.send_timeout)
             with anyio.CancelScope(deadline=due) as timer:
                 if (await receive())["type"] == "http.disconnect":
-                    record.ever_disconnected = True
+                    record.ever_disconnected = pace.gone = True
+                    if record.readers == 1 and not cfg.resume_grace:  # the last reader left: stop the upstream now
+                        record.cancel("client gone")
                     return writer.cancel()
             if not timer.cancelled_caught or (pace.last_write, pace.sending) != (started, sending):
                 continue
             if sending:  # the same send is still blocked: the client stopped reading
+                pace.gone = True
                 return writer.cancel()
             if due >= beat:
                 woke, pace.beat = anyio.current_time(), True
@@ -867,12 +914,17 @@ class Gateway:
 
 class Pace:
     """When a reader's writer last started a send, whether it is still in it,
-    and whether a heartbeat is due."""
+    whether a heartbeat is due, and whether the client is gone.
 
-    __slots__ = ("beat", "last_write", "sending")
+    `gone` stops the writer at its next wake-up even if the watcher's cancel
+    has not landed: anyio (on asyncio) cancels a task only while it waits on
+    something not yet done, and a writer woken by a token at every loop turn
+    never is one; it then wrote on for nobody as long as tokens came."""
+
+    __slots__ = ("beat", "gone", "last_write", "sending")
 
     def __init__(self, now: float):
-        self.last_write, self.sending, self.beat = now, False, False
+        self.last_write, self.sending, self.beat, self.gone = now, False, False, False
 
 
 def _last_event_id(scope: Scope) -> str | None:
@@ -909,16 +961,7 @@ def main(argv: list[str]) -> int:
         print(f"asgi-stream: {exc}", file=sys.stderr)
         return 2
     if argv[1:2] == ["usage"]:
-        if not config.usage_db or not Path(config.usage_db).exists():
-            print(f"no usage ledger at {config.usage_db!r}", file=sys.stderr)
-            return 1
-        row_format = "{:<16} {:<10} {:<28} {:>8} {:>10} {:>11} {:>10} {:>9}"
-        print(row_format.format("key", "backend", "model", "streams", "prompt", "completion", "total", "estimated"))
-        ledger = UsageLedger(config.usage_db)
-        for row in ledger.summary():
-            print(row_format.format(*row))
-        ledger.close()
-        return 0
+        return usage_report(argv[2:], config.usage_db)
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")

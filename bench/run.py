@@ -6,6 +6,13 @@ stream and disconnect-to-cancel latency. Every wait has a deadline.
 
     python bench/run.py                  # all scenarios, ~1.5 min
     python bench/run.py ttft fanout --streams 500 --json out.json
+    python bench/run.py disconnect --slow 4   # the gateway as on a machine ~4x slower
+
+`--slow N` pins the gateway to one core (`--slow-core`, default 1) beside
+N-1 busy loops, as /work/shared/tools/slowly does, so it gets about 1/N of
+that core; the loops are not the gateway's children, so its CPU figures stay
+its own. Timing-dependent paths (cancel, first token) then behave as on a
+slow machine; compare a change at both speeds.
 
 A script, not a package: `python -m bench` stays the shared harness's name.
 """
@@ -70,7 +77,7 @@ def has(module: str) -> bool:
 class Processes:
     """The fake upstream and the gateway, started once, stopped at the end."""
 
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: str, slow: int = 1, slow_core: int = 1):
         self.upstream_port, self.gateway_port = free_port(), free_port()
         self.upstream = subprocess.Popen([sys.executable, str(ROOT / "bench" / "fake_upstream.py"), "--port", str(self.upstream_port)],
                                          cwd=ROOT, stdout=subprocess.DEVNULL)
@@ -80,17 +87,19 @@ class Processes:
         loop = ["--loop", "uvloop"] if has("uvloop") else []
         http = ["--http", "httptools"] if has("httptools") else []
         self.gateway_log = open(Path(workdir) / "gateway.log", "w")
+        pinned = ["taskset", "-c", str(slow_core)] if slow > 1 else []
+        self.busy = [subprocess.Popen([*pinned, sys.executable, "-c", "while True: pass"]) for _ in range(slow - 1)]
         self.gateway = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "asgi_stream:app", "--host", "127.0.0.1", "--port", str(self.gateway_port),
+            [*pinned, sys.executable, "-m", "uvicorn", "asgi_stream:app", "--host", "127.0.0.1", "--port", str(self.gateway_port),
              *loop, *http, "--no-access-log", "--backlog", "4096", "--log-level", "warning"],
             cwd=ROOT, env=env, stdout=self.gateway_log, stderr=subprocess.STDOUT)
         for port in (self.upstream_port, self.gateway_port):
             wait_for_port(port)
 
     def stop(self) -> None:
-        for process in (self.gateway, self.upstream):
+        for process in (self.gateway, self.upstream, *self.busy):
             process.terminate()
-        for process in (self.gateway, self.upstream):
+        for process in (self.gateway, self.upstream, *self.busy):
             try:
                 process.wait(5)
             except subprocess.TimeoutExpired:
@@ -213,6 +222,7 @@ class Bench:
             "streams": len(streams), "upstream_cancelled": stats["cancelled"], "upstream_ran_to_end": stats["completed"],
             "upstream_still_running": stats["running"], "cancel_p50_ms": pct(latencies, 50), "cancel_p99_ms": pct(latencies, 99),
             "cancel_max_ms": max(latencies, default=float("nan")),
+            "upstream_tokens_per_stream": statistics.fmean(u["sent"] for u in stats["streams"]),  # type: ignore[index]
         }
 
 
@@ -223,7 +233,8 @@ def machine() -> dict[str, Any]:
 
 
 def report(results: dict[str, Any]) -> str:
-    lines = [f"machine: {results['machine']['cpu']}, {results['machine']['nproc']} cores, Python {results['machine']['python']}"]
+    lines = [f"machine: {results['machine']['cpu']}, {results['machine']['nproc']} cores, Python {results['machine']['python']}"
+             + (f"; gateway slowed {results['slow']}x (one core, {results['slow'] - 1} busy loops)" if results["slow"] > 1 else "")]
     if t := results.get("throughput"):
         for k, v in t.items():
             lines.append(f"throughput {k} (20,000 tokens, no delay): {v['cpu_us_per_token']:.1f} µs CPU/token, "
@@ -239,7 +250,8 @@ def report(results: dict[str, Any]) -> str:
     if d := results.get("disconnect"):
         lines.append(f"disconnect ({d['streams']} streams, hang-up after 5 tokens): upstream cancelled {d['upstream_cancelled']}, "
                      f"ran to end {d['upstream_ran_to_end']}, still running {d['upstream_still_running']}; cancel latency "
-                     f"p50 {d['cancel_p50_ms']:.2f} ms, p99 {d['cancel_p99_ms']:.2f} ms, max {d['cancel_max_ms']:.2f} ms")
+                     f"p50 {d['cancel_p50_ms']:.2f} ms, p99 {d['cancel_p99_ms']:.2f} ms, max {d['cancel_max_ms']:.2f} ms; "
+                     f"the upstream sent {d['upstream_tokens_per_stream']:.1f} tokens a stream (5 reached the client)")
     return "\n".join(lines)
 
 
@@ -247,7 +259,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # thousands of sockets; children inherit it
     with tempfile.TemporaryDirectory(prefix="asgi-stream-bench-") as workdir:
-        procs = Processes(workdir)
+        procs = Processes(workdir, args.slow, args.slow_core)
         try:
             bench = Bench(procs, args)
             await bench.warm_up()
@@ -255,7 +267,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             for name in sorted(args.scenarios, key=lambda s: s != "fanout"):
                 print(f"running {name} ...", file=sys.stderr, flush=True)
                 await getattr(bench, name)()
-            return {"machine": machine(), **bench.results}
+            return {"machine": machine(), "slow": args.slow, **bench.results}
         finally:
             procs.stop()
 
@@ -268,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ttft-requests", type=int, default=200)
     parser.add_argument("--fanout-budget", type=float, default=30, help="seconds past nominal before fanout streams are cut")
     parser.add_argument("--json", help="write the figures here")
+    parser.add_argument("--slow", type=int, default=1, metavar="N", help="run the gateway as on a machine N times slower")
+    parser.add_argument("--slow-core", type=int, default=1, help="the core the slowed gateway is pinned to (default 1)")
     args = parser.parse_args(argv)
     args.scenarios = args.scenarios or list(SCENARIOS)
     try:

@@ -33,6 +33,8 @@ class ChatRequest:
     model: str
     max_tokens: int
     temperature: float | None = None
+    top_p: float | None = None
+    stop: list[str] | None = None  # stop sequences; each backend names the field its own way
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,6 +30,10 @@ def build_request(upstream: Upstream, request: ChatRequest) -> tuple[str, dict[s
         body["system"] = system
     if request.temperature is not None:
         body["temperature"] = request.temperature
+    if request.top_p is not None:
+        body["top_p"] = request.top_p
+    if request.stop:
+        body["stop_sequences"] = request.stop
     headers = {"x-api-key": upstream.api_key, "anthropic-version": VERSION,
                "content-type": "application/json", "accept": "text/event-stream"}
     return upstream.base_url.rstrip("/") + "/v1/messages", body, headers

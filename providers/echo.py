@@ -20,11 +20,16 @@ def echo_tokens(text: str) -> list[str]:
     return WORD.findall(text)
 
 
+def before_stop(text: str, stop: list[str]) -> str:
+    """`text` up to the first stop sequence in it, as a model stops there."""
+    return text[: min((i for s in stop if (i := text.find(s)) >= 0), default=len(text))]
+
+
 async def stream_echo(http: httpx.AsyncClient, upstream: Upstream, request: ChatRequest) -> AsyncGenerator[Chunk, None]:
     del http  # local: no upstream at all
     delay = upstream.token_delay
     users = [m["content"] for m in request.messages if m["role"] == "user"]
-    tokens = echo_tokens(users[-1]) if users else []
+    tokens = echo_tokens(before_stop(users[-1], request.stop or [])) if users else []
     prompt = sum(len(echo_tokens(m["content"])) for m in request.messages)
     for token in tokens[: request.max_tokens]:
         if delay:

@@ -31,6 +31,10 @@ def build_request(upstream: Upstream, request: ChatRequest) -> tuple[str, dict[s
     config: dict[str, Any] = {"maxOutputTokens": request.max_tokens}
     if request.temperature is not None:
         config["temperature"] = request.temperature
+    if request.top_p is not None:
+        config["topP"] = request.top_p
+    if request.stop:
+        config["stopSequences"] = request.stop
     contents = [{"role": "model" if t["role"] == "assistant" else "user", "parts": [{"text": t["content"]}]} for t in turns]
     body: dict[str, Any] = {"contents": contents, "generationConfig": config}
     if system:

@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from typing import Generic, NamedTuple, TypeVar
 
+from .idle import UPSTREAM_IDLE
+
 T = TypeVar("T")
 
 MAX_LINE_BYTES = 4 * 1024 * 1024  # a longer upstream line fails the stream
@@ -149,13 +151,15 @@ class ReadToEOF(Generic[T]):
     """What `feed` makes of each network read, then what `finish` makes of the
     end of stream. A batch per read, so a provider's per-token loop stays its
     own. A plain iterator, not an async generator: nothing is left to close
-    when a provider stops early (trio warns of an unclosed async generator)."""
+    when a provider stops early (trio warns of an unclosed async generator).
+    Each read is reported to the generation's idle deadline, if any."""
 
-    __slots__ = ("feed", "finish", "pieces")
+    __slots__ = ("feed", "finish", "idle", "pieces")
 
     def __init__(self, pieces: AsyncIterable[bytes], feed: Callable[[bytes], list[T]], finish: Callable[[], list[T]]) -> None:
         self.pieces: AsyncIterator[bytes] | None = aiter(pieces)
         self.feed, self.finish = feed, finish
+        self.idle = UPSTREAM_IDLE.get()
 
     def __aiter__(self) -> ReadToEOF[T]:
         return self
@@ -168,4 +172,6 @@ class ReadToEOF(Generic[T]):
         except StopAsyncIteration:
             self.pieces = None
             return self.finish()
+        if self.idle is not None:
+            self.idle.bytes_arrived()
         return self.feed(piece)

@@ -22,6 +22,10 @@ def build_request(upstream: Upstream, request: ChatRequest) -> tuple[str, dict[s
     options: dict[str, Any] = {"num_predict": request.max_tokens}
     if request.temperature is not None:
         options["temperature"] = request.temperature
+    if request.top_p is not None:
+        options["top_p"] = request.top_p
+    if request.stop:
+        options["stop"] = request.stop
     body = {"model": request.model, "messages": request.messages, "stream": True, "options": options}
     headers = {"content-type": "application/json", "accept": "application/x-ndjson"}
     return upstream.base_url.rstrip("/") + "/api/chat", body, headers

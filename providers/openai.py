@@ -36,6 +36,10 @@ def build_request(upstream: Upstream, request: ChatRequest) -> tuple[str, dict[s
                             "stream_options": {"include_usage": True}, limit_field: request.max_tokens}
     if request.temperature is not None:
         body["temperature"] = request.temperature
+    if request.top_p is not None:
+        body["top_p"] = request.top_p
+    if request.stop:
+        body["stop"] = request.stop
     headers = {"content-type": "application/json", "accept": "text/event-stream"}
     if upstream.api_key:
         headers["authorization"] = f"Bearer {upstream.api_key}"

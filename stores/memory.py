@@ -31,6 +31,8 @@ class StreamRecord:
     events take framed (oldest dropped first).
     """
 
+    route = "chat/stream"  # the ledger's name for where the request came in
+
     def __init__(self, stream_id: str, key_name: str | None, request: ChatRequest, max_bytes: int):
         self.id = stream_id
         self.key_name = key_name

@@ -18,7 +18,7 @@ from httpx_sse import EventSource
 
 import asgi_stream
 
-BASE_ENV = {"USAGE_DB": "", "RESUME_GRACE_SECONDS": "0", "HEARTBEAT_SECONDS": "15"}
+BASE_ENV = {"USAGE_DB": "", "RESUME_GRACE_SECONDS": "0", "HEARTBEAT_SECONDS": "15", "ECHO_DELAY_SECONDS": "0"}
 
 
 def free_port() -> int:

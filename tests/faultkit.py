@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -37,24 +38,41 @@ class Alive:
     tasks: int  # every task in uvicorn's event loop but the probe
 
 
+def internal(owner: Any, name: str, package: str) -> Any:
+    """A private attribute of httpx, httpcore or uvicorn, which the probe must
+    read; when a release renames it, say so instead of failing obscurely
+    (pyproject.toml caps these packages to the versions known to work)."""
+    try:
+        return getattr(owner, name)
+    except AttributeError:
+        raise AssertionError(
+            f"{package} internals changed: {type(owner).__name__} has no {name!r} in {package} {version(package)}; "
+            "the leak probe in tests/faultkit.py reads it: adapt the probe, or keep the version cap in pyproject.toml"
+        ) from None
+
+
 def _pools(gateway: asgi_stream.Gateway) -> list[Any]:
     """The httpcore pools behind the shared client (it shards over several)."""
     http = gateway._http
-    return [] if http is None else [shard._pool for shard in http._transport._pools]  # type: ignore[attr-defined]
+    if http is None:
+        return []
+    transport = internal(http, "_transport", "httpx")
+    return [internal(shard, "_pool", "httpx") for shard in transport._pools]
 
 
 async def _probe(served: Served) -> Alive:
     gateway = served.gateway
     records = list(gateway.registry._streams.values())
     pools = _pools(gateway)
-    connections = [c for pool in pools for c in pool.connections]
+    connections = [c for pool in pools for c in internal(pool, "connections", "httpcore")]
+    state = internal(served.server, "server_state", "uvicorn")
     return Alive(
         active_streams=gateway.metrics.active,
         readers=sum(r.readers for r in records),
         running_generations=sum(not r.finished for r in records),
-        pool_requests=sum(len(pool._requests) for pool in pools),
-        busy_connections=sum(not (c.is_idle() or c.is_closed()) for c in connections),
-        server_connections=len(served.server.server_state.connections),
+        pool_requests=sum(len(internal(pool, "_requests", "httpcore")) for pool in pools),
+        busy_connections=sum(not (internal(c, "is_idle", "httpcore")() or internal(c, "is_closed", "httpcore")()) for c in connections),
+        server_connections=len(internal(state, "connections", "uvicorn")),
         tasks=len(asyncio.all_tasks()) - 1,
     )
 

@@ -65,8 +65,15 @@ def rig_fixture(request: pytest.FixtureRequest) -> Iterator[Rig]:
 # --- fixtures -------------------------------------------------------------------
 
 
+# How many recorded cases each backend has: a glob that found nothing would
+# silently turn their parametrized tests into skips.
+FIXTURE_COUNTS = {"openai": 7, "anthropic": 4, "ollama": 3, "gemini": 3}
+
+
 def fixture_names(backend: str) -> list[str]:
-    return sorted(f"{backend}/{p.name.removesuffix('.expected.json')}" for p in (FIXTURES / backend).glob("*.expected.json"))
+    names = sorted(f"{backend}/{p.name.removesuffix('.expected.json')}" for p in (FIXTURES / backend).glob("*.expected.json"))
+    assert len(names) == FIXTURE_COUNTS[backend], (backend, names)
+    return names
 
 
 def load_fixture(name: str) -> tuple[dict[str, Any], bytes]:

@@ -79,9 +79,11 @@ def wait_until_serving(url: str, popen: subprocess.Popen[bytes], log: Path, time
 @contextmanager
 def run_server(name: str, env: dict[str, str], tmp: Path, command: list[str] | None = None) -> Iterator[Process]:
     """Start `name` (or `command`, argv after the interpreter) and stop it
-    with SIGTERM, then SIGKILL if it will not go."""
+    with SIGTERM, then SIGKILL if it will not go. `{port}` in the argv or in
+    an env value is the port chosen."""
     port = free_port()
     argv = [sys.executable, *[a.replace("{port}", str(port)) for a in (command or SERVERS[name])]]
+    env = {k: v.replace("{port}", str(port)) for k, v in env.items()}
     log = tmp / f"{name}-{port}.log"
     with log.open("wb") as out:
         popen = subprocess.Popen(
@@ -108,12 +110,12 @@ def stop(popen: subprocess.Popen[bytes], timeout: float = 10) -> None:
 def open_stream(url: str, request: bytes) -> socket.socket:
     """A raw connection that has sent `request` (HTTP/1.1 bytes)."""
     host, port = url.removeprefix("http://").split(":")
-    sock = socket.create_connection((host, int(port)), timeout=10)
+    sock = socket.create_connection((host, int(port)), timeout=60)
     sock.sendall(request)
     return sock
 
 
-def read_until(sock: socket.socket, condition: Callable[[bytes], bool], limit: float = 10) -> bytes:
+def read_until(sock: socket.socket, condition: Callable[[bytes], bool], limit: float = 60) -> bytes:
     """Read until `condition(received)` holds or the peer closes."""
     received = b""
     deadline = time.monotonic() + limit
@@ -167,17 +169,23 @@ def require_program(name: str, *candidates: str) -> str:
 # --- nginx in front, with the project's own nginx.conf ---------------------------
 
 
-def site_config(app_address: str, listen: str, read_timeout: str | None = None) -> str:
-    """The repo's nginx.conf with only the addresses (and, to keep tests
-    fast, proxy_read_timeout) substituted; every proxying directive as is."""
+def site_config(app_address: str, listen: str, access_log: Path, read_timeout: str | None = None) -> str:
+    """The repo's nginx.conf with only the addresses, the access log's path
+    (and, to keep tests fast, proxy_read_timeout) substituted; every proxying
+    and logging directive as is."""
     text = (ROOT / "nginx.conf").read_text()
-    for old, new in (("server app:8000;", f"server {app_address};"), ("listen 80;", f"listen {listen};")):
+    substitutions = (("server app:8000;", f"server {app_address};"), ("listen 80;", f"listen {listen};"),
+                     ("access_log /var/log/nginx/access.log ", f"access_log {access_log} "))  # fmt: skip
+    for old, new in substitutions:
         assert text.count(old) == 1, f"nginx.conf no longer has {old!r}"
         text = text.replace(old, new)
     if read_timeout is not None:
         assert text.count("proxy_read_timeout 60s;") == 1
         text = text.replace("proxy_read_timeout 60s;", f"proxy_read_timeout {read_timeout};")
     return text
+
+
+SITE_ACCESS_LOG = "site-access.log"  # in run_nginx's folder: the access log nginx.conf configures
 
 
 def main_config(tmp: Path, site: Path) -> str:
@@ -210,7 +218,7 @@ def run_nginx(app_url: str, tmp: Path, read_timeout: str | None = None) -> Itera
     nginx = require_program("nginx", "/usr/sbin/nginx")
     port = free_port()
     site = tmp / "site.conf"
-    site.write_text(site_config(app_url.removeprefix("http://"), f"127.0.0.1:{port}", read_timeout))
+    site.write_text(site_config(app_url.removeprefix("http://"), f"127.0.0.1:{port}", tmp / SITE_ACCESS_LOG, read_timeout))
     conf = tmp / "nginx.conf"
     conf.write_text(main_config(tmp, site))
     log = tmp / "nginx.out"

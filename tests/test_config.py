@@ -4,6 +4,7 @@ an invalid variable stops `python -m asgi_stream` with a message naming it;
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -31,7 +32,7 @@ def test_defaults_are_those_of_the_design_table() -> None:
     assert (config.connect_timeout, config.first_token_timeout, config.idle_timeout, config.total_timeout) == (10, 120, 60, 600)
     assert (config.heartbeat, config.resume_grace, config.resume_ttl) == (15, 5, 60)
     assert config.usage_db == "usage.db"
-    assert config.upstreams["echo"].token_delay == 0
+    assert config.echo_delay == config.upstreams["echo"].token_delay == 0.05  # paced so a newcomer sees streaming
 
 
 def test_every_setting_is_read() -> None:
@@ -41,14 +42,16 @@ def test_every_setting_is_read() -> None:
         "CONNECT_TIMEOUT_SECONDS": "1.5", "FIRST_TOKEN_TIMEOUT_SECONDS": "2", "IDLE_TIMEOUT_SECONDS": "3",
         "TOTAL_TIMEOUT_SECONDS": "4", "HEARTBEAT_SECONDS": " 0.5 ", "RESUME_GRACE_SECONDS": "0", "RESUME_TTL_SECONDS": "0",
         "USAGE_DB": " /tmp/x.db ", "BODY_TIMEOUT_SECONDS": "11", "SEND_TIMEOUT_SECONDS": "12", "STREAM_BUFFER_BYTES": "1024",
-        "ECHO_DELAY_SECONDS": "0.25", "OWNER_LEASE_SECONDS": "3", "REDIS_URL": " redis://:pw@h:1/2 ",
+        "ECHO_DELAY_SECONDS": "0.25", "LOG_LEVEL": " warning ", "OWNER_LEASE_SECONDS": "3",
+        "REDIS_URL": " redis://:pw@h:1/2 ",
     })  # fmt: skip
     assert config == Config(
         upstreams=config.upstreams, default_backend="echo", default_model="m", max_tokens=5, max_tokens_limit=6,
         api_keys={"k1": "alice", "k:2": "bob"}, cors_origins=frozenset({"https://a.example", "*"}), max_body_bytes=7,
         max_streams=8, max_streams_per_key=9, connect_timeout=1.5, first_token_timeout=2, idle_timeout=3, total_timeout=4,
         heartbeat=0.5, resume_grace=0, resume_ttl=0, usage_db="/tmp/x.db", body_timeout=11, send_timeout=12,
-        stream_buffer_bytes=1024, echo_delay=0.25, owner_lease=3, redis_url="redis://:pw@h:1/2",
+        stream_buffer_bytes=1024, echo_delay=0.25, log_level=logging.WARNING, owner_lease=3,
+        redis_url="redis://:pw@h:1/2",
     )  # fmt: skip
     assert config.upstreams["echo"].token_delay == 0.25
 
@@ -115,6 +118,7 @@ NUMBERS = ["CONNECT_TIMEOUT_SECONDS", "FIRST_TOKEN_TIMEOUT_SECONDS", "IDLE_TIMEO
            "HEARTBEAT_SECONDS", "BODY_TIMEOUT_SECONDS", "SEND_TIMEOUT_SECONDS"]  # fmt: skip
 INTEGERS = ["MAX_TOKENS", "MAX_TOKENS_LIMIT", "MAX_BODY_BYTES", "MAX_STREAMS", "MAX_STREAMS_PER_KEY", "STREAM_BUFFER_BYTES"]
 ZERO_OK = ["RESUME_GRACE_SECONDS", "RESUME_TTL_SECONDS", "ECHO_DELAY_SECONDS"]
+FIELDS = {variable: (field, default) for field, (variable, default, _) in asgi_stream.NUMBERS.items()}  # variable -> Config field
 
 
 def config_error(env: dict[str, str]) -> str:
@@ -126,8 +130,10 @@ def config_error(env: dict[str, str]) -> str:
 @pytest.mark.parametrize("value", ["abc", "", "1,5", "0x10", "nan", "inf", "-inf", "-1", "0"])
 @pytest.mark.parametrize("name", NUMBERS + INTEGERS + ZERO_OK)
 def test_an_invalid_number_names_its_variable(name: str, value: str) -> None:
-    if value == "" or (value == "0" and name in ZERO_OK):
-        load_config({name: value})  # empty means the default; 0 is meaningful for these
+    if value == "" or (value == "0" and name in ZERO_OK):  # empty means the default; 0 is meaningful for these
+        field, default = FIELDS[name]
+        expected = default if value == "" else 0
+        assert getattr(load_config({name: value}), field) == expected and expected != getattr(load_config({name: "2048"}), field)
         return
     assert config_error({name: value}).startswith(f"{name}={value!r} ")
 
@@ -157,6 +163,11 @@ def test_a_base_url_must_be_http(url: str) -> None:
 
 def test_an_unknown_default_backend_names_the_variable_and_the_choices() -> None:
     assert config_error({"DEFAULT_BACKEND": "nope"}).startswith("DEFAULT_BACKEND='nope' is not one of echo, openai")
+
+
+@pytest.mark.parametrize("value", ["verbose", "20", "warn"])
+def test_an_unknown_log_level_names_the_variable_and_the_choices(value: str) -> None:
+    assert config_error({"LOG_LEVEL": value}) == f"LOG_LEVEL={value!r} is not one of DEBUG, INFO, WARNING, ERROR, CRITICAL"
 
 
 def test_an_unconfigured_default_backend_names_the_variable() -> None:

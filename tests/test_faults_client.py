@@ -43,8 +43,9 @@ def post_head(body_length: int | None, extra: bytes = b"") -> bytes:
     return b"POST /chat/stream HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n" + length + extra + b"\r\n"
 
 
-def read_reply(sock: socket.socket, timeout: float = 5.0) -> bytes:
-    """Everything the server sends until it closes or goes quiet for `timeout`."""
+def read_reply(sock: socket.socket, timeout: float = 60.0) -> bytes:
+    """Everything the server sends until it closes or completes a response;
+    a server that does neither within `timeout` hangs, and fails the test."""
     sock.settimeout(timeout)
     received = b""
     try:
@@ -53,7 +54,7 @@ def read_reply(sock: socket.socket, timeout: float = 5.0) -> bytes:
             if b"\r\n\r\n" in received and _complete(received):
                 break
     except TimeoutError:
-        pass
+        raise AssertionError(f"the server neither answered nor closed within {timeout} s; got {received[:300]!r}") from None
     except ConnectionResetError:
         pass
     return received
@@ -116,7 +117,8 @@ def test_the_leak_probe_sees_a_running_stream_and_its_pooled_connection(upstream
 STORM = 300
 
 
-async def _storm(url: str, clients: int) -> None:
+async def _storm(url: str, clients: int) -> float:
+    """`clients` streams, each left at once after its first token; returns when they left."""
     host, port = host_port(url)
     body = json.dumps({"messages": [{"role": "user", "content": "storm"}]}).encode()
 
@@ -129,6 +131,7 @@ async def _storm(url: str, clients: int) -> None:
     writers = await asyncio.wait_for(asyncio.gather(*(first_token() for _ in range(clients))), 30)
     for writer in writers:  # everyone leaves at once
         writer.transport.abort()
+    return time.monotonic()
 
 
 def test_a_disconnect_storm_closes_every_upstream_and_leaves_nothing_behind(upstream: FakeUpstream, tmp_path: Path) -> None:
@@ -259,7 +262,7 @@ def test_a_lying_content_length_is_refused_with_4xx(echo_gateway: Probed) -> Non
     body = json.dumps({"messages": [{"role": "user", "content": "x" * 5000}]}).encode()
     with socket.create_connection(host_port(echo_gateway.url)) as sock:
         sock.sendall(post_head(2) + body)
-        reply = read_reply(sock, 2)
+        reply = read_reply(sock)
     statuses = [int(part[:3]) for part in reply.split(b"HTTP/1.1 ")[1:]]
     assert statuses and all(400 <= s < 500 for s in statuses), reply[:300]
 
@@ -267,7 +270,7 @@ def test_a_lying_content_length_is_refused_with_4xx(echo_gateway: Probed) -> Non
 def test_content_length_together_with_chunked_is_refused_with_4xx(echo_gateway: Probed) -> None:
     with socket.create_connection(host_port(echo_gateway.url)) as sock:
         sock.sendall(post_head(3, b"transfer-encoding: chunked\r\n") + b"2000\r\n" + b"[" * 8192 + b"\r\n0\r\n\r\n")
-        reply = read_reply(sock, 2)
+        reply = read_reply(sock)
     assert reply == b"" or 400 <= (status_of(reply) or 0) < 500, reply[:300]
 
 
@@ -301,7 +304,7 @@ def test_random_bytes_get_4xx_or_a_closed_connection(echo_gateway: Probed) -> No
                 sock.shutdown(socket.SHUT_WR)
             except (BrokenPipeError, ConnectionResetError):
                 pass
-            reply = read_reply(sock, 3)
+            reply = read_reply(sock)
         assert reply == b"" or 400 <= (status_of(reply) or 0) < 500, (blob[:40], reply[:200])
     echo_gateway.nothing_left()
 
@@ -309,11 +312,10 @@ def test_random_bytes_get_4xx_or_a_closed_connection(echo_gateway: Probed) -> No
 def test_a_storm_within_the_resume_grace_cancels_every_generation_once_the_grace_is_over(upstream: FakeUpstream) -> None:
     env = {"OPENAI_API_KEY": KEY, "OPENAI_BASE_URL": upstream.url + "/v1", "RESUME_GRACE_SECONDS": "0.5"}
     with serve_probed(env) as gw:
-        asyncio.run(_storm(gw.url, 100))
-        left_at = time.monotonic()
-        assert upstream.wait_for(lambda: upstream.open_connections == 0, 5)
-        waited = time.monotonic() - left_at
-        assert 0.4 <= waited < 5, waited  # the generations outlived their clients for the grace, then stopped
+        left_at = asyncio.run(_storm(gw.url, 100))
+        assert upstream.wait_for(lambda: upstream.open_connections == 0, 60)
+        closed = [seen.closed_by_client - left_at for seen in upstream.seen if seen.closed_by_client is not None]
+        assert len(closed) == 100 and min(closed) >= 0.4, min(closed)  # each generation outlived its client for the grace
         assert all(seen.closed_by_client is not None for seen in upstream.seen)
         gw.nothing_left()
 
@@ -369,14 +371,16 @@ def test_shutdown_under_open_streams_ends_each_with_an_error_and_loses_no_usage_
     lifespan shutdown at once, without waiting for them; then asyncio.run
     cancels what is left, natively (anyio's shield does not hold against
     that). A slow disk widens the window in which rows could be lost."""
-    if disk == "slow":
-        write = ledger.UsageLedger.write
+    slow_writes: list[int] = []
+    if disk == "slow":  # the ledger's thread writes its rows in batches, through insert
+        insert = ledger.SqliteStore.insert
 
-        def slow_write(self: ledger.UsageLedger, row: dict[str, object]) -> None:
-            time.sleep(0.05)
-            write(self, row)
+        def slow_insert(self: ledger.SqliteStore, rows: list[list[object]]) -> None:
+            time.sleep(0.2)
+            slow_writes.append(len(rows))
+            insert(self, rows)
 
-        monkeypatch.setattr(ledger.UsageLedger, "write", slow_write)
+        monkeypatch.setattr(ledger.SqliteStore, "insert", slow_insert)
     db = tmp_path / "usage.db"
     streams = 20
     env = {"OPENAI_API_KEY": KEY, "OPENAI_BASE_URL": upstream.url + "/v1", "USAGE_DB": str(db)}
@@ -391,7 +395,7 @@ def test_shutdown_under_open_streams_ends_each_with_an_error_and_loses_no_usage_
                     pass
             stopping = time.monotonic()
         # uvicorn stopped: it waited its graceful timeout (2 s), then cancelled the streams
-        assert time.monotonic() - stopping < 8
+        assert time.monotonic() - stopping < 60  # it ended (generous: slow machines), it did not hang
         endings = ["\n".join(lines) for lines in readers]
     finally:
         for c in clients:
@@ -399,10 +403,11 @@ def test_shutdown_under_open_streams_ends_each_with_an_error_and_loses_no_usage_
     for text in endings:
         assert '"type":"shutdown"' in text and text.rstrip().endswith("data: error"), text[-300:]
     assert upstream.wait_for(lambda: upstream.open_connections == 0)
-    assert gw.gateway.ledger is not None and gw.gateway.ledger._db is None  # closed last, after every row
+    assert gw.gateway.ledger is not None and gw.gateway.ledger.closed  # closed last, after every row
     rows = usage_rows(db)
     assert len(rows) == streams
     assert {(row["finish_reason"], row["error_type"]) for row in rows} == {("error", "shutdown")}
+    assert (sum(slow_writes) == streams) if disk == "slow" else not slow_writes  # the slow disk wrote every row
 
 
 # --- a send that never completes, whatever it carries (in-process: the moment of the stall is chosen exactly)
@@ -567,5 +572,7 @@ def test_a_ledger_that_cannot_be_written_is_logged_and_streaming_goes_on(
         for _ in range(3):
             response = httpx.get(gw.url + "/chat/stream", params={"prompt": "still here"}, timeout=5)
             assert response.status_code == 200 and response.text.rstrip().endswith("data: stop")
-        assert wait_until(lambda: caplog.text.count("usage ledger write failed") == 3)
+        assert wait_until(lambda: "asgi_stream_ledger_rows_waiting 3" in httpx.get(gw.url + "/metrics").text)
+        assert caplog.text.count("usage ledger write failed") == 1  # once per outage, not per row
         gw.nothing_left()
+    assert "usage ledger: 3 rows could not be written" in caplog.text

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 import asgi_stream
-from tests.faultkit import usage_rows
+from tests.faultkit import _pools, internal, usage_rows
 from tests.test_faults_upstream import BASE, FAULT_PROMPT, FAULTS, KEY, OK_PROMPT, SLACK, _base_url, fault_responder
 from tests.upstream import FakeUpstream
 
@@ -93,7 +93,7 @@ async def test_upstream_fault_on_trio_ends_as_on_asyncio(name: str, tmp_path: Pa
             ok = await client.post("/chat/stream", json=ok_body)
             assert sse_events(ok.text)[-1] == ("done", "stop")
         assert gateway.metrics.active == 0 and gateway.unaccounted == 0
-        assert all(shard._pool._requests == [] for shard in gateway.http._transport._pools)  # type: ignore[attr-defined]
+        assert all(internal(pool, "_requests", "httpcore") == [] for pool in _pools(gateway))
         await gateway.aclose()
         gc.collect()  # finalize abandoned generators while the filter above is in force
     rows = usage_rows(db)

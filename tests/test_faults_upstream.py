@@ -70,13 +70,13 @@ FAULTS: dict[str, Fault] = {
         not_before=0.6,
         within=3.0,
     ),
-    "accepts but never answers": Fault(
+    "accepts but never answers": Fault(  # until the first token only its deadline applies, not the idle one
         lambda: Reply(delay_headers=3600),
         "timeout",
-        "idle deadline",
-        env={"IDLE_TIMEOUT_SECONDS": "0.4"},
-        not_before=0.4,
-        within=2,
+        "first-token deadline",
+        env={"IDLE_TIMEOUT_SECONDS": "0.2", "FIRST_TOKEN_TIMEOUT_SECONDS": "0.6"},
+        not_before=0.6,
+        within=2.5,
     ),
     "headers then silence": Fault(
         lambda: Reply(end="hang"),

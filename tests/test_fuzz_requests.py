@@ -6,6 +6,7 @@ the ASGI app on asyncio and trio (httpx.ASGITransport), and through uvicorn."""
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import anyio
@@ -21,7 +22,6 @@ from providers import ChatRequest
 from tests.faultkit import serve_probed
 
 CONFIG = asgi_stream.load_config({"OPENAI_API_KEY": "sk-fuzz-SECRET", "MAX_TOKENS_LIMIT": "4096"})
-FIELDS = ("messages", "backend", "model", "max_tokens", "temperature", "prompt", "body", "JSON")
 
 # Every JSON value orjson can write (its integers are at most 64 bits).
 scalars = (
@@ -55,6 +55,7 @@ near_valid = st.fixed_dictionaries(
     },
 )
 bodies = st.one_of(near_valid, near_valid, near_valid, json_values, valid_messages, st.lists(message, min_size=1, max_size=3))
+NUMERIC_FIELDS = ["max_tokens", "temperature"]
 
 
 def check_parsed(request: ChatRequest) -> None:
@@ -67,13 +68,44 @@ def check_parsed(request: ChatRequest) -> None:
     assert request.temperature is None or (type(request.temperature) is float and 0 <= request.temperature <= 2)
 
 
+MESSAGE_LIMIT = 300  # a refusal quotes at most a short prefix of what it refuses
+OPTIONAL_FIELDS = ("backend", "model", "max_tokens", "temperature")
+SUBJECTS = (*OPTIONAL_FIELDS, "messages", "the request body", "the body", "give prompt or messages", "prompt (or messages")
+
+
+def subject_of(message: str) -> str:
+    """What a refusal says is wrong: the field (or the body) it starts with."""
+    subject = next((s for s in SUBJECTS if re.match(re.escape(s) + r"\b", message)), None)
+    assert subject is not None, f"a refusal that names nothing: {message!r}"
+    return subject
+
+
+def without(name: str, query: dict[str, str], body: bytes) -> tuple[dict[str, str], bytes]:
+    """The request with field `name` left out (its default then applies)."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        data = None
+    present = name in query or (isinstance(data, dict) and data.get(name) is not None)
+    assert present, f"the refusal names {name}, which the request does not set"
+    if isinstance(data, dict):
+        body = orjson.dumps({k: v for k, v in data.items() if k != name})
+    return {k: v for k, v in query.items() if k != name}, body
+
+
 def parse_or_refusal(method: str, query: dict[str, str], body: bytes) -> ChatRequest | HTTPError:
     try:
         request = parse_chat_request(method, query, body, CONFIG)
     except HTTPError as refusal:
         assert (refusal.status, refusal.type) == (400, "invalid_request")
-        assert any(name in refusal.message for name in FIELDS), refusal.message  # names what is wrong
-        event("refused with 400")
+        assert len(refusal.message) <= MESSAGE_LIMIT, (len(refusal.message), refusal.message[:100])
+        subject = subject_of(refusal.message)
+        if subject in OPTIONAL_FIELDS:  # it names what is wrong: without that field, that refusal goes
+            try:
+                parse_chat_request(method, *without(subject, query, body), CONFIG)
+            except HTTPError as next_refusal:
+                assert subject_of(next_refusal.message) != subject, (refusal.message, next_refusal.message)
+        event(f"refused: {subject}")
         return refusal
     check_parsed(request)
     event("valid request")
@@ -92,8 +124,23 @@ def test_any_bytes_as_a_body_parse_or_get_a_400(body: bytes) -> None:
     parse_or_refusal("POST", {}, body)
 
 
+
+# Long digit strings, the class of input that once got a 500 (int() refuses
+# more than 4,300 digits) and a refusal repeating every digit: some short of
+# the limit, some past it, some with a sign, a point or an exponent.
+long_digits = st.builds(
+    lambda digit, count, tail, prefix, suffix: prefix + digit * count + tail + suffix,
+    st.sampled_from("0123456789"),
+    st.integers(15, 6000),
+    st.text("0123456789", max_size=5),
+    st.sampled_from(["", "", "-", "0", "+"]),
+    st.sampled_from(["", "", ".5", "e3", "e-400"]),
+)
 query_values = (
-    st.text(max_size=30) | st.integers(-10, 10_000).map(str) | st.sampled_from(["nan", "inf", "-0", "1e3", "٣", "0x10", " 5"])
+    st.text(max_size=30)
+    | st.integers(-10, 10_000).map(str)
+    | st.sampled_from(["nan", "inf", "-0", "1e3", "٣", "0x10", " 5"])
+    | long_digits
 )
 queries = st.dictionaries(
     st.sampled_from(["prompt", "messages", "backend", "model", "max_tokens", "temperature", "access_token", "x"]),
@@ -106,6 +153,17 @@ queries = st.dictionaries(
 @given(queries, st.sampled_from(["GET", "POST"]), json_values)
 def test_any_query_parses_to_a_valid_request_or_a_400_naming_the_field(query: dict[str, str], method: str, body: Any) -> None:
     parse_or_refusal(method, query, orjson.dumps(body))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.sampled_from(NUMERIC_FIELDS), long_digits, st.sampled_from(["body", "query", "both"]), st.sampled_from(["GET", "POST"]))
+def test_long_digit_strings_in_any_numeric_field_get_a_short_400(field: str, digits: str, where: str, method: str) -> None:
+    """In the body as a JSON number literal, in the query as text, or both."""
+    query = {field: digits} if where != "body" else {}
+    if method == "GET":
+        query["prompt"] = "hi"
+    body = raw_field(field, digits) if where != "query" else orjson.dumps(OK)
+    parse_or_refusal(method, query, body)  # a valid request (a few such strings are small numbers) or a short 400
 
 
 # --- hand-written hostile cases: (name, content type, raw body, expected status)
@@ -236,7 +294,7 @@ def _headers(content_type: str | None) -> dict[str, str]:
 
 @pytest.mark.anyio
 async def test_hostile_requests_get_their_4xx_through_the_asgi_app() -> None:
-    gateway = asgi_stream.Gateway({"RESUME_TTL_SECONDS": "0", "USAGE_DB": "", "MAX_TOKENS_LIMIT": "4096"})
+    gateway = asgi_stream.Gateway({"RESUME_TTL_SECONDS": "0", "USAGE_DB": "", "MAX_TOKENS_LIMIT": "4096", "ECHO_DELAY_SECONDS": "0"})
     transport = httpx.ASGITransport(app=gateway)
     async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
         with anyio.fail_after(60):
@@ -270,7 +328,7 @@ def test_a_wrong_type_is_refused_with_a_message_naming_the_field(name: str, body
 
 # --- fuzzing through the ASGI app, on asyncio and trio
 
-ASGI_GATEWAY_ENV = {"RESUME_TTL_SECONDS": "0", "USAGE_DB": "", "MAX_TOKENS_LIMIT": "4096"}
+ASGI_GATEWAY_ENV = {"RESUME_TTL_SECONDS": "0", "USAGE_DB": "", "MAX_TOKENS_LIMIT": "4096", "ECHO_DELAY_SECONDS": "0"}
 
 
 @pytest.mark.anyio
@@ -301,9 +359,11 @@ header_values = {
         ["application/json", "application/json; charset=utf-8", "text/plain", "", "application/+json"]
     )
     | LATIN1,
-    b"content-length": st.sampled_from(["0", "2", "-1", "1e3", " 12", "²", "١٢", "99999999999999999999999", "0x10", ""]) | LATIN1,
+    b"content-length": st.sampled_from(["0", "2", "-1", "1e3", " 12", "²", "١٢", "99999999999999999999999", "0x10", ""])
+    | LATIN1
+    | long_digits,
     b"authorization": st.sampled_from(["Bearer key-a", "bearer key-a", "Bearer ", "Basic a2V5LWE=", "Bearer key-a\x00"]) | LATIN1,
-    b"last-event-id": st.sampled_from(["", ".", "x.1", "x.-1", "x.²", "x." + "9" * 50, "\xff.1"]) | LATIN1,
+    b"last-event-id": st.sampled_from(["", ".", "x.1", "x.-1", "x.²", "x." + "9" * 50, "\xff.1"]) | LATIN1 | long_digits.map("x.".__add__),
     b"origin": st.sampled_from(["https://ok.example", "null", "https://evil.example"]) | LATIN1,
     b"x-other": LATIN1,
 }
@@ -380,6 +440,8 @@ async def test_any_scope_gets_a_complete_answer_below_500(
     start = sent[0]
     assert start["type"] == "http.response.start" and 100 <= start["status"] < 500, (start, sent[1:2])
     assert sent[-1]["type"] == "http.response.body" and not sent[-1].get("more_body", False)
+    if start["status"] >= 400:
+        assert len(orjson.loads(sent[1]["body"])["error"]["message"]) <= MESSAGE_LIMIT
     event(f"HTTP {start['status']}")
     assert app.metrics.active == 0
 
@@ -405,3 +467,21 @@ async def test_a_content_length_of_other_than_ascii_digits_is_not_trusted_and_ne
     scope = {"type": "http", "method": "POST", "path": "/chat/stream", "query_string": b"", "headers": headers}
     sent = await call_app(app, scope, orjson.dumps(OK))
     assert sent[0]["status"] == status
+
+
+@pytest.mark.anyio
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(position=long_digits | st.integers(0, 10**30).map(str), header=st.sampled_from([b"last-event-id", b"Last-Event-ID"]))
+async def test_a_resume_of_a_live_stream_at_any_position_is_answered_below_500(position: str, header: bytes) -> None:
+    """Last-Event-ID names a stream that exists, so the position is read: a
+    long digit string must not reach int() unbounded."""
+    app = asgi_stream.Gateway({**ASGI_GATEWAY_ENV, "RESUME_TTL_SECONDS": "60"})
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gateway") as client:
+        with anyio.fail_after(30):
+            first = await client.get("/chat/stream?prompt=one%20two")
+            stream_id = first.headers["x-stream-id"]
+            resumed = await client.get("/chat/stream", headers={header.decode(): f"{stream_id}.{position}"})
+    assert resumed.status_code in (200, 204), resumed.content[:200]
+    if position.isdigit() and len(position) <= 20 and int(position) < 4:  # one two: two tokens, usage and done
+        assert resumed.status_code == 200  # a position the record holds is replayed
+    event(f"HTTP {resumed.status_code}")

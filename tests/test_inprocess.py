@@ -31,7 +31,7 @@ from stores.memory import StreamRecord, StreamRegistry
 
 pytestmark = pytest.mark.anyio
 
-ENV = {"USAGE_DB": "", "RESUME_GRACE_SECONDS": "0"}
+ENV = {"USAGE_DB": "", "RESUME_GRACE_SECONDS": "0", "ECHO_DELAY_SECONDS": "0"}
 TIMEOUT = 10  # a failing test fails after this; a passing one never waits for it
 
 
@@ -307,10 +307,9 @@ async def test_without_lifespan_the_client_is_opened_on_first_use() -> None:
 async def test_a_ledger_is_written_and_closed_when_usage_db_is_set(tmp_path: Any) -> None:
     app = Gateway({**ENV, "USAGE_DB": str(tmp_path / "u.db")})
     await request(app, "GET", "/chat/stream", "prompt=a+b")
-    assert app.ledger is not None
-    assert app.ledger.summary() == [("-", "echo", "echo", 1, 2, 2, 4, 0)]
     await app.aclose()
-    assert app.ledger._db is None
+    assert app.ledger is not None and app.ledger.closed
+    assert app.ledger.summary() == [("-", "echo", "echo", 1, 2, 2, 4, 0)]
 
 
 # --- refusals before the stream --------------------------------------------------------------
@@ -854,8 +853,9 @@ async def test_a_ledger_that_cannot_be_written_is_logged_and_the_stream_still_co
     app = Gateway({**ENV, "USAGE_DB": str(tmp_path)})  # a directory: sqlite cannot open it
     ex = await request(app, "GET", "/chat/stream", "prompt=x")
     assert ending_of(ex.body)[2] == "stop"
-    assert any("usage ledger write failed" in r.getMessage() for r in caplog.records)
     await app.aclose()
+    assert any("usage ledger write failed" in r.getMessage() for r in caplog.records)
+    assert any("usage ledger: 1 rows could not be written" in r.getMessage() for r in caplog.records)
 
 
 async def test_a_client_that_takes_no_heartbeat_for_send_timeout_is_dropped() -> None:

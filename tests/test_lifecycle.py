@@ -128,23 +128,23 @@ def test_delete_cancels_at_once_despite_the_resume_grace() -> None:
             asked = time.monotonic()
             assert client.delete(f"{gw.url}/chat/stream/{sid}").status_code == 204
             rest = read_events(response)
-            assert upstream.wait_for(lambda: upstream.seen[0].closed_by_client is not None, 2)
-            assert upstream.seen[0].closed_by_client - asked < 0.5
+            assert upstream.wait_for(lambda: upstream.seen[0].closed_by_client is not None, 10)
+            assert upstream.seen[0].closed_by_client - asked < 3  # at once, not at the end of the reply
             assert rest[-1][:2] == ("done", "cancelled")
             assert client.delete(f"{gw.url}/chat/stream/{sid}").status_code == 404  # finished now
         assert gw.gateway.metrics.active == 0
 
 
 def test_a_dropped_client_keeps_the_generation_for_the_grace_then_it_is_cancelled() -> None:
-    slow = sse_tokens([f" t{i}" for i in range(400)], pause=0.02)
+    slow = sse_tokens([f" t{i}" for i in range(2000)], pause=0.02)  # 40 s: far longer than the grace
     with FakeUpstream(lambda seen: slow) as upstream, serve({"OPENAI_API_KEY": "k", "OPENAI_BASE_URL": upstream.url,
                                                               "RESUME_GRACE_SECONDS": "0.6"}) as gw:
         with httpx.Client(timeout=10) as client, client.stream("POST", gw.url + "/chat/stream", json=BODY) as response:
             read_events(response, 2)
         dropped = time.monotonic()
-        assert upstream.wait_for(lambda: upstream.seen[0].closed_by_client is not None, 5)
+        assert upstream.wait_for(lambda: upstream.seen[0].closed_by_client is not None, 30)
         waited = upstream.seen[0].closed_by_client - dropped
-        assert 0.5 < waited < 1.5
+        assert 0.5 < waited < 15  # the 0.6 s grace, then cancelled: not the 40 s the reply lasts
 
 
 def test_api_keys_are_required_when_configured() -> None:
@@ -161,7 +161,7 @@ def test_api_keys_are_required_when_configured() -> None:
 
 
 def test_stream_limits_answer_503_and_429_with_retry_after_and_free_the_slot_at_done() -> None:
-    reply = sse_tokens(["a", "b"], pause=0.3)
+    reply = sse_tokens(["a", "b"], pause=3)  # the first streams stay open while the others are refused, even on a slow machine
     env = {"OPENAI_API_KEY": "k", "MAX_STREAMS": "2", "MAX_STREAMS_PER_KEY": "1", "API_KEYS": "a:key-a,b:key-b"}
     with FakeUpstream(lambda seen: reply) as upstream, serve({**env, "OPENAI_BASE_URL": upstream.url}) as gw, \
             httpx.Client(timeout=10) as client:

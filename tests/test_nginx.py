@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from tests.conftest import Served, serve, stream
-from tests.servers import body_of, open_stream, post_request, read_until, run_nginx
+from tests.servers import SITE_ACCESS_LOG, body_of, open_stream, post_request, read_until, run_nginx
 from tests.upstream import FakeUpstream, Reply, Seen, sse_tokens
 
 READ_TIMEOUT = 0.8  # nginx's proxy_read_timeout in these tests, seconds
@@ -50,9 +50,29 @@ def gateway(upstream: FakeUpstream) -> Iterator[Served]:
 
 
 @pytest.fixture(scope="module")
-def proxy(gateway: Served, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with run_nginx(gateway.url, tmp_path_factory.mktemp("nginx"), read_timeout=f"{READ_TIMEOUT * 1000:.0f}ms") as url:
+def nginx_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("nginx")
+
+
+@pytest.fixture(scope="module")
+def proxy(gateway: Served, nginx_dir: Path) -> Iterator[str]:
+    with run_nginx(gateway.url, nginx_dir, read_timeout=f"{READ_TIMEOUT * 1000:.0f}ms") as url:
         yield url
+
+
+def test_the_access_log_records_the_request_without_the_key(proxy: str, nginx_dir: Path) -> None:
+    """EventSource clients send the API key in the query: nginx.conf's own
+    access log must keep it (and the prompt) out, yet log the request."""
+    result = stream("GET", proxy + "/chat/stream?prompt=private+words&backend=openai&access_token=SECRET-k3y")
+    assert result.text == "Hello world"
+    log = nginx_dir / SITE_ACCESS_LOG
+    deadline = time.monotonic() + 10
+    while "GET /chat/stream" not in (log.read_text() if log.exists() else ""):
+        assert time.monotonic() < deadline, "the request was not logged"
+        time.sleep(0.05)
+    written = "".join(p.read_text(errors="replace") for p in nginx_dir.glob("*.log"))  # both access logs and the error log
+    assert "SECRET-k3y" not in written and "private" not in written
+    assert '"GET /chat/stream HTTP/1.1" 200 ' in log.read_text()
 
 
 def test_a_stream_through_nginx_is_the_same_stream(proxy: str) -> None:

@@ -13,6 +13,7 @@ from tests.conftest import serve, stream
 from tests.upstream import FIXTURES, FakeUpstream, Reply, fixture_reply, sse_tokens
 
 OPENAI_FIXTURES = sorted(p.name.removesuffix(".expected.json") for p in (FIXTURES / "openai").glob("*.expected.json"))
+assert len(OPENAI_FIXTURES) == 7, OPENAI_FIXTURES  # a glob that found nothing would turn the cases into a silent skip
 
 
 def openai_env(upstream: FakeUpstream, **extra: str) -> dict[str, str]:
@@ -37,8 +38,8 @@ def test_openai_fixture_streams_its_expected_output(name: str, piece_size: int) 
         error = json.loads(result.of("error")[0])
         assert error["message"] == expected["error"]["message"]
         assert error.get("upstream_type") == expected["error"]["type"]
-        if "status" in error:
-            assert error["status"] == expected["http_status"]
+        # an HTTP error carries its status; an error inside a 200 stream has none
+        assert error.get("status") == (expected["http_status"] if expected["http_status"] != 200 else None), error
         assert result.names[-2:] == ["error", "done"]
 
 
@@ -70,8 +71,8 @@ def test_client_disconnect_closes_the_upstream_connection_at_once() -> None:
             received += sock.recv(65536)
         sock.close()
         closed_at = time.monotonic()
-        assert upstream.wait_for(lambda: upstream.seen and upstream.seen[0].closed_by_client is not None, 3)
-        assert upstream.seen[0].closed_by_client - closed_at < 0.5
+        assert upstream.wait_for(lambda: upstream.seen and upstream.seen[0].closed_by_client is not None, 10)
+        assert upstream.seen[0].closed_by_client - closed_at < 3  # at once, not when the reply ends
         assert not upstream.seen[0].completed
         assert upstream.wait_for(lambda: gw.gateway.metrics.active == 0, 2)
 

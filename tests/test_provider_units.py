@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import email.utils
 import time
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
+from contextlib import nullcontext
 from typing import Any
 
 import httpx
@@ -138,23 +139,46 @@ async def test_open_stream_posts_the_body_and_yields_a_2xx_response() -> None:
     assert orjson.loads(seen[0].content) == {"a": 1} and seen[0].headers["h"] == "v"
 
 
-@pytest.mark.parametrize(("status", "body"), [(400, b'{"error": {"message": "bad"}}'), (401, b"no"),
-                                              (429, b'{"error": {"message": "quota", "code": "insufficient_quota"}}')])
-@pytest.mark.usefixtures("no_backoff")
-async def test_open_stream_does_not_retry_client_errors_or_exhausted_quota(status: int, body: bytes) -> None:
-    handler, seen = replies(httpx.Response(status, content=body))
+def opening(url: str) -> providers.Provider:
+    """A provider that only opens the upstream request, then yields its body."""
+
+    async def provider(http: httpx.AsyncClient, upstream: Upstream, request: ChatRequest) -> AsyncGenerator[providers.Chunk, None]:
+        async with open_stream(http, url, {}, {}) as response:
+            yield (await response.aread()).decode()
+            yield Final("stop")
+
+    return provider
+
+
+@pytest.mark.parametrize(("status", "body", "retryable"), [
+    (400, b'{"error": {"message": "bad"}}', False), (401, b"no", False),
+    (429, b'{"error": {"message": "quota", "code": "insufficient_quota"}}', False),
+    (429, b'{"error": {"message": "slow down"}}', True), (503, b"busy", True),
+])  # fmt: skip
+async def test_client_errors_and_exhausted_quota_are_not_retried_and_the_rest_are(
+    no_backoff: list[float | None], status: int, body: bytes, retryable: bool
+) -> None:
+    """open_stream marks each failure retryable or not; retried() acts on the mark."""
+    handler, seen = replies(httpx.Response(status, content=body), httpx.Response(200, content=b"second"))
     async with mock_client(handler) as http:
         with pytest.raises(UpstreamError) as caught:
             async with open_stream(http, "http://u/x", {}, {}):
                 pass
-    assert caught.value.status == status and len(seen) == 1
+        assert caught.value.status == status and caught.value.retryable is retryable
+        seen.clear()
+        chunks: list[providers.Chunk] = []
+        with pytest.raises(UpstreamError) if not retryable else nullcontext():
+            async for chunk in providers.retried(opening("http://u/x"))(http, Upstream("http://u"), REQUEST):
+                chunks.append(chunk)
+    assert len(seen) == (2 if retryable else 1)
+    assert no_backoff == [None]  # retried() asked for its delay once, and did not wait it here
+    assert chunks == (["second", Final("stop")] if retryable else [])
 
 
 @pytest.mark.parametrize(("failure", "error_type", "message"), [
     (httpx.ConnectError("refused"), "upstream_unavailable", "cannot connect to the upstream: ConnectError"),
     (httpx.ConnectTimeout("slow"), "timeout", "connect timeout: no connection to the upstream"),
 ])  # fmt: skip
-@pytest.mark.usefixtures("no_backoff")
 async def test_open_stream_reports_connection_failures_as_typed_errors(failure: Exception, error_type: str, message: str) -> None:
     handler, _ = replies(failure, failure, failure)
     async with mock_client(handler) as http:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -242,11 +243,12 @@ def test_sigterm_with_a_stream_open_tells_the_client_why_it_ends(name: str, upst
             head = read_until(sock, lambda got: got.count(b"event: token") >= 2)
             process.popen.terminate()
             started = time.monotonic()
-            rest = read_until(sock, lambda got: False, limit=GRACE + 8)  # to EOF
+            rest = read_until(sock, lambda got: False, limit=GRACE + 30)  # to EOF
             ended_after = time.monotonic() - started
-        assert process.popen.wait(GRACE + 8) is not None
+        exit_code = process.popen.wait(GRACE + 30)
+    assert exit_code in (0, -signal.SIGTERM), (exit_code, process.output())  # uvicorn re-raises SIGTERM once it has shut down
     body = body_of(head + rest)
-    assert ended_after < GRACE + 3
+    assert ended_after < GRACE + 20  # ended by the grace, not by the test giving up (slow machines: generous)
     assert not seen_for(upstream, "slow", since).completed
     if name == "granian":
         assert b"event: done" not in body and not rest.endswith(b"0\r\n\r\n")

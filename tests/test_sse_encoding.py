@@ -238,7 +238,7 @@ def test_any_chunk_sequence_through_generate_gives_a_well_formed_stream() -> Non
 
 async def generate_and_check(chunks: list[str], ending: Any, cases: list[tuple[bytes, list[tuple[str, str, str]]]]) -> None:
     """One generation from a fake provider; the stream is checked, then kept for Node."""
-    gateway = Gateway({"USAGE_DB": ""})
+    gateway = Gateway({"USAGE_DB": "", "ECHO_DELAY_SECONDS": "0"})
     provider = fake_provider(chunks, ending)
     record = StreamRecord("s1", None, REQUEST, gateway.config.stream_buffer_bytes)
     provider.record.append(record)  # type: ignore[attr-defined]

@@ -1,7 +1,8 @@
-// The differential SSE oracle: npm eventsource-parser@4 (spec-faithful).
+// The differential SSE oracle: npm eventsource-parser@3 (spec-faithful; 3.x
+// declares Node >= 18, which Debian 12 ships).
 // stdin: one JSON string per line, the base64 of one complete byte stream.
 // stdout: one JSON array per line, the events [{event, data, id}] it holds.
-// Ids persist across events (tracked with onId), as in browsers; the
+// Ids persist across events, as in browsers (3.x reports an id with its event); the
 // decoder keeps a BOM so the parser strips exactly one.
 import { createParser } from "eventsource-parser";
 import { createInterface } from "node:readline";
@@ -13,8 +14,10 @@ for await (const line of lines) {
   const events = [];
   let lastId = "";
   const parser = createParser({
-    onEvent: (e) => events.push({ event: e.event ?? "message", data: e.data, id: lastId }),
-    onId: (id) => { lastId = id; },
+    onEvent: (e) => {
+      if (e.id !== undefined) lastId = e.id;
+      events.push({ event: e.event ?? "message", data: e.data, id: lastId });
+    },
   });
   parser.feed(new TextDecoder("utf-8", { ignoreBOM: true }).decode(bytes));
   process.stdout.write(JSON.stringify(events) + "\n");

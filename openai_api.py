@@ -1,0 +1,420 @@
+"""OpenAI's Chat Completions as a second front door (`/v1/chat/completions`,
+`/v1/models`): the request becomes the same ChatRequest, the gateway's own
+generation and writer run it, only the framing and the error shape are OpenAI's."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import anyio
+import orjson
+
+from providers import ChatRequest, UpstreamError
+from stores.memory import StreamRecord
+
+if TYPE_CHECKING:  # asgi_stream imports this module: no import back at run time
+    from asgi_stream import Backend, Config, Gateway, Receive, Scope, Send
+
+ROUTES: dict[str, tuple[str, ...]] = {"/v1/chat/completions": ("POST",), "/v1/models": ("GET",)}
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+MAX_STOP_SEQUENCES = 4  # OpenAI's own limit; Gemini's is 5
+DONE = b"data: [DONE]\n\n"
+HEADER_NAMES = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+(?:[ \t]*,[ \t]*[!#$%&'*+.^_`|~0-9A-Za-z-]+)*")
+
+
+# --- errors in OpenAI's shape ---------------------------------------------------------
+
+
+class CompletionError(Exception):
+    """A refusal on this route: HTTP status, our error type (sent as OpenAI's
+    `code`), message, and the request field at fault (OpenAI's `param`)."""
+
+    def __init__(self, status: int, type: str, message: str, param: str | None = None,
+                 headers: list[tuple[bytes, bytes]] | None = None):  # fmt: skip
+        super().__init__(message)
+        self.status, self.type, self.message, self.param, self.headers = status, type, message, param, headers or []
+
+
+class Refusal(Protocol):
+    """What error_body needs: the gateway's HTTPError or a CompletionError."""
+
+    status: int
+    type: str
+    message: str
+
+
+def openai_error_type(status: int) -> str:
+    """OpenAI's error `type` for a status (the SDKs pick their exception class by the status)."""
+    named = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 429: "rate_limit_error"}
+    return named.get(status) or ("server_error" if status >= 500 else "invalid_request_error")
+
+
+def error_body(error: Refusal) -> bytes:
+    param = error.param if isinstance(error, CompletionError) else None
+    return orjson.dumps({"error": {"message": error.message, "type": openai_error_type(error.status), "param": param,
+                                   "code": error.type}})  # fmt: skip
+
+
+def upstream_status(error: UpstreamError) -> int:
+    """The status a failed generation answers with before any token: the
+    upstream's own (a 429 stays a 429), except that its refusal of the gateway's
+    provider key is our fault, not the client's: 502 like other upstream failures."""
+    if error.status is not None and 400 <= error.status <= 599 and error.status not in (401, 403, 407):
+        return error.status
+    return {"timeout": 504, "shutdown": 503}.get(error.type, 502)
+
+
+def upstream_error_fields(error: UpstreamError) -> dict[str, Any]:
+    code = error.code if error.code is not None else error.type
+    return {"message": error.message, "type": openai_error_type(upstream_status(error)), "param": None, "code": code}
+
+
+def retry_after(error: UpstreamError) -> list[tuple[bytes, bytes]]:
+    return [] if error.retry_after is None else [(b"retry-after", str(math.ceil(error.retry_after)).encode())]
+
+
+# --- CORS -------------------------------------------------------------------------------
+
+
+def allowed_headers(headers: Mapping[str, str]) -> bytes:
+    """A browser preflight's answer: the SDKs send headers of their own
+    (`x-stainless-*`, `openai-organization`, ...) whose list changes between
+    versions, so allow those the browser asks for, if it asks for header names."""
+    asked = headers.get("access-control-request-headers", "").strip()
+    return (asked if HEADER_NAMES.fullmatch(asked) else "Authorization, Content-Type").encode("latin-1")
+
+
+# --- the request: OpenAI's body to a ChatRequest ----------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """A validated Chat Completions request."""
+
+    request: ChatRequest
+    model: str  # "<backend>/<model>": the name the answer carries
+    stream: bool
+    include_usage: bool
+
+
+def invalid(param: str | None, message: str) -> CompletionError:
+    return CompletionError(400, "invalid_request", message, param)
+
+
+def unsupported(param: str, message: str) -> CompletionError:
+    return CompletionError(400, "unsupported_parameter", message, param)
+
+
+def shown(value: Any) -> str:
+    try:
+        text = orjson.dumps(value).decode()
+    except orjson.JSONEncodeError:  # nested deeper than orjson writes
+        text = type(value).__name__
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def parse_completion_request(body: bytes, config: Config, backends: Mapping[str, Backend]) -> Completion:
+    """Validate an OpenAI request body strictly; refuse, naming it, any field
+    whose meaning the gateway cannot carry to every backend. Fields it does not
+    know are ignored, as OpenAI-compatible servers commonly do."""
+    try:
+        fields = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise invalid(None, f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(fields, dict):
+        raise invalid(None, "the request body must be a JSON object")
+    refuse_unsupported(fields)
+    backend, model = route_model(fields.get("model"), config, backends)
+    messages = parse_messages(fields.get("messages"))
+    limit_name = "max_completion_tokens" if fields.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = fields.get(limit_name)
+    if max_tokens is None:
+        max_tokens = config.max_tokens
+    elif type(max_tokens) is not int or not 1 <= max_tokens <= config.max_tokens_limit:
+        raise invalid(limit_name, f"{limit_name} must be an integer from 1 to {config.max_tokens_limit}, got {shown(max_tokens)}")
+    stream = flag(fields, "stream")
+    options = fields.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise invalid("stream_options", f"stream_options must be an object, got {shown(options)}")
+    request = ChatRequest(messages, backend, model, max_tokens, number(fields, "temperature", 2.0), number(fields, "top_p", 1.0),
+                          stop_sequences(fields.get("stop")))  # fmt: skip
+    return Completion(request, f"{backend}/{model}", stream, stream and flag(options or {}, "include_usage"))
+
+
+def refuse_unsupported(fields: dict[str, Any]) -> None:
+    why = "the gateway streams text only, and not every backend could honour it"
+    for name in ("tools", "functions"):
+        if fields.get(name):  # null and [] ask for nothing
+            raise unsupported(name, f"{name} is not supported: {why}")
+    for name in ("tool_choice", "function_call"):
+        if fields.get(name) not in (None, "none"):
+            raise unsupported(name, f"{name} is not supported: {why}")
+    response_format = fields.get("response_format")
+    if response_format is not None and response_format != {"type": "text"}:
+        raise unsupported("response_format", f"response_format {shown(response_format)} is not supported: only {{\"type\": \"text\"}}")
+    n = fields.get("n")
+    if n is not None and (type(n) is not int or n < 1):
+        raise invalid("n", f"n must be a positive integer, got {shown(n)}")
+    if n is not None and n > 1:
+        raise unsupported("n", f"n={n} is not supported: one choice per request")
+    for name in ("logprobs", "top_logprobs"):
+        if fields.get(name) not in (None, False):
+            raise unsupported(name, f"{name} is not supported: {why}")
+
+
+def route_model(value: Any, config: Config, backends: Mapping[str, Backend]) -> tuple[str, str]:
+    """`<backend>/<model>` names its backend; a bare name goes to DEFAULT_BACKEND."""
+    if not isinstance(value, str) or not value:
+        raise invalid("model", f"model must be '<backend>/<model>' (see GET /v1/models) or a model name, got {shown(value)}")
+    prefix, slash, rest = value.partition("/")
+    if not slash:
+        backend, model = config.default_backend, value
+    elif prefix in backends:
+        backend, model = prefix, rest
+    else:
+        known = ", ".join(backends)
+        raise CompletionError(404, "model_not_found", f"model {shown(value)}: no backend {prefix!r} (backends: {known})", "model")
+    if backend not in config.upstreams:
+        spec = backends[backend]
+        message = f"model {shown(value)}: backend {backend!r} is not configured here ({spec.key_variable or spec.url_variable} is not set)"
+        raise CompletionError(404, "model_not_found", message, "model")
+    if not backends[backend].model_pattern.fullmatch(model):
+        raise invalid("model", f"model {shown(model)} is not a valid model name for {backend}")
+    return backend, model
+
+
+def parse_messages(value: Any) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise invalid("messages", "messages must be a non-empty array of {role, content} objects")
+    messages = []
+    for i, message in enumerate(value):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise invalid(where, f"{where} must be an object with role and content")
+        role = message.get("role")
+        if role in ("tool", "function"):
+            raise unsupported(where, f"{where} has role {role!r}: tool results need tools, which this gateway does not support")
+        if role not in ROLES:
+            raise invalid(f"{where}.role", f"{where}.role must be one of {', '.join(ROLES)}, got {shown(role)}")
+        for name in ("tool_calls", "function_call", "audio"):
+            if message.get(name):
+                raise unsupported(f"{where}.{name}", f"{where}.{name} is not supported: this gateway passes text only")
+        messages.append({"role": ROLES[role], "content": message_text(message.get("content"), where)})
+    return messages
+
+
+def message_text(content: Any, where: str) -> str:
+    """A string, or an array of text parts joined with newlines (as vLLM joins them)."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise invalid(f"{where}.content", f"{where}.content must be a string or an array of text parts, got {shown(content)}")
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text":
+            what = f"a {shown(kind)} part" if kind else shown(part)
+            raise unsupported(f"{where}.content[{j}]", f"{where}.content[{j}] is {what}: only text parts are supported")
+        text = part.get("text")
+        if not isinstance(text, str):
+            raise invalid(f"{where}.content[{j}].text", f"{where}.content[{j}].text must be a string, got {shown(text)}")
+        texts.append(text)
+    return "\n".join(texts)
+
+
+def flag(fields: dict[str, Any], name: str) -> bool:
+    value = fields.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise invalid(name, f"{name} must be true or false, got {shown(value)}")
+    return bool(value)
+
+
+def number(fields: dict[str, Any], name: str, high: float) -> float | None:
+    value = fields.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= high:
+        raise invalid(name, f"{name} must be a number from 0 to {high:g}, got {shown(value)}")
+    return float(value)
+
+
+def stop_sequences(value: Any) -> list[str] | None:
+    stops = [value] if isinstance(value, str) else value
+    if stops is None:
+        return None
+    if not isinstance(stops, list) or len(stops) > MAX_STOP_SEQUENCES or not all(isinstance(s, str) and s for s in stops):
+        raise invalid("stop", f"stop must be a non-empty string or up to {MAX_STOP_SEQUENCES} of them, got {shown(value)}")
+    return stops or None
+
+
+# --- the answer: chunks, or one completion object -------------------------------------
+
+
+# Line breaks to str.splitlines() but not to SSE or JSON: written raw, they cut
+# a chunk in two for clients that split decoded text (the ollama SDK does).
+UNICODE_LINE_BREAKS = ((b"\xc2\x85", b"\\u0085"), (b"\xe2\x80\xa8", b"\\u2028"), (b"\xe2\x80\xa9", b"\\u2029"))
+
+
+def dumps(value: Any) -> bytes:
+    """JSON in UTF-8, with the Unicode line breaks escaped (they can only be in strings)."""
+    try:
+        data = orjson.dumps(value)
+    except orjson.JSONEncodeError:  # a lone surrogate (JSON escapes can carry one) is no UTF-8
+        data = json.dumps(value, ensure_ascii=False).encode("utf-8", "replace")
+    for raw, escaped in UNICODE_LINE_BREAKS:
+        if raw in data:
+            data = data.replace(raw, escaped)
+    return data
+
+
+def frame_completion_chunk(head: dict[str, Any], delta: dict[str, str], finish_reason: str | None) -> bytes:
+    """One `data:` event with one choice: no `event:` name, no `id:` line, as OpenAI sends."""
+    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    return b"data: " + dumps({**head, "choices": [choice]}) + b"\n\n"
+
+
+def frame_usage_chunk(head: dict[str, Any], usage: dict[str, Any] | None) -> bytes:
+    return b"data: " + dumps({**head, "choices": [], "usage": openai_usage(usage)}) + b"\n\n"
+
+
+def frame_error_chunk(error: UpstreamError) -> bytes:
+    """A failure after the stream started: the SDKs raise it as an APIError."""
+    return b"data: " + dumps({"error": upstream_error_fields(error)}) + b"\n\n"
+
+
+def openai_usage(usage: dict[str, Any] | None) -> dict[str, int]:
+    """The three counts OpenAI sends (ours may add `estimated` and the like)."""
+    names = ("prompt_tokens", "completion_tokens", "total_tokens")
+    return {name: int((usage or {}).get(name) or 0) for name in names}
+
+
+class CompletionRecord(StreamRecord):
+    """One completion's generation, held as its tokens and its ending and read
+    as Chat Completions chunks. Only the request's own client ever reads it
+    (no resume on this route), so nothing is dropped or replayed; it holds the
+    whole text, which the non-streaming answer needs anyway."""
+
+    route = "v1/chat/completions"
+
+    def __init__(self, key_name: str | None, completion: Completion):
+        super().__init__(secrets.token_urlsafe(16), key_name, completion.request, 0)
+        self.completion = completion
+        self.pieces: list[str] = []
+        self.head = {"id": f"chatcmpl-{self.id}", "object": "chat.completion.chunk", "created": int(self.started),
+                     "model": completion.model}  # fmt: skip
+
+    @property
+    def count(self) -> int:
+        return len(self.pieces) + self.finished  # the ending is one more event
+
+    def append(self, event: str, data: str) -> None:
+        self.pieces.append(data)  # the generation appends tokens only; finish() holds the ending
+        self.notify()
+
+    def finish(self, finish_reason: str, usage: dict[str, Any] | None, error: UpstreamError | None) -> None:
+        if self.finished:
+            return
+        self.finish_reason, self.usage, self.error, self.finished = finish_reason, usage, error, True
+        self.notify()
+
+    def read(self, position: int) -> bytes:
+        frames = [frame_completion_chunk(self.head, {"content": piece}, None) for piece in self.pieces[position:]]
+        if self.finished and position <= len(self.pieces):
+            frames.append(self.ending())
+        return b"".join(frames)
+
+    def opening(self) -> bytes:
+        return frame_completion_chunk(self.head, {"role": "assistant", "content": ""}, None)
+
+    def ending(self) -> bytes:
+        """An error ends the response at once; otherwise the finish reason, usage if asked, [DONE]."""
+        if self.error is not None:
+            return frame_error_chunk(self.error)
+        usage = frame_usage_chunk(self.head, self.usage) if self.completion.include_usage else b""
+        return frame_completion_chunk(self.head, {}, self.finish_reason) + usage + DONE
+
+    def completion_object(self) -> dict[str, Any]:
+        message = {"role": "assistant", "content": "".join(self.pieces), "refusal": None}
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": self.finish_reason}
+        return {**self.head, "object": "chat.completion", "choices": [choice], "usage": openai_usage(self.usage)}
+
+
+def models_list(config: Config, backends: Mapping[str, Backend]) -> dict[str, Any]:
+    """One model per configured backend: its default one, as `<backend>/<model>`."""
+    models = []
+    for name, spec in backends.items():
+        if name in config.upstreams:
+            model = config.default_model if name == config.default_backend and config.default_model else spec.default_model
+            models.append({"id": f"{name}/{model}", "object": "model", "created": 0, "owned_by": name})
+    return {"object": "list", "data": models}
+
+
+# --- serving ---------------------------------------------------------------------------
+
+
+async def serve(gateway: Gateway, backends: Mapping[str, Backend], path: str, scope: Scope, body: bytes,
+                key_name: str | None, receive: Receive, send: Send) -> None:  # fmt: skip
+    """Answer one authenticated request to ROUTES; refusals raise CompletionError."""
+    cfg = gateway.config
+    if path == "/v1/models":
+        return await send_json(send, 200, models_list(cfg, backends), gateway.cors_headers(scope))
+    completion = parse_completion_request(body, cfg, backends)
+    gateway.admit(key_name)
+    record = CompletionRecord(key_name, completion)
+    backend = completion.request.backend
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(gateway.generate, record, backends[backend].stream, cfg.upstreams[backend])
+        await respond(gateway, record, scope, receive, send)
+        record.cancel("client gone")  # no resume on this route: once the client is gone, so is the generation
+
+
+async def respond(gateway: Gateway, record: CompletionRecord, scope: Scope, receive: Receive, send: Send) -> None:
+    """The status waits for the first token (or the end): a failure before it
+    answers with the upstream's status, so the SDKs raise their usual exception."""
+    streaming = record.completion.stream
+    if not await until(lambda: record.finished or (streaming and bool(record.pieces)), record, receive):
+        return
+    error = record.error
+    if streaming and (record.pieces or error is None):
+        return await gateway.serve_reader(record, 0, scope, receive, send, opening=record.opening())
+    cors = gateway.cors_headers(scope)
+    try:
+        with anyio.move_on_after(gateway.config.send_timeout):  # a client that takes no bytes is let go
+            if error is not None:
+                await send_json(send, upstream_status(error), {"error": upstream_error_fields(error)}, retry_after(error) + cors)
+            else:
+                await send_json(send, 200, record.completion_object(), cors)
+    except OSError:  # ASGI 2.4 servers raise it on a send to a gone client
+        record.ever_disconnected = True
+
+
+async def until(ready: Callable[[], bool], record: StreamRecord, receive: Receive) -> bool:
+    """Wait until `ready()` (it turns true as the generation appends or ends)
+    while watching the client; False if the client left first."""
+    async with anyio.create_task_group() as tasks:
+        tasks.start_soon(cancel_on_disconnect, receive, record, tasks.cancel_scope)
+        while not ready():
+            await record.wait()
+        tasks.cancel_scope.cancel()
+    return not record.ever_disconnected
+
+
+async def cancel_on_disconnect(receive: Receive, record: StreamRecord, scope: anyio.CancelScope) -> None:
+    await receive()  # the body was read whole: all that can come now is http.disconnect
+    record.ever_disconnected = True
+    scope.cancel()
+
+
+async def send_json(send: Send, status: int, payload: Any, headers: list[tuple[bytes, bytes]]) -> None:
+    body = dumps(payload)
+    head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]
+    if status >= 400:
+        head.append((b"cache-control", b"no-store"))
+    await send({"type": "http.response.start", "status": status, "headers": head})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
