@@ -36,7 +36,7 @@ from ledger import UsageLedger, target_problem, usage_report
 from providers import ChatRequest, Final, Provider, Upstream, UpstreamError, anthropic, echo, gemini, make_usage, ollama, openai, retried
 from providers.idle import UPSTREAM_IDLE, IdleDeadline
 from providers.lines import LineTooLong
-from sse import FIRST_CHUNK, HEARTBEAT
+from sse import FIRST_CHUNK, HEARTBEAT, opening_chunk
 from stores import Refused, Store
 from stores.memory import MemoryStore, StreamRecord, StreamRegistry
 
@@ -131,6 +131,16 @@ class Config:
     log_level: int = logging.INFO  # of the per-stream log line (LOG_LEVEL)
 
 
+def backends_listing(config: Config) -> bytes:
+    """GET /backends: the backends this server can serve, each with the model a
+    request naming none gets (what the page offers)."""
+    def model(name: str) -> str:
+        return (name == config.default_backend and config.default_model) or BACKENDS[name].default_model
+
+    backends = [{"name": name, "default_model": model(name)} for name in config.upstreams]
+    return orjson.dumps({"default_backend": config.default_backend, "backends": backends})
+
+
 def _number(env: Mapping[str, str], name: str, default: float, low: float) -> float:
     raw = env.get(name, "").strip()
     if not raw:
@@ -183,6 +193,9 @@ def load_config(env: Mapping[str, str]) -> Config:
     usage_db = env.get("USAGE_DB", "usage.db").strip()
     if problem := target_problem(usage_db):
         raise ConfigError(f"USAGE_DB {problem}")
+    redis_url = env.get("REDIS_URL", "").strip()
+    if redis_url and not redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(f"REDIS_URL must start with redis://, rediss:// or unix:// (got {redis_url.partition(':')[0][:20]!r}...)")
     return Config(upstreams, default, env.get("DEFAULT_MODEL", "").strip() or None, api_keys, origins,
                   usage_db, **numbers, redis_url=redis_url, log_level=logging.getLevelName(level))  # type: ignore[arg-type]
 
@@ -449,8 +462,10 @@ SSE_HEADERS = [
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
 ]
-ROUTES: dict[str, tuple[str, ...]] = {"/": ("GET",), "/healthz": ("GET",), "/metrics": ("GET",), "/chat/stream": ("GET", "POST"),
-                                      **openai_api.ROUTES}
+ROUTES: dict[str, tuple[str, ...]] = {
+    "/": ("GET",), "/healthz": ("GET",), "/metrics": ("GET",), "/backends": ("GET",), "/chat/stream": ("GET", "POST"),
+    **openai_api.ROUTES,
+}
 INDEX_FILE = Path(__file__).with_name("index.html")
 # Server's graceful timeout + this must stay below the orchestrator's stop grace (docker-compose.yml).
 LEDGER_SHUTDOWN_WAIT_SECONDS = 5.0
@@ -541,7 +556,7 @@ class Gateway:
         elif scope["type"] == "http":
             try:
                 await self.route(scope, receive, send)
-            except (HTTPError, Refused, openai_api.CompletionError) as exc:  # Refused: the store's, with a Retry-After
+            except (HTTPError, openai_api.CompletionError, Refused) as exc:  # Refused: the store's, with a Retry-After
                 self.metrics.rejected[exc.type] += 1
                 body = orjson.dumps({"error": {"type": exc.type, "message": exc.message}})
                 body = openai_api.error_body(exc) if scope["path"].startswith("/v1/") else body
@@ -600,6 +615,8 @@ class Gateway:
                 raise HTTPError(415, "unsupported_media_type", "POST bodies must be application/json")
             body = await read_body(receive, headers, self.config)
             return await openai_api.serve(self, BACKENDS, path, scope, body, key_name, receive, send)
+        if path == "/backends":
+            return await send_response(send, 200, backends_listing(self.config), b"application/json")
         if method == "DELETE":
             return await self.cancel_stream(path.removeprefix("/chat/stream/"), key_name, scope, send)
         last_event_id = _last_event_id(scope)
@@ -687,7 +704,7 @@ class Gateway:
         # once), and generate() takes ownership of the stream's ending before that.
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(self.generate, record, backend.stream, cfg.upstreams[request.backend])
-            await self.serve_reader(record, 0, scope, receive, send)
+            await self.serve_reader(record, 0, scope, receive, send, opening_chunk(record.id))
             await self.linger(record)
 
     async def resume_stream(self, last_event_id: str, key_name: str | None, scope: Scope, receive: Receive, send: Send) -> None:
@@ -899,7 +916,7 @@ class Gateway:
             with anyio.CancelScope(deadline=due) as timer:
                 if (await receive())["type"] == "http.disconnect":
                     record.ever_disconnected = pace.gone = True
-                    if record.readers == 1 and not cfg.resume_grace:  # the last reader left: stop the upstream now
+                    if not cfg.resume_grace and self.store.readers(record) == 1:  # the last reader anywhere left: stop the upstream now
                         record.cancel("client gone")
                     return writer.cancel()
             if not timer.cancelled_caught or (pace.last_write, pace.sending) != (started, sending):

@@ -20,6 +20,14 @@ def encode_event(event: str, data: str, event_id: str) -> bytes:
     return frame_event(event.encode(), event_id.encode(), frame_data(data))
 
 
+def opening_chunk(stream_id: str) -> bytes:
+    """A new stream's first bytes: FIRST_CHUNK and a `stream` event, id
+    `<stream>.0`, so a page learns the id before any token (to stop it). A
+    resumed response sends FIRST_CHUNK alone: position 0 would move the
+    browser's Last-Event-ID back."""
+    return FIRST_CHUNK + encode_event("stream", stream_id, f"{stream_id}.0")
+
+
 def frame_data(data: str) -> bytes:
     """Event data as the payload of `data:` lines: one line per line of text
     (the receiver joins them with LF), in UTF-8."""

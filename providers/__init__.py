@@ -62,7 +62,7 @@ Chunk = str | Final
 class UpstreamError(Exception):
     """A generation that failed; becomes the client's `error` event.
 
-    `type` is one of DESIGN.md's error types; `upstream_type` / `code` carry
+    `type` is one of docs/design.md's error types; `upstream_type` / `code` carry
     the provider's own labels when it sent any.
     """
 

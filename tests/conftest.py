@@ -59,8 +59,9 @@ def serve(env: dict[str, str] | None = None, **uvicorn_options: object) -> Itera
 class Result:
     status: int
     headers: httpx.Headers
-    events: list[tuple[str, str, str]] = field(default_factory=list)  # (event, data, id)
+    events: list[tuple[str, str, str]] = field(default_factory=list)  # (event, data, id), the opening `stream` event apart
     body: bytes = b""
+    opened: tuple[str, str] | None = None  # a new stream's opening `stream` event: (data, id)
 
     def of(self, name: str) -> list[str]:
         return [data for event, data, _ in self.events if event == name]
@@ -80,7 +81,11 @@ def stream(method: str, url: str, timeout: float = 20, **kwargs: object) -> Resu
         result = Result(response.status_code, response.headers)
         if response.headers.get("content-type", "").startswith("text/event-stream"):
             for sse in EventSource(response).iter_sse():
-                result.events.append((sse.event, sse.data, sse.id))
+                if sse.event == "stream" and not result.events and result.opened is None:
+                    result.opened = (sse.data, sse.id)
+                    assert (sse.data, sse.id) == (response.headers["x-stream-id"], response.headers["x-stream-id"] + ".0")
+                else:
+                    result.events.append((sse.event, sse.data, sse.id))
         else:
             result.body = response.read()
     return result

@@ -10,6 +10,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.conftest import Served, serve
@@ -39,9 +40,25 @@ def refuse(seen: Seen) -> Reply:
 def gateway() -> Iterator[Served]:
     with FakeUpstream(refuse) as upstream, serve({
         "ECHO_DELAY_SECONDS": "0.05", "RESUME_GRACE_SECONDS": "5", "DEFAULT_BACKEND": "echo",
-        "OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": upstream.url + "/v1",
+        "OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": upstream.url + "/v1", "OLLAMA_BASE_URL": upstream.url,
+        "DEFAULT_MODEL": "echo-1",
     }) as served:  # fmt: skip
         yield served
+
+
+THINKING = 60.0  # seconds the thinking upstream stays silent after its headers
+
+
+@pytest.fixture(scope="module")
+def thinking() -> Iterator[tuple[Served, FakeUpstream]]:
+    """A gateway whose openai upstream thinks for a minute before its first
+    token, and which serves one stream at a time."""
+    reply = Reply(pieces=[THINKING, b'data: {"choices": [{"index": 0, "delta": {"content": "late"}}]}\n\n'])
+    with FakeUpstream(lambda seen: reply) as upstream, serve({
+        "OPENAI_API_KEY": "sk-test", "OPENAI_BASE_URL": upstream.url + "/v1", "MAX_STREAMS": "1",
+        "RESUME_GRACE_SECONDS": "0", "FIRST_TOKEN_TIMEOUT_SECONDS": str(THINKING * 2),
+    }) as served:  # fmt: skip
+        yield served, upstream
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +125,42 @@ def test_stop_ends_the_generation_with_cancelled(page: Any, gateway: Served) -> 
     shown = page.text_content("#output")
     assert shown and prompt.startswith(shown) and len(shown) < len(prompt)
     assert gateway.gateway.metrics.streams.get(("echo", "cancelled"), 0) >= 1
+
+
+def test_the_page_offers_the_backends_the_server_has_configured(page: Any, gateway: Served) -> None:
+    page.goto(gateway.url + "/")
+    page.wait_for_function("document.querySelectorAll('#backend option').length > 1")
+    options = page.eval_on_selector_all("#backend option", "options => options.map(o => [o.value, o.textContent])")
+    assert options == [["", "server default (echo)"], ["echo", "echo (echo-1)"], ["openai", "openai (gpt-4o-mini)"],
+                       ["ollama", "ollama (llama3.2)"]]  # fmt: skip
+
+
+def test_stop_before_the_first_token_cancels_the_generation(page: Any, thinking: tuple[Served, FakeUpstream]) -> None:
+    served, upstream = thinking
+    page.goto(served.url + "/")
+    page.select_option("#backend", "openai")
+    since = len(upstream.seen)
+    page.click("#send")
+    assert upstream.wait_for(lambda: len(upstream.seen) > since, 10)  # the upstream is thinking
+    page.click("#stop")
+    page.wait_for_function("document.getElementById('finish').textContent === 'cancelled'")
+    assert page.text_content("#output") == "" and page.text_content("#error") == ""
+    seen = upstream.seen[since]
+    assert upstream.wait_for(lambda: seen.closed_by_client is not None, 10)  # the upstream request was closed
+    assert served.gateway.metrics.streams[("openai", "cancelled")] >= 1 and served.gateway.metrics.active == 0
+
+
+def test_a_refused_stream_shows_the_servers_own_message(page: Any, thinking: tuple[Served, FakeUpstream]) -> None:
+    served, _ = thinking
+    with httpx.Client(timeout=10) as client, client.stream("GET", served.url + "/chat/stream?prompt=hold") as held:
+        assert held.status_code == 200 and served.gateway.metrics.active == 1  # the one slot is taken
+        page.goto(served.url + "/")
+        page.click("#send")
+        page.wait_for_function("document.getElementById('error').textContent !== ''")
+        assert page.text_content("#error").startswith("overloaded: ")
+        assert "at its limit of 1 streams" in page.text_content("#error")
+        assert page.text_content("#finish") == "-" and page.is_enabled("#send")
+        assert served.gateway.metrics.active == 1  # asking again for the message started nothing
 
 
 def test_an_error_event_is_shown_on_the_page(page: Any, gateway: Served) -> None:
@@ -191,9 +244,10 @@ def _close(sock: socket.socket) -> None:
 
 
 COLLECT = """(url) => new Promise((resolve) => {
-    const result = {tokens: [], ids: [], opens: 0, errors: 0};
+    const result = {tokens: [], ids: [], opens: 0, errors: 0, openings: []};
     const source = new EventSource(url);
     source.onopen = () => { result.opens += 1; };
+    source.addEventListener("stream", (e) => { result.openings.push(e.lastEventId); });
     source.addEventListener("token", (e) => { result.tokens.push(e.data); result.ids.push(e.lastEventId); });
     source.addEventListener("done", (e) => { result.done = e.data; source.close(); resolve(result); });
     source.addEventListener("error", (e) => {
@@ -222,3 +276,4 @@ def test_eventsource_resumes_a_cut_stream_with_nothing_missing_and_nothing_twice
     positions = [int(i.rsplit(".", 1)[1]) for i in result["ids"]]
     assert positions == list(range(1, len(words) + 1))  # every event once, in order
     assert len({i.rsplit(".", 1)[0] for i in result["ids"]}) == 1  # one generation, not a restart
+    assert result["openings"] == [result["ids"][0].rsplit(".", 1)[0] + ".0"]  # opened once: no reconnect moved the id back

@@ -42,8 +42,8 @@ def test_every_setting_is_read() -> None:
         "CONNECT_TIMEOUT_SECONDS": "1.5", "FIRST_TOKEN_TIMEOUT_SECONDS": "2", "IDLE_TIMEOUT_SECONDS": "3",
         "TOTAL_TIMEOUT_SECONDS": "4", "HEARTBEAT_SECONDS": " 0.5 ", "RESUME_GRACE_SECONDS": "0", "RESUME_TTL_SECONDS": "0",
         "USAGE_DB": " /tmp/x.db ", "BODY_TIMEOUT_SECONDS": "11", "SEND_TIMEOUT_SECONDS": "12", "STREAM_BUFFER_BYTES": "1024",
-        "ECHO_DELAY_SECONDS": "0.25", "LOG_LEVEL": " warning ", "OWNER_LEASE_SECONDS": "3",
-        "REDIS_URL": " redis://:pw@h:1/2 ",
+        "ECHO_DELAY_SECONDS": "0.25", "LOG_LEVEL": " warning ",
+        "OWNER_LEASE_SECONDS": "3", "REDIS_URL": " redis://:pw@h:1/2 ",
     })  # fmt: skip
     assert config == Config(
         upstreams=config.upstreams, default_backend="echo", default_model="m", max_tokens=5, max_tokens_limit=6,

@@ -59,7 +59,7 @@ NUMERIC_FIELDS = ["max_tokens", "temperature"]
 
 
 def check_parsed(request: ChatRequest) -> None:
-    """A request that passed validation satisfies every rule of DESIGN.md."""
+    """A request that passed validation satisfies every rule of docs/design.md."""
     assert request.messages and all(set(m) == {"role", "content"} for m in request.messages)
     assert all(m["role"] in ROLES and isinstance(m["content"], str) for m in request.messages)
     assert request.backend in CONFIG.upstreams

@@ -147,6 +147,11 @@ def post_json(body: Any) -> dict[str, Any]:
     return {"headers": [("content-type", "application/json")], "pieces": [orjson.dumps(body)]}
 
 
+def opening(stream_id: str) -> bytes:
+    """A new stream's first body message: the retry line and the `stream` event."""
+    return FIRST_CHUNK + b"event: stream\nid: %b.0\ndata: %b\n\n" % (stream_id.encode(), stream_id.encode())
+
+
 def sse_events(body: bytes) -> list[tuple[str, str, str]]:
     response = httpx.Response(200, headers={"content-type": "text/event-stream; charset=utf-8"}, content=body)
     return [(e.event, e.data, e.id) for e in EventSource(response).iter_sse()]
@@ -165,7 +170,8 @@ async def test_echo_streams_the_message_back_exactly_then_usage_then_done() -> N
     stream_id = ex.headers["x-stream-id"]
     assert ex.headers["content-type"] == "text/event-stream; charset=utf-8"
     assert (ex.headers["cache-control"], ex.headers["x-accel-buffering"]) == ("no-cache", "no")
-    events = sse_events(ex.body)
+    opening, *events = sse_events(ex.body)
+    assert opening == ("stream", stream_id, f"{stream_id}.0")  # the id before any token
     names = [name for name, _, _ in events]
     tokens = [data for name, data, _ in events if name == "token"]
     assert "".join(tokens) == MESSAGE and tokens == echo_tokens(MESSAGE) and len(tokens) > 5
@@ -191,7 +197,7 @@ async def test_echo_stops_at_max_tokens_with_finish_reason_length() -> None:
 async def test_echo_of_a_conversation_without_a_user_message_sends_no_tokens() -> None:
     app = Gateway(ENV)
     ex = await request(app, "POST", "/chat/stream", **post_json([{"role": "system", "content": "x"}]))
-    assert [name for name, _, _ in sse_events(ex.body)] == ["usage", "done"]
+    assert [name for name, _, _ in sse_events(ex.body)] == ["stream", "usage", "done"]
     await app.aclose()
 
 
@@ -200,7 +206,7 @@ async def test_the_first_body_message_follows_the_headers_before_any_token() -> 
     async with exchange(app, "GET", "/chat/stream", "prompt=hi") as ex:
         start = await ex.next()
         assert (start["type"], start["status"]) == ("http.response.start", 200)
-        assert await ex.next_body() == FIRST_CHUNK
+        assert await ex.next_body() == opening(ex.headers["x-stream-id"])
     await app.aclose()
 
 
@@ -208,7 +214,7 @@ async def test_heartbeats_are_sent_after_silence_also_before_the_first_token() -
     app = Gateway({**ENV, "ECHO_DELAY_SECONDS": "30", "HEARTBEAT_SECONDS": "0.02"})
     async with exchange(app, "GET", "/chat/stream", "prompt=hi") as ex:
         await ex.next()
-        assert await ex.next_body() == FIRST_CHUNK
+        assert await ex.next_body() == opening(ex.headers["x-stream-id"])
         assert [await ex.next_body() for _ in range(3)] == [HEARTBEAT] * 3
     assert app.metrics.streams == {("echo", "cancelled"): 1}
     await app.aclose()
@@ -409,6 +415,25 @@ async def test_metrics_are_in_prometheus_text_format_and_count_streams() -> None
     await app.aclose()
 
 
+async def test_backends_lists_the_configured_backends_with_their_default_models() -> None:
+    app = Gateway({**ENV, "ANTHROPIC_API_KEY": "sk-ant", "OLLAMA_BASE_URL": "http://ollama.example", "DEFAULT_MODEL": "claude-x"})
+    ex = await request(app, "GET", "/backends")
+    assert (ex.status, ex.headers["content-type"]) == (200, "application/json")
+    assert orjson.loads(ex.body) == {"default_backend": "anthropic", "backends": [
+        {"name": "echo", "default_model": "echo"}, {"name": "anthropic", "default_model": "claude-x"},
+        {"name": "ollama", "default_model": "llama3.2"},
+    ]}  # fmt: skip
+    await app.aclose()
+
+
+async def test_backends_needs_a_key_when_keys_are_set() -> None:
+    app = Gateway({**ENV, "API_KEYS": "alice:key-a"})
+    assert (await request(app, "GET", "/backends")).status == 401
+    ex = await request(app, "GET", "/backends", headers=[("authorization", "Bearer key-a")])
+    assert ex.status == 200 and orjson.loads(ex.body)["default_backend"] == "echo"
+    await app.aclose()
+
+
 async def test_the_index_page_is_html() -> None:
     ex = await request(Gateway(ENV), "GET", "/")
     assert (ex.status, ex.headers["content-type"]) == (200, "text/html; charset=utf-8")
@@ -425,7 +450,7 @@ def tokens_of(body: bytes) -> str:
 
 def ending_of(body: bytes) -> tuple[list[str], dict[str, Any] | None, str]:
     """(event names after the tokens, the error object or None, the done reason)."""
-    events = [(name, data) for name, data, _ in sse_events(body) if name != "token"]
+    events = [(name, data) for name, data, _ in sse_events(body) if name not in ("stream", "token")]
     error = next((orjson.loads(data) for name, data in events if name == "error"), None)
     return [name for name, _ in events], error, events[-1][1]
 
@@ -461,7 +486,7 @@ def raising_provider(exc: BaseException, tokens: int = 1) -> Any:
 
 
 @pytest.mark.parametrize(("exc", "error_type", "message"), [
-    (httpx.ReadTimeout("x"), "timeout", "idle deadline: the upstream sent nothing for 60 s"),
+    (httpx.ReadTimeout("x"), "timeout", "upstream ReadTimeout"),  # none is set: the idle deadline is a cancel scope
     (httpx.ConnectTimeout("x"), "timeout", "connect deadline: no connection within 10 s"),
     (httpx.PoolTimeout("x"), "timeout", "upstream PoolTimeout"),
     (httpx.WriteTimeout("x"), "timeout", "upstream WriteTimeout"),

@@ -75,7 +75,7 @@ def test_cut_connections_resume_losslessly_with_one_upstream_request() -> None:
             assert tokens_of(events) == "".join(words)
             assert connections > 3
             ids = [int(i.rsplit(".", 1)[1]) for _, _, i in events]
-            assert ids == list(range(1, len(ids) + 1))  # nothing missing, nothing twice
+            assert ids == list(range(len(ids)))  # the opening `stream` event (0) once, then nothing missing, nothing twice
             assert [e for e, _, _ in events][-2:] == ["usage", "done"]
         assert len(upstream.seen) == 4  # one upstream request per stream, whatever the cuts
 
@@ -87,6 +87,18 @@ def test_resume_after_the_stream_finished_replays_the_rest() -> None:
         rest = stream("GET", gw.url + "/chat/stream", headers={"Last-Event-ID": third_id})
         assert rest.events == whole.events[3:]
         assert rest.headers["x-stream-id"] == whole.headers["x-stream-id"]
+
+
+def test_resume_from_the_opening_event_replays_everything_and_never_reopens() -> None:
+    """A client that saw only the opening `stream` event (id <stream>.0)
+    resumes from position 0; the resumed response sends no second opening,
+    whose id would move the browser's Last-Event-ID back."""
+    with serve({"RESUME_GRACE_SECONDS": "5"}) as gw:
+        whole = stream("POST", gw.url + "/chat/stream", json=BODY)
+        assert whole.opened is not None
+        rest = stream("GET", gw.url + "/chat/stream", headers={"Last-Event-ID": whole.opened[1]})
+        assert rest.status == 200 and rest.opened is None
+        assert rest.events == whole.events and rest.text == WORDS
 
 
 @pytest.mark.parametrize("last_id", ["nonsense", "", "abc.1", "{sid}.999", "{sid}.x", "{sid}", "{sid}.-1", "{sid}.{last}"])
@@ -123,7 +135,7 @@ def test_delete_cancels_at_once_despite_the_resume_grace() -> None:
     env = {"OPENAI_API_KEY": "k", "RESUME_GRACE_SECONDS": "30"}
     with FakeUpstream(lambda seen: slow) as upstream, serve({**env, "OPENAI_BASE_URL": upstream.url}) as gw:
         with httpx.Client(timeout=10) as client, client.stream("POST", gw.url + "/chat/stream", json=BODY) as response:
-            read_events(response, 3)
+            read_events(response, 4)  # the opening `stream` event and 3 tokens
             sid = response.headers["x-stream-id"]
             asked = time.monotonic()
             assert client.delete(f"{gw.url}/chat/stream/{sid}").status_code == 204
@@ -167,11 +179,11 @@ def test_stream_limits_answer_503_and_429_with_retry_after_and_free_the_slot_at_
             httpx.Client(timeout=10) as client:
         a, b = {"Authorization": "Bearer key-a"}, {"Authorization": "Bearer key-b"}
         with client.stream("POST", gw.url + "/chat/stream", json=BODY, headers=a) as first:
-            read_events(first, 1)
+            read_events(first, 2)  # the opening `stream` event and a token: its upstream request is made
             second_a = client.post(gw.url + "/chat/stream", json=BODY, headers=a)
             assert second_a.status_code == 429 and second_a.headers["retry-after"]
             with client.stream("POST", gw.url + "/chat/stream", json=BODY, headers=b) as second:
-                read_events(second, 1)
+                read_events(second, 2)
                 third = client.post(gw.url + "/chat/stream", json=BODY, headers=b)
                 assert third.status_code == 503 and third.headers["retry-after"]
                 assert json.loads(third.content)["error"]["type"] == "overloaded"
@@ -211,7 +223,7 @@ def test_every_ending_writes_one_ledger_row_that_survives_a_restart(tmp_path: Pa
             httpx.Client(timeout=10, headers={"Authorization": "Bearer key-a"}) as client:
         ok = stream("POST", gw.url + "/chat/stream", json=BODY, headers={"Authorization": "Bearer key-a"})
         with client.stream("POST", gw.url + "/chat/stream", json=BODY) as response:
-            read_events(response, 3)
+            read_events(response, 4)  # the opening `stream` event and 3 tokens
         assert upstream.wait_for(lambda: gw.gateway.metrics.active == 0, 5)
         no_usage = stream("POST", gw.url + "/chat/stream", json=BODY, headers={"Authorization": "Bearer key-a"})
         echo = stream("GET", gw.url + "/chat/stream?backend=echo&prompt=one+two&access_token=key-a")

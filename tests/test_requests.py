@@ -1,5 +1,5 @@
 """Start-stream requests as pure functions: `parse_chat_request` for the three
-request forms and every validation rule of DESIGN.md "Start a stream", and
+request forms and every validation rule of docs/design.md "Start a stream", and
 the body reader (`read_body`, `is_json_media_type`)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Retries before the first token (DESIGN.md, Retries): connection failures,
+"""Retries before the first token (docs/design.md, Retries): connection failures,
 429 and 5xx answers, and Anthropic's overloaded_error before any text are
 tried again, up to 3 attempts, with backoff honouring Retry-After (capped),
 never past the first-token deadline and never after a token was sent."""

@@ -136,7 +136,7 @@ def test_heartbeats_flow_while_the_upstream_is_silent(served: Process) -> None:
 def test_last_event_id_replays_a_running_stream_and_follows_it(served: Process) -> None:
     with open_stream(served.url, post_request("/chat/stream", openai_body("slow"))) as first:
         head = read_until(first, lambda got: body_of(got).count(b"event: token") >= 4)
-        stream_id, third = re.findall(rb"id: ([\w-]+)\.(\d+)", body_of(head))[2]
+        stream_id, third = re.findall(rb"id: ([\w-]+)\.(\d+)", body_of(head))[3]  # [0]: the opening `stream` event
         assert third == b"3"
         with (
             httpx.Client(timeout=10) as client,

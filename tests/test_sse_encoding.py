@@ -1,6 +1,6 @@
 """SSE framing: `encode_event` and the stream record, checked against two
 independent parsers (httpx-sse in process, npm eventsource-parser@4 through
-Node) and against the event-stream contract of DESIGN.md.
+Node) and against the event-stream contract of docs/design.md.
 
 Policy stated here: data is sent as UTF-8; a lone surrogate (possible from a
 JSON `\\ud800` escape) cannot be UTF-8 and is sent as `?`. CR, LF and CRLF in

@@ -1,6 +1,7 @@
 """The per-stream log line reaches the output whatever server runs the app:
-the real uvicorn command line, and `python -m asgi_stream`, each exactly
-once per stream; `LOG_LEVEL` can silence it."""
+the real uvicorn command line as an operator types it, `python -m
+asgi_stream`, hypercorn, granian and daphne, each exactly once per stream;
+`LOG_LEVEL` can silence it."""
 
 from __future__ import annotations
 
@@ -10,13 +11,15 @@ import orjson
 import pytest
 
 from tests.conftest import stream
-from tests.servers import run_server
+from tests.servers import SERVERS, run_server
 
 UVICORN_CLI = "-m uvicorn asgi_stream:app --host 127.0.0.1 --port {port} --timeout-graceful-shutdown 2".split()
 
 
 def stream_end_lines(output: str) -> list[dict[str, object]]:
-    lines = [orjson.loads(line) for line in output.splitlines() if line.startswith("{") and '"stream_end"' in line]
+    """The stream_end objects logged; a host that configured logging (daphne)
+    may put its own prefix before each."""
+    lines = [orjson.loads(line[line.index("{"):]) for line in output.splitlines() if '"stream_end"' in line]
     return [line for line in lines if line["event"] == "stream_end"]
 
 
@@ -28,7 +31,10 @@ def stream_once(command: list[str], env: dict[str, str], tmp_path: Path) -> str:
     return served.log.read_text(errors="replace")
 
 
-@pytest.mark.parametrize("command", [UVICORN_CLI, ["-m", "asgi_stream"]], ids=["uvicorn-cli", "python-m"])
+COMMANDS = {"uvicorn-cli": UVICORN_CLI, "python-m": ["-m", "asgi_stream"], **{name: SERVERS[name] for name in SERVERS if name != "uvicorn"}}
+
+
+@pytest.mark.parametrize("command", COMMANDS.values(), ids=COMMANDS.keys())
 def test_one_json_line_per_stream_reaches_the_output(command: list[str], tmp_path: Path) -> None:
     output = stream_once(command, {"PORT": "{port}"}, tmp_path)
     (line,) = stream_end_lines(output)  # exactly one: not dropped, not printed twice
