@@ -187,9 +187,6 @@ def load_config(env: Mapping[str, str]) -> Config:
     level = env.get("LOG_LEVEL", "").strip().upper() or "INFO"
     if level not in LOG_LEVELS:
         raise ConfigError(f"LOG_LEVEL={env['LOG_LEVEL']!r} is not one of {', '.join(LOG_LEVELS)}")
-    redis_url = env.get("REDIS_URL", "").strip()
-    if redis_url and not redis_url.startswith(("redis://", "rediss://", "unix://")):
-        raise ConfigError(f"REDIS_URL must start with redis://, rediss:// or unix:// (got {redis_url.partition(':')[0][:20]!r}...)")
     usage_db = env.get("USAGE_DB", "usage.db").strip()
     if problem := target_problem(usage_db):
         raise ConfigError(f"USAGE_DB {problem}")
