@@ -60,7 +60,9 @@ def record_for(key_name: str | None) -> StreamRecord:
 
 
 async def test_a_burst_of_admissions_over_several_gateways_takes_exactly_the_limits(redis_server: RedisServer) -> None:
-    env = {"REDIS_URL": redis_server.url, "MAX_STREAMS": "7", "MAX_STREAMS_PER_KEY": "3", "API_KEYS": "a:ka,b:kb,c:kc"}
+    # a long lease: this is about the check-and-take alone, not leases lapsing on a starved machine
+    env = {"REDIS_URL": redis_server.url, "MAX_STREAMS": "7", "MAX_STREAMS_PER_KEY": "3", "API_KEYS": "a:ka,b:kb,c:kc",
+           "OWNER_LEASE_SECONDS": "120"}
     async with running(env) as one, running(env) as two, running(env) as three:
         outcomes: list[tuple[str, str]] = []
 
