@@ -131,7 +131,7 @@ class Probed:
         """Upstream requests the gateway sent (each retry is one)."""
         return len(self.hooks_seen)
 
-    def nothing_left(self, timeout: float = 5.0) -> Alive:
+    def nothing_left(self, timeout: float = 30.0) -> Alive:
         return assert_nothing_left(self.served, self.baseline_tasks, timeout)
 
 

@@ -138,10 +138,10 @@ def test_a_disconnect_storm_closes_every_upstream_and_leaves_nothing_behind(upst
     env = {"OPENAI_API_KEY": KEY, "OPENAI_BASE_URL": upstream.url + "/v1", "USAGE_DB": str(db)}
     with serve_probed(env) as gw:
         asyncio.run(_storm(gw.url, STORM))
-        assert upstream.wait_for(lambda: upstream.open_connections == 0, 10), f"{upstream.open_connections} upstreams still open"
+        assert upstream.wait_for(lambda: upstream.open_connections == 0, 30), f"{upstream.open_connections} upstreams still open"
         assert len(upstream.seen) == STORM
         assert all(seen.closed_by_client is not None and not seen.completed for seen in upstream.seen)
-        gw.nothing_left(10)
+        gw.nothing_left(60)
         ok = httpx.post(
             gw.url + "/chat/stream", json={"messages": [{"role": "user", "content": "after"}], "backend": "echo"}, timeout=5
         )
@@ -181,7 +181,7 @@ def test_a_client_that_stops_reading_is_dropped_and_its_stream_memory_stays_boun
 
             assert wait_until(ended, 10)
             took = time.monotonic() - started
-            assert upstream.wait_for(lambda: upstream.open_connections == 0, 3)
+            assert upstream.wait_for(lambda: upstream.open_connections == 0, 30)
             assert upstream.bytes_sent > 20 * buffer_limit  # the generation ran on while the client stalled...
             assert max(held) <= buffer_limit + 4096  # ...yet the stream held at most its buffer (plus one event)
             assert 0.5 <= took < 5  # ended by SEND_TIMEOUT_SECONDS, not by anything sooner
@@ -503,10 +503,10 @@ def test_a_storm_over_the_stream_limit_gets_503_for_the_excess_and_frees_every_s
         statuses = [status for status, _ in answers]
         assert statuses.count(200) >= 40 and set(statuses) <= {200, 503}
         assert all(b"retry-after: 1" in head.lower() for status, head in answers if status == 503)
-        gw.nothing_left(10)
+        gw.nothing_left(60)
         again = asyncio.run(_status_storm(gw.url, 40))  # every slot came back
         assert [status for status, _ in again] == [200] * 40
-        gw.nothing_left(10)
+        gw.nothing_left(60)
     assert len(usage_rows(db)) == statuses.count(200) + 40  # one row per admitted stream, none for refusals
 
 
@@ -537,7 +537,7 @@ def test_a_resume_storm_then_everyone_leaving_cancels_the_generation_after_the_g
 
         asyncio.run(storm())
         left_at = time.monotonic()
-        assert upstream.wait_for(lambda: upstream.open_connections == 0, 5)
+        assert upstream.wait_for(lambda: upstream.open_connections == 0, 30)
         assert time.monotonic() - left_at >= 0.25  # the grace was honoured, then the upstream closed
         assert len(upstream.seen) == 1  # sixty resumes started no generation
         gw.nothing_left()
