@@ -82,7 +82,7 @@ def probe(served: Served) -> Alive:
     return asyncio.run_coroutine_threadsafe(_probe(served), loop).result(5)
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
+def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> bool:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:

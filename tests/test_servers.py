@@ -185,7 +185,7 @@ def test_a_client_that_leaves_cancels_the_upstream_request(served: Process, upst
     closed_at = time.monotonic()
     seen = seen_for(upstream, "slow", since)
     assert upstream.wait_for(lambda: seen.closed_by_client is not None, 30), "the upstream request was never closed"
-    assert seen.closed_by_client is not None and seen.closed_by_client - closed_at < 2
+    assert seen.closed_by_client is not None and seen.closed_by_client - closed_at < 10  # long before the 20 s reply ends
     assert not seen.completed
 
 
