@@ -82,7 +82,7 @@ def probe(served: Served) -> Alive:
     return asyncio.run_coroutine_threadsafe(_probe(served), loop).result(5)
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
+def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> bool:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
@@ -131,7 +131,7 @@ class Probed:
         """Upstream requests the gateway sent (each retry is one)."""
         return len(self.hooks_seen)
 
-    def nothing_left(self, timeout: float = 5.0) -> Alive:
+    def nothing_left(self, timeout: float = 30.0) -> Alive:
         return assert_nothing_left(self.served, self.baseline_tasks, timeout)
 
 

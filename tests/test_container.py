@@ -241,10 +241,12 @@ def server_pid(root: int) -> int:
                 children.add(pid)
     for pid in children - {root}:
         try:
-            if b"uvicorn" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                return pid
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
+        # the server itself (`python …/uvicorn asgi_stream:app`), not a buildah process whose arguments name it
+        if Path(argv[0].decode()).name.startswith(("python", "uvicorn")) and b"asgi_stream:app" in argv:
+            return pid
     raise AssertionError(f"no uvicorn process under {root}")
 
 

@@ -85,7 +85,7 @@ async def test_upstream_fault_on_trio_ends_as_on_asyncio(name: str, tmp_path: Pa
             assert fault.not_before <= elapsed < fault.within + SLACK, f"done after {elapsed:.2f} s"
             assert len(attempts) == fault.attempts
             if fault.hangup:
-                assert upstream.wait_for(lambda: upstream.open_connections == 0, 3)
+                assert upstream.wait_for(lambda: upstream.open_connections == 0, 30)
 
             ok_body: dict[str, Any] = {"messages": [{"role": "user", "content": OK_PROMPT}]}
             if fault.address != "fake":

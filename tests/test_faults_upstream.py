@@ -320,7 +320,7 @@ def test_upstream_fault_ends_the_stream_with_an_error_and_leaves_nothing_behind(
             assert fault.not_before <= elapsed < fault.within + SLACK, f"done after {elapsed:.2f} s"
             assert gw.attempts() == fault.attempts
             if fault.hangup:
-                assert upstream.wait_for(lambda: upstream.open_connections == 0, 3), "the upstream connection stayed open"
+                assert upstream.wait_for(lambda: upstream.open_connections == 0, 30), "the upstream connection stayed open"
             fault_stream = result.headers["x-stream-id"]
             gw.nothing_left()
 

@@ -118,6 +118,26 @@ def test_any_json_body_parses_to_a_valid_request_or_a_400_naming_the_field(body:
     parse_or_refusal("POST", {}, orjson.dumps(body))
 
 
+# Valid messages and a few optional fields near and past their limits, so that
+# most refusals come from the optional fields (the broad fuzzers above mostly
+# stop at `messages`).
+optional_fields = st.fixed_dictionaries(
+    {"messages": valid_messages},
+    optional={
+        "backend": st.sampled_from([*BACKENDS, "echo", "ECHO", "ollama"]),
+        "model": st.one_of(model_names, st.sampled_from(["-x", "a b", "x" * 300])),
+        "max_tokens": st.integers(-5, 5000) | st.sampled_from([0, 4096, 4097, 2**63 - 1]),
+        "temperature": st.floats(-1, 3) | st.sampled_from([0, 2, 2.0001, -0.0001]),
+    },
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(optional_fields)
+def test_a_refusal_of_an_optional_field_names_the_field_whose_removal_lifts_it(body: dict[str, Any]) -> None:
+    parse_or_refusal("POST", {}, orjson.dumps(body))
+
+
 @settings(max_examples=500, deadline=None)
 @given(st.binary(max_size=200))
 def test_any_bytes_as_a_body_parse_or_get_a_400(body: bytes) -> None:
@@ -131,7 +151,7 @@ def test_any_bytes_as_a_body_parse_or_get_a_400(body: bytes) -> None:
 long_digits = st.builds(
     lambda digit, count, tail, prefix, suffix: prefix + digit * count + tail + suffix,
     st.sampled_from("0123456789"),
-    st.integers(15, 6000),
+    st.sampled_from([15, 19, 20, 21, 40, 300, 4299, 4300, 4301, 5000]) | st.integers(15, 6000),  # the limits here and in int()
     st.text("0123456789", max_size=5),
     st.sampled_from(["", "", "-", "0", "+"]),
     st.sampled_from(["", "", ".5", "e3", "e-400"]),

@@ -67,7 +67,7 @@ def openai_body(prompt: str) -> bytes:
 
 
 def seen_for(upstream: FakeUpstream, prompt: str, since: int) -> Seen:
-    assert upstream.wait_for(lambda: any(s.json["messages"][-1]["content"] == prompt for s in upstream.seen[since:]), 5)
+    assert upstream.wait_for(lambda: any(s.json["messages"][-1]["content"] == prompt for s in upstream.seen[since:]), 30)
     return next(s for s in upstream.seen[since:] if s.json["messages"][-1]["content"] == prompt)
 
 
@@ -184,8 +184,8 @@ def test_a_client_that_leaves_cancels_the_upstream_request(served: Process, upst
         read_until(sock, lambda got: got.count(b"event: token") >= 3)
     closed_at = time.monotonic()
     seen = seen_for(upstream, "slow", since)
-    assert upstream.wait_for(lambda: seen.closed_by_client is not None, 5), "the upstream request was never closed"
-    assert seen.closed_by_client is not None and seen.closed_by_client - closed_at < 2
+    assert upstream.wait_for(lambda: seen.closed_by_client is not None, 30), "the upstream request was never closed"
+    assert seen.closed_by_client is not None and seen.closed_by_client - closed_at < 10  # long before the 20 s reply ends
     assert not seen.completed
 
 
@@ -206,7 +206,7 @@ def test_a_client_that_stops_reading_is_dropped_where_send_can_be_timed_out(serv
             assert not dropped
         else:
             assert dropped, "the stalled client was never dropped"
-    assert upstream.wait_for(lambda: seen.closed_by_client is not None, 5)  # leaving always cancels
+    assert upstream.wait_for(lambda: seen.closed_by_client is not None, 30)  # leaving always cancels
 
 
 def test_delete_stops_a_running_generation_with_done_cancelled(served: Process) -> None:
@@ -281,5 +281,5 @@ def test_daphne_cuts_the_resume_grace_at_its_application_close_timeout(upstream:
             read_until(sock, lambda got: got.count(b"event: token") >= 2)
         left = time.monotonic()
         seen = seen_for(upstream, "slow", since)
-        assert upstream.wait_for(lambda: seen.closed_by_client is not None, 8)
+        assert upstream.wait_for(lambda: seen.closed_by_client is not None, 30)
     assert seen.closed_by_client is not None and 0.5 < seen.closed_by_client - left < 4  # not the 30 s grace

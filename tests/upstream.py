@@ -117,7 +117,7 @@ class FakeUpstream:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._server.wait_closed()
 
-    def wait_for(self, condition: Callable[[], bool], timeout: float = 5.0) -> bool:
+    def wait_for(self, condition: Callable[[], bool], timeout: float = 30.0) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if condition():
