@@ -466,11 +466,12 @@ async def test_no_first_token_within_the_deadline_ends_the_stream_with_a_timeout
 
 
 async def test_a_generation_past_the_total_deadline_ends_with_a_timeout_error_and_estimated_usage() -> None:
-    app = Gateway({**ENV, "ECHO_DELAY_SECONDS": "0.005", "TOTAL_TIMEOUT_SECONDS": "0.2"})
+    # 5000 tokens take 25 s; 2 s lets even a slow machine send some before the deadline
+    app = Gateway({**ENV, "ECHO_DELAY_SECONDS": "0.005", "TOTAL_TIMEOUT_SECONDS": "2"})
     ex = await request(app, "GET", "/chat/stream", "prompt=" + "+".join(["w"] * 5000))
     names, error, reason = ending_of(ex.body)
     assert (names, reason) == (["usage", "error", "done"], "error")
-    assert error == {"type": "timeout", "message": "total deadline: the generation ran past 0.2 s"}
+    assert error == {"type": "timeout", "message": "total deadline: the generation ran past 2 s"}
     usage = orjson.loads(next(d for n, d, _ in sse_events(ex.body) if n == "usage"))
     assert usage["estimated"] is True and 0 < usage["completion_tokens"] < 5000
     await app.aclose()
