@@ -144,9 +144,9 @@ def test_a_v1_stream_streams_through_the_sdk_and_keeps_its_events_out_of_redis(r
 
 
 def test_a_v1_slot_lease_is_renewed_while_it_runs_and_lapses_with_its_dead_owner(redis_server: RedisServer) -> None:
-    with replicas(redis_server, MAX_STREAMS="1", OWNER_LEASE_SECONDS="1") as (_, (one, two)):
+    with replicas(redis_server, MAX_STREAMS="1", OWNER_LEASE_SECONDS="2") as (_, (one, two)):
         with held(one):
-            time.sleep(3.5)  # past three leases: only the renewal keeps the slot
+            time.sleep(5)  # past two leases: only the renewal keeps the slot
             assert refused_as(v1_start(two), 503, "overloaded", openai_shape=True)
             one.gateway.store.owned.clear()  # type: ignore[attr-defined] - the owner as Redis sees a dead one: no renewal
             assert eventually(lambda: v1_start(two).status_code == 200)
