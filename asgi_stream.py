@@ -678,6 +678,16 @@ class Gateway:
         else:
             del self.metrics.active_by_key[key_name]
 
+    async def hold(self, record: StreamRecord) -> None:
+        """Take a slot for a new stream: this process's, then the store's (shared across replicas with REDIS_URL)."""
+        self.admit(record.key_name)
+        try:
+            await self.store.hold(record)
+        except Refused:
+            self.release(record.key_name)
+            self.unaccounted -= 1
+            raise
+
     # --- starting, resuming and cancelling streams
 
     async def start_stream(
@@ -690,14 +700,8 @@ class Gateway:
                 raise HTTPError(415, "unsupported_media_type", "POST bodies must be application/json")
             body = await read_body(receive, headers, cfg)
         request = parse_chat_request(scope["method"], query, body, cfg)
-        self.admit(key_name)
         record = StreamRecord(secrets.token_urlsafe(16), key_name, request, cfg.stream_buffer_bytes)
-        try:
-            await self.store.hold(record)
-        except Refused:
-            self.release(key_name)
-            self.unaccounted -= 1
-            raise
+        await self.hold(record)
         backend = BACKENDS[request.backend]
         # Spawned tasks always run to their first checkpoint (even when cancelled at
         # once), and generate() takes ownership of the stream's ending before that.

@@ -301,6 +301,7 @@ class CompletionRecord(StreamRecord):
     whole text, which the non-streaming answer needs anyway."""
 
     route = "v1/chat/completions"
+    resumable = False  # a store holds its slot only: no id to resume or cancel it by, so no events kept for others
 
     def __init__(self, key_name: str | None, completion: Completion):
         super().__init__(secrets.token_urlsafe(16), key_name, completion.request, 0)
@@ -365,8 +366,8 @@ async def serve(gateway: Gateway, backends: Mapping[str, Backend], path: str, sc
     if path == "/v1/models":
         return await send_json(send, 200, models_list(cfg, backends), gateway.cors_headers(scope))
     completion = parse_completion_request(body, cfg, backends)
-    gateway.admit(key_name)
     record = CompletionRecord(key_name, completion)
+    await gateway.hold(record)
     backend = completion.request.backend
     async with anyio.create_task_group() as tasks:
         tasks.start_soon(gateway.generate, record, backends[backend].stream, cfg.upstreams[backend])

@@ -25,7 +25,7 @@ class Store(Protocol):
 
     def running(self) -> AbstractAsyncContextManager[None]: ...  # from lifespan startup to shutdown
     def health(self) -> dict[str, Any]: ...  # added to /healthz's body
-    async def hold(self, record: StreamRecord) -> None: ...  # a new stream, owned here; may raise Refused
+    async def hold(self, record: StreamRecord) -> None: ...  # a new stream, owned here (only its slot unless resumable); may raise Refused
     async def find(self, stream_id: str, key_name: str | None, position: int) -> StreamRecord | None: ...  # to resume
     async def cancel(self, stream_id: str, key_name: str | None) -> bool: ...  # False: no running stream
     def readers(self, record: StreamRecord) -> int: ...  # on every replica

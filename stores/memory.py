@@ -32,6 +32,7 @@ class StreamRecord:
     """
 
     route = "chat/stream"  # the ledger's name for where the request came in
+    resumable = True  # stores make it findable by id (resume, DELETE); otherwise they only count its slot
 
     def __init__(self, stream_id: str, key_name: str | None, request: ChatRequest, max_bytes: int):
         self.id = stream_id
@@ -231,7 +232,8 @@ class MemoryStore:
         return {}
 
     async def hold(self, record: StreamRecord) -> None:
-        self.registry.add(record)
+        if record.resumable:
+            self.registry.add(record)
 
     async def find(self, stream_id: str, key_name: str | None, position: int) -> StreamRecord | None:
         return self.registry.get(stream_id, key_name)

@@ -33,8 +33,9 @@ log = logging.getLogger("asgi_stream")
 ORPHANS = PREFIX + "orphans"  # streams whose slot lease expired unfinished: their owner died
 
 # Check-and-take a stream slot, atomically for every replica, and describe
-# the stream (KEYS[4], ARGV[6] ms to live, then field/value pairs). Expired
-# leases are dropped first (and their streams handed to whoever ends orphans).
+# the stream (KEYS[4], ARGV[6] ms to live, then field/value pairs; none for a
+# stream that is not resumable). Expired leases are dropped first (and their
+# streams handed to whoever ends orphans).
 ADMIT = """
 local now = redis.call('TIME')
 now = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
@@ -48,8 +49,10 @@ if ARGV[5] == '1' then
   redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1])
   redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[2]) * 2)
 end
-redis.call('HSET', KEYS[4], unpack(ARGV, 7))
-redis.call('PEXPIRE', KEYS[4], ARGV[6])
+if #ARGV > 6 then
+  redis.call('HSET', KEYS[4], unpack(ARGV, 7))
+  redis.call('PEXPIRE', KEYS[4], ARGV[6])
+end
 return 0
 """
 # Renew the slot leases of a process's running streams (ARGV: lease ms, then
@@ -208,6 +211,8 @@ class RedisStore:
             "backend": record.request.backend, "model": record.request.model, "started": repr(record.started),
             "prompt_chars": sum(len(m["content"]) for m in record.request.messages), "count": 0, "first": 0, "tokens": 0,
         }  # fmt: skip
+        if not record.resumable:  # no meta: no other replica can find, follow or cancel it
+            meta = {}
         keys = [SLOTS, key_slots(record.key_name) or SLOTS, ORPHANS, meta_key(record.id)]
         args = [record.id, self.lease_ms, cfg.max_streams, cfg.max_streams_per_key, check_key,
                 self.lease_ms * 3 + self.ttl * 1000, *[item for pair in meta.items() for item in pair]]  # fmt: skip
@@ -227,9 +232,10 @@ class RedisStore:
             raise Refused(503, "overloaded", f"the service is at its limit of {cfg.max_streams} streams")
         if refused == 2:
             raise Refused(429, "rate_limited", f"this key is at its limit of {cfg.max_streams_per_key} streams")
-        self.registry.add(record)
-        self.owned[record.id] = (record, Owned())
-        record.on_append = self._appended
+        self.owned[record.id] = (record, Owned())  # its slot lease is renewed and released like any other
+        if record.resumable:
+            self.registry.add(record)
+            record.on_append = self._appended
 
     def _appended(self, record: StreamRecord) -> None:
         self.dirty.add(record.id)
@@ -273,6 +279,11 @@ class RedisStore:
                 record, owned = self.owned.get(stream_id, (None, None))
                 if record is None or owned is None:
                     continue
+                if not record.resumable:  # only its slot is in Redis: free it at done
+                    if record.finished:
+                        self._release_slot(pipe, record)
+                        done.append((record, owned, record.count, None))
+                    continue
                 events = record.events(owned.flushed)
                 if events is None:  # dropped before it was written: Redis drops it too
                     events = record.events(record.first) or []
@@ -284,9 +295,7 @@ class RedisStore:
                 done.append((record, owned, record.count, added))
                 if record.finished:
                     expiry = self.ttl * 1000
-                    pipe.zrem(SLOTS, [stream_id])
-                    if record.key_name is not None:
-                        pipe.zrem(key_slots(record.key_name), [stream_id])
+                    self._release_slot(pipe, record)
                 elif owned.flushed == 0:  # the first write makes the key; the renewal refreshes its expiry
                     expiry = self.lease_ms * 3 + self.ttl * 1000
                 else:
@@ -306,6 +315,11 @@ class RedisStore:
             owned.flushed, owned.first = count, record.first
             if record.finished and count == record.count:
                 del self.owned[record.id]
+
+    def _release_slot(self, pipe: Any, record: StreamRecord) -> None:
+        pipe.zrem(SLOTS, [record.id])
+        if record.key_name is not None:
+            pipe.zrem(key_slots(record.key_name), [record.id])
 
     async def _reconnect(self) -> None:
         """Until Redis answers again."""
@@ -327,13 +341,15 @@ class RedisStore:
             if client is None:
                 continue
             pairs: list[str] = []
+            kept: list[str] = []  # streams whose events and meta are in Redis
             for stream_id, (record, _) in self.owned.items():
                 if not record.finished:
                     pairs += [stream_id, key_slots(record.key_name)]
+                    kept += [stream_id] if record.resumable else []
             try:
                 async with client.pipeline(transaction=False) as pipe:
                     orphans = pipe.eval(RENEW, [SLOTS, ORPHANS], [self.lease_ms, *pairs])
-                    for renewed in pairs[::2]:
+                    for renewed in kept:
                         for key in (events_key(renewed), meta_key(renewed)):
                             pipe.pexpire(key, self.lease_ms * 3 + self.ttl * 1000)
                     self._announce_readers(pipe)
