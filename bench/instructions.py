@@ -7,8 +7,8 @@ zeroed after warm-up and dumped after each window. Needs valgrind.
     python bench/instructions.py --relay /work/shared/bench/apps/relay_app.py
 
 Windows: `start` = 40 sequential 1-token streams (instructions per request:
-the start path plus one token and the end); `spaced` = 1 stream of 400
-tokens 10 ms apart (a token per wake-up, as in fanout); `burst` = 1 stream
+the start path plus one token and the end); `spaced` = 1 stream of 300
+tokens 30 ms apart (a token per wake-up, as in fanout); `burst` = 1 stream
 of 4,000 tokens at full speed (throughput). Run it with the harness's venv
 (uvloop, httptools), e.g. ~/.cache/asgi-stream-bench/venv/bin/python.
 """
@@ -27,7 +27,7 @@ from pathlib import Path
 from loadgen import Stream, gateway_request, run_stream
 from run import ROOT, free_port, wait_for_port
 
-WINDOWS = {"start": (40, 1, 0), "spaced": (1, 400, 10), "burst": (1, 4000, 0)}  # streams (one after another), tokens, ms apart
+WINDOWS = {"start": (40, 1, 0), "spaced": (1, 300, 30), "burst": (1, 4000, 0)}  # streams (one after another), tokens, ms apart
 
 
 def instructions(pid: int, out: Path) -> int:
