@@ -34,7 +34,7 @@ import orjson
 import openai_api
 from ledger import UsageLedger, target_problem, usage_report
 from providers import ChatRequest, Final, Provider, Upstream, UpstreamError, anthropic, echo, gemini, make_usage, ollama, openai, retried
-from providers.idle import UPSTREAM_IDLE, IdleDeadline
+from providers.idle import UPSTREAM_IDLE, IdleDeadline, loop_clock
 from providers.lines import LineTooLong
 from sse import FIRST_CHUNK, HEARTBEAT
 from stores.memory import StreamRecord, StreamRegistry
@@ -849,7 +849,7 @@ class Gateway:
         record.readers += 1
         record.notify()
         cursor = [position]
-        pace = Pace(anyio.current_time())
+        pace = Pace(loop_clock())
         try:
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             await send({"type": "http.response.body", "body": opening, "more_body": True})
@@ -893,7 +893,7 @@ class Gateway:
             else:
                 await record.wait()
                 continue
-            pace.last_write, pace.sending, pace.beat = anyio.current_time(), True, False
+            pace.last_write, pace.sending, pace.beat = pace.clock(), True, False
             await send({"type": "http.response.body", "body": pending, "more_body": more_body})
             pace.sending = False
 
@@ -932,10 +932,11 @@ class Pace:
     something not yet done, and a writer woken by a token at every loop turn
     never is one; it then wrote on for nobody as long as tokens came."""
 
-    __slots__ = ("beat", "gone", "last_write", "sending")
+    __slots__ = ("beat", "clock", "gone", "last_write", "sending")
 
-    def __init__(self, now: float):
-        self.last_write, self.sending, self.beat, self.gone = now, False, False, False
+    def __init__(self, clock: Callable[[], float]):
+        self.clock = clock  # anyio's clock, looked up once: the writer reads it at every send
+        self.last_write, self.sending, self.beat, self.gone = clock(), False, False, False
 
 
 def _last_event_id(scope: Scope) -> str | None:
