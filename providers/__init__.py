@@ -241,6 +241,17 @@ async def open_stream(http: httpx.AsyncClient, url: str, body: dict[str, Any], h
         await response.aclose()
 
 
+def body_pieces(response: httpx.Response) -> AsyncIterator[bytes]:
+    """The response body read by read. Without a content encoding, httpx's raw
+    iterator: `aiter_bytes` would add one more generator and two pass-through
+    calls to every read, that is to every token (each is its own HTTP chunk).
+    A body already read (a test's mock response) only `aiter_bytes` replays."""
+    identity = response.headers.get("content-encoding", "identity").strip().lower() == "identity"
+    if identity and not response.is_stream_consumed:
+        return response.aiter_raw()
+    return response.aiter_bytes()
+
+
 def retried(provider: Provider) -> Provider:
     """`provider`, run again (up to MAX_ATTEMPTS in all, with backoff) while it
     fails retryably before its first chunk: a retry after a token would

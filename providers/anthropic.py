@@ -10,7 +10,19 @@ from typing import Any
 
 import httpx
 
-from . import ChatRequest, Chunk, Upstream, UpstreamError, field_of, final_for, json_object, make_usage, open_stream, split_system
+from . import (
+    ChatRequest,
+    Chunk,
+    Upstream,
+    UpstreamError,
+    body_pieces,
+    field_of,
+    final_for,
+    json_object,
+    make_usage,
+    open_stream,
+    split_system,
+)
 from .lines import ReadToEOF, SSEDecoder
 
 DEFAULT_MODEL = "claude-sonnet-4-20250514"
@@ -52,7 +64,7 @@ async def stream_anthropic(http: httpx.AsyncClient, upstream: Upstream, request:
     usage: dict[str, Any] | None = None  # only once message_delta brought the final counts
     final: Chunk | None = None  # read on to EOF once it is known
     async with open_stream(http, *build_request(upstream, request)) as response:
-        async for events in ReadToEOF(response.aiter_bytes(), decoder.feed, decoder.finish):
+        async for events in ReadToEOF(body_pieces(response), decoder.feed, decoder.finish):
             for event in events:
                 if event.event not in HANDLED or final:
                     continue  # ping, block starts and stops, event types added later (R5); the rest is read to EOF

@@ -11,7 +11,19 @@ from typing import Any
 import httpx
 import orjson
 
-from . import ChatRequest, Final, Upstream, UpstreamError, field_of, final_for, json_object, make_usage, open_stream, split_system
+from . import (
+    ChatRequest,
+    Final,
+    Upstream,
+    UpstreamError,
+    body_pieces,
+    field_of,
+    final_for,
+    json_object,
+    make_usage,
+    open_stream,
+    split_system,
+)
 from .lines import LineSplitter, ReadToEOF
 
 DEFAULT_MODEL = "gemini-2.0-flash"
@@ -83,7 +95,7 @@ async def stream_gemini(http: httpx.AsyncClient, upstream: Upstream, request: Ch
     raw = b""  # lines outside SSE that began with `{`: an error object spread over lines (python-genai reads them too)
     async with open_stream(http, *build_request(upstream, request)) as response:
         # at EOF, a blank line ends an unterminated last event
-        async for lines in ReadToEOF(response.aiter_bytes(), splitter.feed, lambda: [*splitter.finish(), b""]):
+        async for lines in ReadToEOF(body_pieces(response), splitter.feed, lambda: [*splitter.finish(), b""]):
             for line in lines:
                 if line.startswith(b"data:"):
                     data.append(line[6:] if line[5:6] == b" " else line[5:])

@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 
-from . import ChatRequest, Chunk, Upstream, UpstreamError, field_of, final_for, json_object, make_usage, open_stream
+from . import ChatRequest, Chunk, Upstream, UpstreamError, body_pieces, field_of, final_for, json_object, make_usage, open_stream
 from .lines import LineSplitter, ReadToEOF, split_ndjson
 
 DEFAULT_MODEL = "llama3.2"
@@ -35,7 +35,7 @@ async def stream_ollama(http: httpx.AsyncClient, upstream: Upstream, request: Ch
     splitter = LineSplitter()
     final: Chunk | None = None  # read on to EOF once it is known
     async with open_stream(http, *build_request(upstream, request)) as response:
-        async for lines in ReadToEOF(response.aiter_bytes(), partial(split_ndjson, splitter), partial(split_ndjson, splitter, None)):
+        async for lines in ReadToEOF(body_pieces(response), partial(split_ndjson, splitter), partial(split_ndjson, splitter, None)):
             for line in lines:
                 if final:
                     continue  # after the done line: read to EOF, ignore

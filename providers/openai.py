@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import orjson
 
-from . import ChatRequest, Chunk, Final, Upstream, UpstreamError, final_for, make_usage, open_stream, protocol_error
+from . import ChatRequest, Chunk, Final, Upstream, UpstreamError, body_pieces, final_for, make_usage, open_stream, protocol_error
 from .lines import ReadToEOF, SSEDecoder
 
 DEFAULT_MODEL = "gpt-4o-mini"
@@ -114,7 +114,7 @@ def in_band_error(chunk: dict[str, Any]) -> UpstreamError:
 async def stream_openai(http: httpx.AsyncClient, upstream: Upstream, request: ChatRequest) -> AsyncGenerator[Chunk, None]:
     decoder, reader = SSEDecoder(), ChunkReader()
     async with open_stream(http, *build_request(upstream, request)) as response:
-        async for events in ReadToEOF(response.aiter_bytes(), decoder.feed, lambda: decoder.finish(lenient=True)):
+        async for events in ReadToEOF(body_pieces(response), decoder.feed, lambda: decoder.finish(lenient=True)):
             for event in events:
                 if (token := reader.token(event.data)) is not None:
                     yield token
