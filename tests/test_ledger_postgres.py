@@ -1,5 +1,6 @@
 """The usage ledger on a real PostgreSQL server (tests/postgres_server.py):
-two gateway processes writing one table; the database stopped and restarted
+two gateway processes writing one table; a replica SIGKILLed mid-stream and
+its stream's row written once by another (with Redis); the database stopped and restarted
 while streams end (on asyncio and trio); an old 14-column table migrated;
 the first row of a stream winning; `python -m asgi_stream usage` reading it;
 and the password in no log line and no message."""
@@ -157,8 +158,12 @@ def test_a_sigkilled_owner_s_stream_gets_one_interrupted_row_from_another_replic
         assert {(r[1], r[2]) for r in others} == {("stop", None)}
         wrote = Counter(r[3] for r in others)
         assert wrote == {name[owner.port]: 1, name[b.port]: 3, name[c.port]: 3}, (wrote, name)  # each row by the replica that ran it
-    for replica in (owner, b, c):
-        assert postgres_server.password not in replica.log.read_text(errors="replace"), replica.name
+    logs = {replica.port: replica.log.read_text(errors="replace") for replica in (owner, b, c)}
+    for port, log in logs.items():
+        assert log.count('"event":"stream_end"') == wrote[name[port]] + (writer == name[port]), (port, log[-2000:])
+        assert postgres_server.password not in log, port
+    ended = [line for log in logs.values() for line in log.splitlines() if f'"stream_id":"{stream_id}"' in line]
+    assert len(ended) == 1 and json.loads(ended[0])["error_type"] == "interrupted", ended  # the survivor's stream_end line
 
 
 # --- the database goes away and comes back
