@@ -384,14 +384,17 @@ class RedisStore:
             pipe.hset(meta_key(stream_id), {"count": count + 2, "finished": "error"})
             pipe.pexpire(events_key(stream_id), self.ttl * 1000)
             pipe.pexpire(meta_key(stream_id), self.ttl * 1000)
+        record = self._copy(stream_id, meta, 0)
+        record.tokens = int(meta[b"tokens"])
+        prompt_chars = int(meta[b"prompt_chars"])
+        record.finish_reason, record.error = "error", error
+        record.usage = make_usage(-(-prompt_chars // 4), record.tokens, estimated=True)
+        record.started = float(meta[b"started"])
+        facts = self.facts(record, record.started_clock)
+        # the dead owner never wrote its line: this one is what rebuilds a row the ledger drops
+        log.info(orjson.dumps({"event": "stream_end", **facts}).decode())
         if self.ledger is not None:
-            record = self._copy(stream_id, meta, 0)
-            record.tokens = int(meta[b"tokens"])
-            prompt_chars = int(meta[b"prompt_chars"])
-            record.finish_reason, record.error = "error", error
-            record.usage = make_usage(-(-prompt_chars // 4), record.tokens, estimated=True)
-            record.started = float(meta[b"started"])
-            await self.ledger.add(self.facts(record, record.started_clock))
+            await self.ledger.add(facts)
 
     # --- followers: resume on any replica
 

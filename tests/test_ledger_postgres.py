@@ -1,5 +1,6 @@
 """The usage ledger on a real PostgreSQL server (tests/postgres_server.py):
-two gateway processes writing one table; the database stopped and restarted
+two gateway processes writing one table; a replica SIGKILLed mid-stream and
+its stream's row written once by another (with Redis); the database stopped and restarted
 while streams end (on asyncio and trio); an old 14-column table migrated;
 the first row of a stream winning; `python -m asgi_stream usage` reading it;
 and the password in no log line and no message."""
@@ -7,12 +8,16 @@ and the password in no log line and no message."""
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +30,11 @@ from ledger import LEDGER_COLUMNS, UsageLedger, usage_report
 from tests import postgres_server as fixtures
 from tests.conftest import free_port, serve, stream
 from tests.postgres_server import PostgresServer
+from tests.redis_server import RedisServer, redis_server  # noqa: F401 - a fixture
+from tests.replicas import SLOWNESS, chat, follow, gateway_env, quitting, read_stream, respond, run_replicas
+from tests.servers import Process
 from tests.test_ledger_batching import row
+from tests.upstream import FakeUpstream
 
 ROOT = Path(__file__).resolve().parent.parent
 postgres_cluster, postgres_server = fixtures.postgres_cluster, fixtures.postgres_server
@@ -89,6 +98,72 @@ def test_two_replicas_write_their_rows_into_one_table(postgres_server: PostgresS
     for i in range(2):
         log = (tmp_path / f"replica{i}.log").read_text()
         assert "Application shutdown complete" in log and postgres_server.password not in log
+
+
+# --- a replica killed mid-stream: another writes its row
+
+
+def finished_stream(replica: Process) -> str:
+    done = read_stream("POST", replica.url + "/chat/stream", json=chat("slow 3 0"), timeout=60 * SLOWNESS)
+    assert done.status == 200 and done.of("done") == ["stop"], (done.status, done.events[-2:])
+    return done.headers["x-stream-id"]
+
+
+@pytest.mark.timeout(400)
+def test_a_sigkilled_owner_s_stream_gets_one_interrupted_row_from_another_replica(
+    postgres_server: PostgresServer, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Three replicas on one Redis and one table; the owner of a live stream is
+    SIGKILLed, so it writes nothing more: a survivor that sees its lease lapse
+    writes the stream's row (estimated, `interrupted`), and only one does."""
+    lease = 2
+    env = {"OWNER_LEASE_SECONDS": str(lease), "USAGE_DB": postgres_server.url()}
+    with FakeUpstream(respond) as upstream, run_replicas(
+        ["uvicorn", "uvicorn", "hypercorn-trio"], gateway_env(upstream, redis_server.url, **env), tmp_path
+    ) as (owner, b, c):  # fmt: skip
+        before = {replica.port: finished_stream(replica) for replica in (owner, b, c)}
+        # the owner's own rows must be in before it dies: nothing of its queue survives SIGKILL
+        assert wait_until(lambda: len(postgres_server.query("SELECT stream_id FROM usage")) == 3, 60), "rows of the first streams"
+        # each replica's name in the ledger (host:pid of the process serving, a child of hypercorn's)
+        name = {port: postgres_server.query("SELECT replica FROM usage WHERE stream_id = %s", i)[0][0] for port, i in before.items()}
+        assert len(set(name.values())) == 3, name
+        start = read_stream("POST", owner.url + "/chat/stream", json=chat("forever pg sigkill"), stop_after=2)
+        stream_id = start.last_id.rsplit(".", 1)[0]
+        got: list[tuple[str, str, str]] = []
+        quit = threading.Event()
+        with ThreadPoolExecutor(1) as pool, quitting(quit):
+            follower = pool.submit(follow, "GET", b.url, got, quit, headers={"last-event-id": start.last_id})
+            assert wait_until(lambda: len(got) >= 3, 20 * SLOWNESS), "the reader on b never followed the live generation"
+            os.killpg(owner.popen.pid, signal.SIGKILL)
+            read = follower.result(60 * SLOWNESS)
+        assert owner.popen.wait(30) == -signal.SIGKILL
+        names = [event for event, _, _ in read.events]
+        assert names[-2:] == ["error", "done"] and set(names[:-2]) <= {"token"}, names[-5:]
+        assert json.loads(read.of("error")[0])["type"] == "interrupted" and read.of("done") == ["error"]
+        seen = len(start.tokens) + len(read.tokens)
+        after = [finished_stream(replica) for replica in (b, c, b, c)]  # the survivors carry on writing their own rows
+        query = "SELECT stream_id, error_type, estimated, completion_tokens, finish_reason, replica FROM usage WHERE stream_id = %s"
+        assert wait_until(lambda: postgres_server.query(query, stream_id) != [], 60), "no row for the killed owner's stream"
+        everyone = [*before.values(), *after]
+        assert wait_until(lambda: len(postgres_server.query("SELECT stream_id FROM usage")) == len(everyone) + 1, 60)
+        time.sleep(2 * lease)  # time for a second survivor to write the same stream's row, were it to
+        rows = postgres_server.query(query, stream_id)
+        assert len(rows) == 1, rows
+        _, error_type, estimated, completion_tokens, finish_reason, writer = rows[0]
+        assert (error_type, estimated, finish_reason) == ("interrupted", 1, "error"), rows
+        assert completion_tokens >= seen >= 3, (completion_tokens, seen)
+        assert writer in {name[b.port], name[c.port]}, (writer, name)  # a survivor, not the dead owner
+        others = postgres_server.query("SELECT stream_id, finish_reason, error_type, replica FROM usage WHERE stream_id <> %s", stream_id)
+        assert sorted(r[0] for r in others) == sorted(everyone)  # every finished stream, once
+        assert {(r[1], r[2]) for r in others} == {("stop", None)}
+        wrote = Counter(r[3] for r in others)
+        assert wrote == {name[owner.port]: 1, name[b.port]: 3, name[c.port]: 3}, (wrote, name)  # each row by the replica that ran it
+    logs = {replica.port: replica.log.read_text(errors="replace") for replica in (owner, b, c)}
+    for port, log in logs.items():
+        assert log.count('"event":"stream_end"') == wrote[name[port]] + (writer == name[port]), (port, log[-2000:])
+        assert postgres_server.password not in log, port
+    ended = [line for log in logs.values() for line in log.splitlines() if f'"stream_id":"{stream_id}"' in line]
+    assert len(ended) == 1 and json.loads(ended[0])["error_type"] == "interrupted", ended  # the survivor's stream_end line
 
 
 # --- the database goes away and comes back
