@@ -715,7 +715,7 @@ class Gateway:
         self.admit(record.key_name)
         try:
             await self.store.hold(record)
-        except Refused:
+        except BaseException:  # refused, or cancelled on the way: the slot was not taken
             self.release(record.key_name)
             self.unaccounted -= 1
             raise
