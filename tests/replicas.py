@@ -8,7 +8,6 @@ from __future__ import annotations
 import random
 import socket
 import sqlite3
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,7 +20,7 @@ import httpx
 from httpx_sse import EventSource
 
 from tests.conftest import free_port
-from tests.servers import GRACE, ROOT, SERVERS, Process, main_config, require_program, run_server, stop, wait_until_serving
+from tests.servers import GRACE, ROOT, SERVERS, Process, run_server, serve_site
 from tests.upstream import FakeUpstream, Reply, Seen, sse_tokens
 
 SLOWNESS = 5  # the factor deadlines allow for a loaded machine
@@ -197,23 +196,12 @@ def balanced_site(replicas: list[str], listen: str, read_timeout: str = "60s") -
 def run_balancer(replicas: list[str], tmp: Path) -> Iterator[str]:
     """A real nginx balancing over `replicas` (host:port); yields its URL.
     tmp/replicas.log gets one line per request: method, path, status, replica."""
-    nginx = require_program("nginx", "/usr/sbin/nginx")
     port = free_port()
     site = tmp / "site.conf"
     site.write_text(balanced_site(replicas, f"127.0.0.1:{port}").replace(
         "location / {", f"access_log {tmp / 'replicas.log'} replicas;\n    location / {{", 1))  # fmt: skip
-    conf = tmp / "nginx.conf"
-    conf.write_text(main_config(tmp, site))
-    log = tmp / "nginx.out"
-    with log.open("wb") as out:
-        popen = subprocess.Popen([nginx, "-e", str(tmp / "error.log"), "-p", str(tmp), "-c", str(conf)],
-                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_serving(url, popen, log)
+    with serve_site(site, port, tmp) as url:
         yield url
-    finally:
-        stop(popen)
 
 
 # --- a proxy that cuts event streams at random points -----------------------------

@@ -215,10 +215,17 @@ http {{
 @contextmanager
 def run_nginx(app_url: str, tmp: Path, read_timeout: str | None = None) -> Iterator[str]:
     """A real nginx serving the repo's nginx.conf in front of `app_url`; yields its URL."""
-    nginx = require_program("nginx", "/usr/sbin/nginx")
     port = free_port()
     site = tmp / "site.conf"
     site.write_text(site_config(app_url.removeprefix("http://"), f"127.0.0.1:{port}", tmp / SITE_ACCESS_LOG, read_timeout))
+    with serve_site(site, port, tmp) as url:
+        yield url
+
+
+@contextmanager
+def serve_site(site: Path, port: int, tmp: Path) -> Iterator[str]:
+    """A real nginx running `site` (which listens on `port`) from `tmp`; yields its URL."""
+    nginx = require_program("nginx", "/usr/sbin/nginx")
     conf = tmp / "nginx.conf"
     conf.write_text(main_config(tmp, site))
     log = tmp / "nginx.out"
