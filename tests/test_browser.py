@@ -5,8 +5,6 @@ the connection mid-stream, reconnects and resumes with nothing lost or doubled."
 
 from __future__ import annotations
 
-import socket
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,6 +12,7 @@ import httpx
 import pytest
 
 from tests.conftest import Served, serve
+from tests.replicas import RandomCuttingProxy
 from tests.servers import require_program
 from tests.upstream import FakeUpstream, Reply, Seen
 
@@ -172,77 +171,6 @@ def test_an_error_event_is_shown_on_the_page(page: Any, gateway: Served) -> None
     assert "Incorrect API key" in page.text_content("#error")
 
 
-# --- a connection the server side cuts mid-stream --------------------------------
-
-
-class CuttingProxy:
-    """A TCP proxy on 127.0.0.1 that, for the first `cuts` event-stream
-    responses, forwards `after` bytes and then closes both connections."""
-
-    def __init__(self, target_port: int, cuts: int, after: int):
-        self.target_port, self.cuts_left, self.after = target_port, cuts, after
-        self.cut = 0
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            server = socket.create_connection(("127.0.0.1", self.target_port))
-            threading.Thread(target=self._pump, args=(client, server), daemon=True).start()
-            threading.Thread(target=self._pump_back, args=(server, client), daemon=True).start()
-
-    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while data := source.recv(65536):
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (source, sink):
-                _close(s)
-
-    def _pump_back(self, server: socket.socket, client: socket.socket) -> None:
-        """Server to client; arms on an event-stream response head."""
-        head, armed, sent = b"", False, 0
-        try:
-            while data := server.recv(65536):
-                if not armed:
-                    head = (head + data)[-4096:]
-                    with self.lock:
-                        if b"text/event-stream" in head.lower() and self.cuts_left > 0:
-                            self.cuts_left -= 1
-                            armed = True
-                if armed:
-                    data = data[: self.after - sent]
-                    sent += len(data)
-                client.sendall(data)
-                if armed and sent >= self.after:
-                    self.cut += 1
-                    break
-        except OSError:
-            pass
-        finally:
-            for s in (server, client):
-                _close(s)
-
-    def close(self) -> None:
-        self.listener.close()
-
-
-def _close(sock: socket.socket) -> None:
-    try:
-        sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    sock.close()
-
-
 COLLECT = """(url) => new Promise((resolve) => {
     const result = {tokens: [], ids: [], opens: 0, errors: 0, openings: []};
     const source = new EventSource(url);
@@ -263,13 +191,13 @@ def test_eventsource_resumes_a_cut_stream_with_nothing_missing_and_nothing_twice
     words = [f"w{i}" for i in range(60)]  # 3 s at 0.05 s a token
     prompt = " ".join(words)
     port = int(gateway.url.rsplit(":", 1)[1])
-    proxy = CuttingProxy(port, cuts=2, after=700)  # mid-event, twice
+    proxy = RandomCuttingProxy(port, cuts=2, low=700, high=700, seed=0)  # mid-event, twice
     try:
         page.goto(f"http://127.0.0.1:{proxy.port}/")
         result = page.evaluate(COLLECT, f"/chat/stream?backend=echo&prompt={'%20'.join(words)}")
     finally:
         proxy.close()
-    assert proxy.cut == 2, "the proxy did not cut the stream"
+    assert proxy.cuts == 2, "the proxy did not cut the stream"
     assert not result.get("timedOut") and result["done"] == "stop", result
     assert result["opens"] == 3 and result["errors"] == 2  # two cuts, two reconnects
     assert "".join(result["tokens"]) == prompt
