@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from asgi_stream import Gateway
-from tests.test_inprocess import ENV, TIMEOUT, Exchange, make_scope, post_json
+from tests.test_inprocess import ENV, TIMEOUT, Exchange, exchange, post_json
 from tests.upstream import FakeUpstream, Reply
 
 pytestmark = pytest.mark.anyio
@@ -38,22 +38,10 @@ class WatchedExchange(Exchange):
 
 @asynccontextmanager
 async def watched(app: Gateway, body: dict[str, Any]) -> AsyncIterator[WatchedExchange]:
-    ex = WatchedExchange(make_scope("POST", "/chat/stream", headers=[("content-type", "application/json")]),
-                         post_json(body)["pieces"])  # fmt: skip
-
-    async def run() -> None:
-        await app(ex.scope, ex.receive, ex.send)
-        ex.done.set()
-
-    try:
-        async with anyio.create_task_group() as tasks:
-            tasks.start_soon(run)
-            yield ex
-            ex.disconnect()
-            with anyio.fail_after(TIMEOUT):
-                await ex.done.wait()
-    finally:
-        ex.close()
+    headers = [("content-type", "application/json")]
+    async with exchange(app, "POST", "/chat/stream", headers=headers, pieces=post_json(body)["pieces"], kind=WatchedExchange) as ex:
+        assert isinstance(ex, WatchedExchange)
+        yield ex
 
 
 async def leave_after_first_token(ex: Exchange) -> None:

@@ -111,10 +111,12 @@ def make_scope(method: str, path: str, query: str = "", headers: Sequence[tuple[
 
 @asynccontextmanager
 async def exchange(app: Gateway, method: str, path: str, query: str = "", headers: Sequence[tuple[str, str]] = (),
-                   pieces: Sequence[bytes] = (b"",), **behaviour: Any) -> AsyncIterator[Exchange]:  # fmt: skip
+                   pieces: Sequence[bytes] = (b"",), kind: type[Exchange] | None = None, **behaviour: Any
+                   ) -> AsyncIterator[Exchange]:  # fmt: skip
     """Run the app on one request while the caller watches; on exit the
-    client disconnects (if the app is still running) and the app must end."""
-    ex = Exchange(make_scope(method, path, query, headers), list(pieces), **behaviour)
+    client disconnects (if the app is still running) and the app must end.
+    `kind`: an Exchange subclass that watches more."""
+    ex = (kind or Exchange)(make_scope(method, path, query, headers), list(pieces), **behaviour)
 
     async def run() -> None:
         await app(ex.scope, ex.receive, ex.send)
