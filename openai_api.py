@@ -316,6 +316,8 @@ class CompletionRecord(StreamRecord):
 
     def append(self, event: str, data: str) -> None:
         self.pieces.append(data)  # the generation appends tokens only; finish() holds the ending
+        if self.on_append is not None:  # a shared store keeps its token count, for its row should this process die
+            self.on_append(self)
         self.notify()
 
     def finish(self, finish_reason: str, usage: dict[str, Any] | None, error: UpstreamError | None) -> None:

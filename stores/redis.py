@@ -210,9 +210,10 @@ class RedisStore:
             "key": "" if record.key_name is None else "=" + record.key_name, "owner": self.process,
             "backend": record.request.backend, "model": record.request.model, "started": repr(record.started),
             "prompt_chars": sum(len(m["content"]) for m in record.request.messages), "count": 0, "first": 0, "tokens": 0,
+            "route": record.route,
         }  # fmt: skip
-        if not record.resumable:  # no meta: no other replica can find, follow or cancel it
-            meta = {}
+        if not record.resumable:  # no replica may find, follow or cancel it: its meta is only for its row, should its owner die
+            meta["resumable"] = 0
         keys = [SLOTS, key_slots(record.key_name) or SLOTS, ORPHANS, meta_key(record.id)]
         args = [record.id, self.lease_ms, cfg.max_streams, cfg.max_streams_per_key, check_key,
                 self.lease_ms * 3 + self.ttl * 1000, *[item for pair in meta.items() for item in pair]]  # fmt: skip
@@ -233,9 +234,9 @@ class RedisStore:
         if refused == 2:
             raise Refused(429, "rate_limited", f"this key is at its limit of {cfg.max_streams_per_key} streams")
         self.owned[record.id] = (record, Owned())  # its slot lease is renewed and released like any other
+        record.on_append = self._appended
         if record.resumable:
             self.registry.add(record)
-            record.on_append = self._appended
 
     def _appended(self, record: StreamRecord) -> None:
         self.dirty.add(record.id)
@@ -279,9 +280,11 @@ class RedisStore:
                 record, owned = self.owned.get(stream_id, (None, None))
                 if record is None or owned is None:
                     continue
-                if not record.resumable:  # only its slot is in Redis: free it at done
+                if not record.resumable:  # no events in Redis: only its token count, for an interrupted row
+                    pipe.hset(meta_key(stream_id), {"tokens": record.tokens, **({"finished": "1"} if record.finished else {})})
                     if record.finished:
                         self._release_slot(pipe, record)
+                        pipe.pexpire(meta_key(stream_id), self.ttl * 1000)
                         done.append((record, owned, record.count, None))
                     continue
                 events = record.events(owned.flushed)
@@ -341,11 +344,11 @@ class RedisStore:
             if client is None:
                 continue
             pairs: list[str] = []
-            kept: list[str] = []  # streams whose events and meta are in Redis
+            kept: list[str] = []  # streams whose meta (and events, if resumable) are in Redis
             for stream_id, (record, _) in self.owned.items():
                 if not record.finished:
                     pairs += [stream_id, key_slots(record.key_name)]
-                    kept += [stream_id] if record.resumable else []
+                    kept.append(stream_id)
             try:
                 async with client.pipeline(transaction=False) as pipe:
                     orphans = pipe.eval(RENEW, [SLOTS, ORPHANS], [self.lease_ms, *pairs])
@@ -376,15 +379,17 @@ class RedisStore:
         meta = await client.hgetall(meta_key(stream_id))
         if not meta or b"finished" in meta:
             return
-        count = int(meta[b"count"])
+        count, resumable = int(meta[b"count"]), b"resumable" not in meta
         error = UpstreamError("interrupted", "the process running this generation stopped")
         events = [("error", orjson.dumps(error.as_event_data()).decode()), ("done", "error")]
         async with client.pipeline(transaction=False) as pipe:
-            pipe.xadd(events_key(stream_id), {"e": pack(events)}, identifier=f"{count + 2}-0")
+            if resumable:  # its readers elsewhere read this ending
+                pipe.xadd(events_key(stream_id), {"e": pack(events)}, identifier=f"{count + 2}-0")
+                pipe.pexpire(events_key(stream_id), self.ttl * 1000)
             pipe.hset(meta_key(stream_id), {"count": count + 2, "finished": "error"})
-            pipe.pexpire(events_key(stream_id), self.ttl * 1000)
             pipe.pexpire(meta_key(stream_id), self.ttl * 1000)
         record = self._copy(stream_id, meta, 0)
+        record.route = meta.get(b"route", b"chat/stream").decode()
         record.tokens = int(meta[b"tokens"])
         prompt_chars = int(meta[b"prompt_chars"])
         record.finish_reason, record.error = "error", error
@@ -412,7 +417,7 @@ class RedisStore:
         client = self._client()
         try:
             meta = await client.hgetall(meta_key(stream_id))
-            if not meta or meta[b"key"].decode() != ("" if key_name is None else "=" + key_name):
+            if not meta or b"resumable" in meta or meta[b"key"].decode() != ("" if key_name is None else "=" + key_name):
                 return None
             count, first = int(meta[b"count"]), int(meta[b"first"])
             with anyio.move_on_after(1):  # the owner's client may be a few ms ahead of its write-behind
@@ -537,7 +542,9 @@ class RedisStore:
         client = self._client()
         try:
             meta = await client.hgetall(meta_key(stream_id))
-            if not meta or b"finished" in meta or meta[b"key"].decode() != ("" if key_name is None else "=" + key_name):
+            if not meta or b"finished" in meta or b"resumable" in meta:
+                return False
+            if meta[b"key"].decode() != ("" if key_name is None else "=" + key_name):
                 return False
             return bool(await client.publish(f"{PREFIX}process:{meta[b'owner'].decode()}", f"cancel {stream_id}"))
         except (coredis.exceptions.RedisError, OSError) as exc:

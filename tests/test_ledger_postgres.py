@@ -166,6 +166,44 @@ def test_a_sigkilled_owner_s_stream_gets_one_interrupted_row_from_another_replic
     assert len(ended) == 1 and json.loads(ended[0])["error_type"] == "interrupted", ended  # the survivor's stream_end line
 
 
+@pytest.mark.timeout(300)
+def test_a_sigkilled_owner_s_v1_completion_gets_its_interrupted_row_too(
+    postgres_server: PostgresServer, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """The OpenAI-compatible route keeps no events in Redis and no replica may
+    resume or cancel it, but its meta holds its token count: when its owner is
+    SIGKILLed, the survivor writes its row, on its route."""
+    lease = 2
+    env = {"OWNER_LEASE_SECONDS": str(lease), "USAGE_DB": postgres_server.url()}
+    body = {"model": "openai/gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "forever v1 sigkill"}]}
+    with FakeUpstream(respond) as upstream, run_replicas(
+        ["uvicorn", "uvicorn"], gateway_env(upstream, redis_server.url, **env), tmp_path
+    ) as (owner, survivor):  # fmt: skip
+        earlier = finished_stream(survivor)  # its row makes the table
+        assert wait_until(lambda: len(postgres_server.query("SELECT stream_id FROM usage")) == 1, 60), "the first row"
+        with httpx.Client(timeout=60 * SLOWNESS) as client, client.stream("POST", owner.url + "/v1/chat/completions", json=body) as answer:
+            assert answer.status_code == 200
+            lines = (json.loads(line[6:]) for line in answer.iter_lines() if line.startswith("data: {"))
+            seen = [chunk for chunk, _ in zip(lines, range(6))]
+            stream_id = seen[0]["id"].removeprefix("chatcmpl-")
+            tokens = sum(1 for chunk in seen if chunk["choices"][0]["delta"].get("content"))
+            meta = f"asgi-stream:{stream_id}:meta"
+            assert wait_until(lambda: int(redis_server.command("HGET", meta, "tokens").split(b"\r\n")[-2]) >= tokens, 10 * SLOWNESS)
+            assert httpx.delete(survivor.url + f"/chat/stream/{stream_id}").status_code == 404  # not cancellable by id elsewhere
+            resumed = httpx.get(survivor.url + "/chat/stream", headers={"last-event-id": f"{stream_id}.1"})
+            assert resumed.status_code == 204  # nor resumable
+            os.killpg(owner.popen.pid, signal.SIGKILL)
+        assert owner.popen.wait(30) == -signal.SIGKILL
+        query = "SELECT route, error_type, estimated, completion_tokens, finish_reason FROM usage WHERE stream_id = %s"
+        assert wait_until(lambda: postgres_server.query(query, stream_id) != [], 60), "no row for the killed owner's completion"
+        time.sleep(lease)
+        rows = postgres_server.query(query, stream_id)
+    assert earlier != stream_id and len(rows) == 1 and rows[0][:3] == ("v1/chat/completions", "interrupted", 1) and rows[0][4] == "error", rows
+    assert rows[0][3] >= tokens >= 4, (rows, tokens)
+    ended = [line for line in survivor.log.read_text().splitlines() if f'"stream_id":"{stream_id}"' in line]
+    assert len(ended) == 1 and json.loads(ended[0])["route"] == "v1/chat/completions", ended
+
+
 # --- the database goes away and comes back
 
 
