@@ -198,7 +198,8 @@ def test_a_sigkilled_owner_s_v1_completion_gets_its_interrupted_row_too(
         assert wait_until(lambda: postgres_server.query(query, stream_id) != [], 60), "no row for the killed owner's completion"
         time.sleep(lease)
         rows = postgres_server.query(query, stream_id)
-    assert earlier != stream_id and len(rows) == 1 and rows[0][:3] == ("v1/chat/completions", "interrupted", 1) and rows[0][4] == "error", rows
+    assert earlier != stream_id and len(rows) == 1, rows
+    assert rows[0][:3] == ("v1/chat/completions", "interrupted", 1) and rows[0][4] == "error", rows
     assert rows[0][3] >= tokens >= 4, (rows, tokens)
     ended = [line for line in survivor.log.read_text().splitlines() if f'"stream_id":"{stream_id}"' in line]
     assert len(ended) == 1 and json.loads(ended[0])["route"] == "v1/chat/completions", ended
