@@ -945,9 +945,9 @@ class Gateway:
         cfg, woke = self.config, -math.inf
         while True:
             started, sending, now = pace.last_write, pace.sending, anyio.current_time()
-            beat = max(started, woke) + cfg.heartbeat
-            # when idle, look again within a send timeout: a send may start meanwhile
-            due = started + cfg.send_timeout if sending else min(beat, now + cfg.send_timeout)
+            beat, stalled = max(started, woke) + cfg.heartbeat, started + cfg.send_timeout
+            # look again by then: a send may start (when idle) or end (while sending) meanwhile
+            due = min(stalled, now + cfg.heartbeat) if sending else min(beat, now + cfg.send_timeout)
             with anyio.CancelScope(deadline=due) as timer:
                 if (await receive())["type"] == "http.disconnect":
                     record.ever_disconnected = pace.gone = True
@@ -956,10 +956,10 @@ class Gateway:
                     return writer.cancel()
             if not timer.cancelled_caught or (pace.last_write, pace.sending) != (started, sending):
                 continue
-            if sending:  # the same send is still blocked: the client stopped reading
+            if sending and due >= stalled:  # the same send is still blocked: the client stopped reading
                 pace.gone = True
                 return writer.cancel()
-            if due >= beat:
+            if not sending and due >= beat:
                 woke, pace.beat = anyio.current_time(), True
                 record.notify()  # the writer sends the heartbeat
 

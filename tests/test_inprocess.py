@@ -886,6 +886,19 @@ async def test_a_ledger_that_cannot_be_written_is_logged_and_the_stream_still_co
     assert any("usage ledger: 1 rows could not be written" in r.getMessage() for r in caplog.records)
 
 
+async def test_heartbeats_keep_their_pace_after_a_send_that_was_held_for_a_while() -> None:
+    # a watcher that saw a send under way used to look again only at the send
+    # timeout: after one slow send, the next heartbeat came up to SEND_TIMEOUT late
+    app = Gateway({**ENV, "ECHO_DELAY_SECONDS": "60", "HEARTBEAT_SECONDS": "0.05", "SEND_TIMEOUT_SECONDS": "60"})
+    async with exchange(app, "GET", "/chat/stream", "prompt=hi", hold_sends_after=2) as ex:  # from the first heartbeat on
+        await ex.next()
+        assert await ex.next_body() == opening(ex.headers["x-stream-id"])
+        await anyio.sleep(0.5)  # the watcher wakes meanwhile and finds the heartbeat's send under way
+        ex.released.set()
+        assert [await ex.next_body() for _ in range(3)] == [HEARTBEAT] * 3  # each within TIMEOUT, far below 60 s
+    await app.aclose()
+
+
 async def test_a_client_that_takes_no_heartbeat_for_send_timeout_is_dropped() -> None:
     app = Gateway({**ENV, "ECHO_DELAY_SECONDS": "30", "HEARTBEAT_SECONDS": "0.02", "SEND_TIMEOUT_SECONDS": "0.1"})
     async with exchange(app, "GET", "/chat/stream", "prompt=hi", hold_sends_after=2) as ex:
