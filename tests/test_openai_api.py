@@ -15,7 +15,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -475,8 +475,9 @@ def test_the_ledger_row_log_line_and_metrics_tell_the_route_and_the_disconnect(r
     assert line["client_disconnected"] == 1
     assert rig.gw.gateway.metrics.streams["anthropic", "cancelled"] == before + 1
     def row() -> Any:  # written just after the log line
-        with sqlite3.connect(USAGE_DB) as db:
+        with sqlite3.connect(USAGE_DB) as db, suppress(sqlite3.OperationalError):  # no table before the first row
             return db.execute("SELECT key_name, finish_reason, client_disconnected FROM usage WHERE model = 'claude-ledger'").fetchone()
+        return None
 
     assert rig.upstream.wait_for(lambda: row() is not None, 10) and row() == ("alice", "cancelled", 1)
 
