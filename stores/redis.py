@@ -344,17 +344,16 @@ class RedisStore:
             if client is None:
                 continue
             pairs: list[str] = []
-            kept: list[str] = []  # streams whose meta (and events, if resumable) are in Redis
+            kept: list[str] = []  # the keys of their meta, and of their events if resumable
             for stream_id, (record, _) in self.owned.items():
                 if not record.finished:
                     pairs += [stream_id, key_slots(record.key_name)]
-                    kept.append(stream_id)
+                    kept += [meta_key(stream_id), events_key(stream_id)] if record.resumable else [meta_key(stream_id)]
             try:
                 async with client.pipeline(transaction=False) as pipe:
                     orphans = pipe.eval(RENEW, [SLOTS, ORPHANS], [self.lease_ms, *pairs])
-                    for renewed in kept:
-                        for key in (events_key(renewed), meta_key(renewed)):
-                            pipe.pexpire(key, self.lease_ms * 3 + self.ttl * 1000)
+                    for key in kept:
+                        pipe.pexpire(key, self.lease_ms * 3 + self.ttl * 1000)
                     self._announce_readers(pipe)
                 self.ok = True  # this round doubles as the health check: service resumes by itself when Redis is back
                 for orphan in await orphans or []:  # type: ignore[union-attr]

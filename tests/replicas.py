@@ -5,7 +5,9 @@ real nginx in front that balances round robin over them."""
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 import socket
 import sqlite3
 import threading
@@ -287,6 +289,21 @@ def quitting(quit: threading.Event) -> Iterator[None]:
         yield
     finally:
         quit.set()
+
+
+def kill_owner_while_followed(owner: Process, other: Process, last_id: str) -> tuple[Read, float]:
+    """Follow the owner's live stream from `last_id` on `other`; once three
+    events have come, SIGKILL the owner. The follower's read to its end, and
+    when the kill was sent (time.monotonic)."""
+    got: list[tuple[str, str, str]] = []
+    quit = threading.Event()
+    with ThreadPoolExecutor(1) as pool, quitting(quit):
+        follower = pool.submit(follow, "GET", other.url, got, quit, headers={"last-event-id": last_id})
+        assert wait_for(lambda: len(got) >= 3, 20 * SLOWNESS), "the reader on b never followed the live generation"
+        assert follower.running()
+        os.killpg(owner.popen.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        return follower.result(60 * SLOWNESS), killed
 
 
 def cancel_across(owner: Process, other: Process, upstream: FakeUpstream, prompt: str) -> float:

@@ -14,10 +14,8 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +30,7 @@ from tests import postgres_server as fixtures
 from tests.conftest import free_port, serve, stream
 from tests.postgres_server import PostgresServer
 from tests.redis_server import RedisServer, redis_server  # noqa: F401 - a fixture
-from tests.replicas import SLOWNESS, chat, follow, gateway_env, quitting, read_stream, respond, run_replicas
+from tests.replicas import SLOWNESS, chat, gateway_env, kill_owner_while_followed, read_stream, respond, run_replicas
 from tests.servers import Process
 from tests.test_ledger_batching import row
 from tests.upstream import FakeUpstream
@@ -138,13 +136,7 @@ def test_a_sigkilled_owner_s_stream_gets_one_interrupted_row_from_another_replic
         assert len(set(name.values())) == 3, name
         start = read_stream("POST", owner.url + "/chat/stream", json=chat("forever pg sigkill"), stop_after=2)
         stream_id = start.last_id.rsplit(".", 1)[0]
-        got: list[tuple[str, str, str]] = []
-        quit = threading.Event()
-        with ThreadPoolExecutor(1) as pool, quitting(quit):
-            follower = pool.submit(follow, "GET", b.url, got, quit, headers={"last-event-id": start.last_id})
-            assert wait_until(lambda: len(got) >= 3, 20 * SLOWNESS), "the reader on b never followed the live generation"
-            os.killpg(owner.popen.pid, signal.SIGKILL)
-            read = follower.result(60 * SLOWNESS)
+        read, _ = kill_owner_while_followed(owner, b, start.last_id)
         assert owner.popen.wait(30) == -signal.SIGKILL
         names = [event for event, _, _ in read.events]
         assert names[-2:] == ["error", "done"] and set(names[:-2]) <= {"token"}, names[-5:]

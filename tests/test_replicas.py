@@ -8,8 +8,6 @@ gets the defined answers."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import threading
 import time
 from collections import Counter
@@ -29,9 +27,9 @@ from tests.replicas import (
     chat,
     follow,
     gateway_env,
+    kill_owner_while_followed,
     ledger_rows,
     positions,
-    quitting,
     read_stream,
     respond,
     resume,
@@ -251,15 +249,7 @@ def test_sigkill_of_the_owner_interrupts_readers_elsewhere_within_the_lease(upst
     ) as (owner, b, c):
         start = read_stream("POST", owner.url + "/chat/stream", json=chat("forever sigkill"), stop_after=2)
         stream_id = start.last_id.rsplit(".", 1)[0]
-        got: list[tuple[str, str, str]] = []
-        quit = threading.Event()
-        with ThreadPoolExecutor(1) as pool, quitting(quit):
-            follower = pool.submit(follow, "GET", b.url, got, quit, headers={"last-event-id": start.last_id})
-            assert wait_for(lambda: len(got) >= 3, 20 * SLOW), "the reader on b never followed the live generation"
-            assert follower.running()
-            os.killpg(owner.popen.pid, signal.SIGKILL)
-            killed = time.monotonic()
-            read = follower.result(60 * SLOW)
+        read, killed = kill_owner_while_followed(owner, b, start.last_id)
         told = time.monotonic() - killed
         assert read.status == 200
         names = [event for event, _, _ in read.events]
