@@ -210,6 +210,7 @@ def backoff_delay(attempt: int, retry_after: float | None) -> float:
 
 
 parsed_url = lru_cache(maxsize=64)(httpx.URL)  # parsing one costs ~20 us per request
+USER_AGENT = "asgi-stream"
 
 
 @asynccontextmanager
@@ -218,7 +219,12 @@ async def open_stream(http: httpx.AsyncClient, url: str, body: dict[str, Any], h
     """POST `body` and yield the 2xx streaming response; a failure to connect
     or an HTTP error is an UpstreamError, marked retryable when it is one."""
     content = bytes(memoryview(orjson.dumps(body)))  # a right-sized copy: orjson's own buffer is 4 KiB, held all stream long
-    request = http.build_request("POST", parsed_url(url), content=content, headers=headers)
+    # Not http.build_request: merging the client's defaults into every request was 5% of a
+    # stream's start (bench/start-path.md), and they are not wanted: its cookie jar (shared by
+    # every user's requests), its accept-encoding (a compressing proxy holds tokens back). Only
+    # the client's timeouts are kept.
+    request = httpx.Request("POST", parsed_url(url), content=content, headers={"user-agent": USER_AGENT, **headers},
+                            extensions={"timeout": http.timeout.as_dict()})
     try:
         response = await http.send(request, stream=True)
     except httpx.ConnectTimeout:

@@ -131,6 +131,23 @@ def test_gemini_request_has_key_header_only_contents_system_instruction_and_conf
     }
 
 
+@pytest.mark.parametrize("backend", ["openai", "anthropic", "ollama", "gemini"])
+def test_upstream_requests_name_the_gateway_and_carry_no_cookie_nor_a_wish_for_compression(rig: Rig, backend: str) -> None:
+    """The shared client's cookie jar would carry a cookie one user's request got into every
+    other user's request; a compressing proxy would hold tokens back until its buffer fills."""
+    name = "openai/normal_with_usage" if backend == "openai" else f"{backend}/normal"
+    _, body = load_fixture(name)
+    with_cookie = fixture_reply(name, [body])
+    with_cookie.headers["set-cookie"] = "__cf_bm=one-users-cookie; Path=/; HttpOnly"
+    rig.reset(with_cookie, fixture_reply(name, [body]))
+    for _ in range(2):
+        assert rig.chat(backend).of("done") == ["stop"]
+    assert len(rig.seen) == 2
+    for seen in rig.seen:
+        assert seen.headers["user-agent"] == "asgi-stream"
+        assert "cookie" not in seen.headers and "accept-encoding" not in seen.headers
+
+
 def test_gemini_request_without_system_messages_has_no_system_instruction(rig: Rig) -> None:
     _, body = load_fixture("gemini/normal")
     rig.reset(fixture_reply("gemini/normal", [body]))

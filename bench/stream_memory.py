@@ -1,0 +1,134 @@
+"""What an open stream costs in memory, and where: N streams held open at once
+in-process (no ASGI server, so only the app's own share), against
+bench/fake_upstream.py, measured mid-stream with tracemalloc.
+
+    python bench/stream_memory.py [--streams 500] [--by filename|lineno|traceback]
+    python bench/stream_memory.py --relay /work/shared/bench/apps/relay_app.py
+
+The shared harness's fanout `KiB/stream` is RSS under overload (backlog and
+the server's connection included); this is the structure of one stream
+without backlog, which is what a change to tasks, scopes or buffers moves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import logging
+import os
+import subprocess
+import sys
+import tracemalloc
+from pathlib import Path
+from typing import Any
+
+import anyio
+import orjson
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from run import free_port, wait_for_port  # noqa: E402
+
+MODEL = "n400-d50"  # 400 tokens 50 ms apart: every stream is still open when measured
+
+
+def load_app(relay: str | None) -> tuple[Any, bytes]:
+    """The app and the request body it takes: the gateway's, or a relay's (raw OpenAI)."""
+    messages = [{"role": "user", "content": "hi"}]
+    if relay:
+        spec = importlib.util.spec_from_file_location("relay_app", relay)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.app, orjson.dumps({"messages": messages, "model": MODEL, "stream": True})
+    from asgi_stream import Gateway
+
+    logging.getLogger("asgi_stream").setLevel(logging.WARNING)  # no stream_end line per stream
+    body = {"messages": messages, "backend": "openai", "model": MODEL, "max_tokens": 400}
+    return Gateway(os.environ), orjson.dumps(body)
+
+
+async def run_stream(app: Any, body: bytes, gone: anyio.Event) -> None:
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/chat/stream", "raw_path": b"/chat/stream", "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2)}
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        if messages:
+            return messages.pop()
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    await app(scope, receive, send)
+
+
+async def measure(app: Any, body: bytes, count: int, group_by: str, top: int) -> None:
+    lifespan = [{"type": "lifespan.startup"}]
+
+    async def lifespan_receive() -> dict[str, Any]:
+        if lifespan:
+            return lifespan.pop()
+        await anyio.sleep_forever()
+        raise AssertionError
+
+    async def lifespan_send(message: dict[str, Any]) -> None:
+        pass
+
+    async with anyio.create_task_group() as server:
+        server.start_soon(app, {"type": "lifespan", "asgi": {"version": "3.0"}}, lifespan_receive, lifespan_send)
+        for n, snapshot in ((50, False), (count, True)):  # the first round warms pools and caches up
+            gone = anyio.Event()
+            gc.collect()
+            before = tracemalloc.take_snapshot() if snapshot else None
+            start = tracemalloc.get_traced_memory()[0]
+            async with anyio.create_task_group() as streams:
+                for _ in range(n):
+                    streams.start_soon(run_stream, app, body, gone)
+                await anyio.sleep(4)  # every stream has its upstream open and some tokens held
+                gc.collect()
+                grown = (tracemalloc.get_traced_memory()[0] - start) / n
+                after = tracemalloc.take_snapshot() if snapshot else None
+                gone.set()
+        server.cancel_scope.cancel()
+    print(f"{count} open streams: {grown / 1024:.1f} KiB per stream (tracemalloc, in-process)")
+    assert before is not None and after is not None
+    for stat in after.compare_to(before, group_by)[:top]:
+        print(f"  {stat.size_diff / count:8.0f} B  {stat.count_diff / count:5.1f} blocks")
+        where = stat.traceback[0]
+        frames = {"traceback": stat.traceback.format(), "lineno": [f"{where.filename}:{where.lineno}"]}.get(group_by, [where.filename])
+        for frame in frames[-12:]:
+            if not frame.lstrip().startswith("File"):
+                print("      " + frame.strip().replace(str(ROOT) + "/", ""))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--streams", type=int, default=500)
+    parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--by", choices=("filename", "lineno", "traceback"), default="filename")
+    parser.add_argument("--relay", help="measure this relay app file (the shared harness's) instead of the gateway")
+    args = parser.parse_args()
+    port = free_port()
+    upstream = subprocess.Popen([sys.executable, str(ROOT / "bench" / "fake_upstream.py"), "--port", str(port)],
+                                stdout=subprocess.DEVNULL)
+    os.environ.update({"OPENAI_BASE_URL": f"http://127.0.0.1:{port}/v1", "OPENAI_API_KEY": "bench", "USAGE_DB": "",
+                       "MAX_STREAMS": "100000", "MAX_STREAMS_PER_KEY": "100000", "RESUME_GRACE_SECONDS": "0"})
+    try:
+        wait_for_port(port)
+        app, body = load_app(args.relay)
+        tracemalloc.start(12 if args.by == "traceback" else 1)
+        anyio.run(measure, app, body, args.streams, args.by, args.top, backend_options={"use_uvloop": True})
+    finally:
+        upstream.terminate()
+        upstream.wait(30)
+
+
+if __name__ == "__main__":
+    main()
