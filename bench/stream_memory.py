@@ -34,7 +34,7 @@ from run import free_port, wait_for_port  # noqa: E402
 MODEL = "n400-d50"  # 400 tokens 50 ms apart: every stream is still open when measured
 
 
-def load_app(relay: str | None) -> tuple[Any, bytes]:
+def load_app(relay: str | None, model: str = MODEL) -> tuple[Any, bytes]:
     """The app and the request body it takes: the gateway's, or a relay's (raw OpenAI)."""
     messages = [{"role": "user", "content": "hi"}]
     if relay:
@@ -42,19 +42,29 @@ def load_app(relay: str | None) -> tuple[Any, bytes]:
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        return module.app, orjson.dumps({"messages": messages, "model": MODEL, "stream": True})
+        return module.app, orjson.dumps({"messages": messages, "model": model, "stream": True})
     from asgi_stream import Gateway
 
     logging.getLogger("asgi_stream").setLevel(logging.WARNING)  # no stream_end line per stream
-    body = {"messages": messages, "backend": "openai", "model": MODEL, "max_tokens": 400}
+    body = {"messages": messages, "backend": "openai", "model": model, "max_tokens": 4000}
     return Gateway(os.environ), orjson.dumps(body)
 
 
 async def run_stream(app: Any, body: bytes, gone: anyio.Event) -> None:
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-             "path": "/chat/stream", "raw_path": b"/chat/stream", "query_string": b"", "root_path": "",
-             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2)}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/chat/stream",
+        "raw_path": b"/chat/stream",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 2),
+    }
     messages = [{"type": "http.request", "body": body, "more_body": False}]
 
     async def receive() -> dict[str, Any]:
@@ -116,10 +126,17 @@ def main() -> None:
     parser.add_argument("--relay", help="measure this relay app file (the shared harness's) instead of the gateway")
     args = parser.parse_args()
     port = free_port()
-    upstream = subprocess.Popen([sys.executable, str(ROOT / "bench" / "fake_upstream.py"), "--port", str(port)],
-                                stdout=subprocess.DEVNULL)
-    os.environ.update({"OPENAI_BASE_URL": f"http://127.0.0.1:{port}/v1", "OPENAI_API_KEY": "bench", "USAGE_DB": "",
-                       "MAX_STREAMS": "100000", "MAX_STREAMS_PER_KEY": "100000", "RESUME_GRACE_SECONDS": "0"})
+    upstream = subprocess.Popen([sys.executable, str(ROOT / "bench" / "fake_upstream.py"), "--port", str(port)], stdout=subprocess.DEVNULL)
+    os.environ.update(
+        {
+            "OPENAI_BASE_URL": f"http://127.0.0.1:{port}/v1",
+            "OPENAI_API_KEY": "bench",
+            "USAGE_DB": "",
+            "MAX_STREAMS": "100000",
+            "MAX_STREAMS_PER_KEY": "100000",
+            "RESUME_GRACE_SECONDS": "0",
+        }
+    )
     try:
         wait_for_port(port)
         app, body = load_app(args.relay)
