@@ -762,10 +762,7 @@ class Gateway:
     async def generate(self, record: StreamRecord, provider: Provider, upstream: Upstream) -> None:
         outcome: Final | UpstreamError | None = None  # None: cancelled by record.cancel
         try:
-            with anyio.CancelScope() as record.generation:
-                if record.cancel_reason:  # cancelled before it started: the client left at once
-                    record.generation.cancel()
-                outcome = await self.drive(record, provider, upstream)
+            outcome = await self.drive(record, provider, upstream)
         except UpstreamError as exc:
             outcome = exc
         except anyio.get_cancelled_exc_class():
@@ -776,17 +773,23 @@ class Gateway:
             with anyio.CancelScope(shield=True):
                 await self.account(record)
 
-    async def drive(self, record: StreamRecord, provider: Provider, upstream: Upstream) -> Final:
-        """Run the provider under the deadlines; every failure becomes UpstreamError."""
+    async def drive(self, record: StreamRecord, provider: Provider, upstream: Upstream) -> Final | None:
+        """Run the provider under the deadlines; every failure becomes UpstreamError,
+        and a stop by record.cancel returns None."""
         cfg = self.config
         start = anyio.current_time()
-        first_token = anyio.CancelScope(deadline=start + cfg.first_token_timeout)  # from the first token: idle
-        idle = IdleDeadline(first_token, cfg.idle_timeout)
-        total = anyio.CancelScope(deadline=start + cfg.total_timeout)
+        total = start + cfg.total_timeout
+        # One cancel scope for the three ways a generation stops early (record.cancel, the
+        # first-token then idle deadline, the total deadline), told apart after: each nested
+        # scope costs every upstream read, every cancel and every exit a walk of the nest.
+        scope = record.generation = anyio.CancelScope(deadline=min(start + cfg.first_token_timeout, total))
+        idle = IdleDeadline(scope, cfg.idle_timeout, cap=total)
         final: Final | None = None
         UPSTREAM_IDLE.set(idle)  # this task's own context: told of every upstream read
         try:
-            with total, first_token:
+            with scope:
+                if record.cancel_reason:  # cancelled before it started: the client left at once
+                    scope.cancel()
                 async with aclosing(retried(provider)(self.http, upstream, record.request)) as chunks:
                     async for chunk in chunks:
                         if record.cancel_reason is not None:  # a read ready at every loop turn never lets the cancel land: see Pace.gone
@@ -810,12 +813,14 @@ class Gateway:
             raise UpstreamError("timeout", f"upstream {type(exc).__name__}") from None
         except (httpx.HTTPError, LineTooLong) as exc:
             raise UpstreamError("protocol_error", f"the upstream stream broke: {str(exc) or type(exc).__name__}") from None
-        if first_token.cancelled_caught and record.tokens:
-            raise UpstreamError("timeout", f"idle deadline: the upstream sent nothing for {cfg.idle_timeout:g} s")
-        if first_token.cancelled_caught:
-            raise UpstreamError("timeout", f"first-token deadline: no token within {cfg.first_token_timeout:g} s")
-        if total.cancelled_caught:
+        if scope.cancelled_caught and record.cancel_reason is not None:
+            return None
+        if scope.cancelled_caught and anyio.current_time() >= total:
             raise UpstreamError("timeout", f"total deadline: the generation ran past {cfg.total_timeout:g} s")
+        if scope.cancelled_caught and record.tokens:
+            raise UpstreamError("timeout", f"idle deadline: the upstream sent nothing for {cfg.idle_timeout:g} s")
+        if scope.cancelled_caught:
+            raise UpstreamError("timeout", f"first-token deadline: no token within {cfg.first_token_timeout:g} s")
         if final is None:
             raise UpstreamError("protocol_error", "the upstream stream ended without a final chunk")
         return final

@@ -27,15 +27,16 @@ def loop_clock() -> Callable[[], float]:
 
 
 class IdleDeadline:
-    """Moves `scope`'s deadline past each upstream read once armed. Moving a
-    deadline reschedules a timer (~4 us); a read costs only a clock look until
-    1/SLACK of the idle time has passed, so silence is cut after between
-    `seconds` and `seconds * (1 + 1/SLACK)`."""
+    """Moves `scope`'s deadline past each upstream read once armed, never past
+    `cap` (the total deadline, kept by the same scope). Moving a deadline
+    reschedules a timer (~4 us); a read costs only a clock look until 1/SLACK
+    of the idle time has passed, so silence is cut after between `seconds`
+    and `seconds * (1 + 1/SLACK)`."""
 
-    __slots__ = ("clock", "next_move", "reads_seen", "scope", "seconds")
+    __slots__ = ("cap", "clock", "next_move", "reads_seen", "scope", "seconds")
 
-    def __init__(self, scope: anyio.CancelScope, seconds: float) -> None:
-        self.scope, self.seconds = scope, seconds
+    def __init__(self, scope: anyio.CancelScope, seconds: float, cap: float = math.inf) -> None:
+        self.scope, self.seconds, self.cap = scope, seconds, cap
         self.clock = loop_clock()
         self.next_move: float | None = None  # None: not armed
         self.reads_seen = False  # a local backend (echo) has no upstream bytes to watch
@@ -45,7 +46,7 @@ class IdleDeadline:
         if self.reads_seen:
             self._move(self.clock())
         else:
-            self.scope.deadline = math.inf
+            self.scope.deadline = self.cap
 
     def bytes_arrived(self) -> None:
         self.reads_seen = True
@@ -57,7 +58,7 @@ class IdleDeadline:
     def _move(self, now: float) -> None:
         # At the latest read r, the last move m was at most seconds/SLACK before it,
         # so m + seconds * (1 + 1/SLACK) >= r + seconds: never cut early.
-        self.scope.deadline = now + self.seconds * (1 + 1 / SLACK)
+        self.scope.deadline = min(now + self.seconds * (1 + 1 / SLACK), self.cap)
         self.next_move = now + self.seconds / SLACK
 
 
