@@ -9,7 +9,9 @@ zeroed after warm-up and dumped after each window. Needs valgrind.
 Windows: `start` = 40 sequential 1-token streams (instructions per request:
 the start path plus one token and the end); `spaced` = 1 stream of 300
 tokens 30 ms apart (a token per wake-up, as in fanout); `burst` = 1 stream
-of 4,000 tokens at full speed (throughput). Run it with the harness's venv
+of 4,000 tokens at full speed (throughput); `cancel` = 40 sequential
+streams whose client hangs up after 5 tokens 10 ms apart (per stream: the
+start, 5 spaced tokens, the disconnect and the upstream's cancel). Run it with the harness's venv
 (uvloop, httptools), e.g. ~/.cache/asgi-stream-bench/venv/bin/python.
 """
 
@@ -27,7 +29,8 @@ from pathlib import Path
 from loadgen import Stream, gateway_request, run_stream
 from run import ROOT, free_port, wait_for_port
 
-WINDOWS = {"start": (40, 1, 0), "spaced": (1, 300, 30), "burst": (1, 4000, 0)}  # streams (one after another), tokens, ms apart
+# streams (one after another), tokens, ms apart, tokens after which the client hangs up (None: to the end)
+WINDOWS = {"start": (40, 1, 0, None), "spaced": (1, 300, 30, None), "burst": (1, 4000, 0, None), "cancel": (40, 2000, 10, 5)}
 
 
 def instructions(pid: int, out: Path) -> int:
@@ -60,20 +63,23 @@ async def measure(app: str, app_dir: Path, direct: bool) -> dict[str, float]:
         wait_for_port(up_port)
         wait_for_port(gw_port, timeout=300)
 
-        async def stream(n: int, ms: int, name: str) -> Stream:
-            s = await run_stream(gw_port, gateway_request(gw_port, f"n{n}-d{ms}", n, name), Stream(name), direct=direct, timeout=600)
-            assert s.done and s.tokens == n, s
+        async def stream(n: int, ms: int, name: str, close_after: int | None = None) -> Stream:
+            request = gateway_request(gw_port, f"n{n}-d{ms}", n, name)
+            s = await run_stream(gw_port, request, Stream(name), direct=direct, close_after=close_after, timeout=600)
+            assert (s.done and s.tokens == n) if close_after is None else s.tokens >= close_after, s
             return s
 
         for i in range(5):
             await stream(20, 0, f"warm{i}")
         results = {}
-        for window, (count, n, ms) in WINDOWS.items():
+        for window, (count, n, ms, close_after) in WINDOWS.items():
             subprocess.run(["callgrind_control", "--zero", str(gateway.pid)], check=True, capture_output=True)
             for i in range(count):
-                await stream(n, ms, f"{window}{i}")
+                await stream(n, ms, f"{window}{i}", close_after)
+            if close_after is not None:
+                await asyncio.sleep(2)  # the gateway's unwinding after the hang-up is part of the window
             total = instructions(gateway.pid, out)
-            results[window] = total / (count if window == "start" else n)
+            results[window] = total / (n if count == 1 else count)
         return results
     finally:
         for process in (gateway, upstream):
@@ -91,7 +97,7 @@ def main() -> None:
         results = asyncio.run(measure(f"{relay.stem}:app", relay.parent, direct=True))
     else:
         results = asyncio.run(measure("asgi_stream:app", Path(args.project).resolve(), direct=False))
-    units = {window: "request" if window == "start" else "token" for window in results}
+    units = {window: "request" if WINDOWS[window][0] > 1 else "token" for window in results}
     print("  ".join(f"{window}: {value / 1000:,.0f} k instr/{units[window]}" for window, value in results.items()))
 
 
