@@ -1,11 +1,12 @@
-"""How long the app itself takes from a client's disconnect to closing the
+"""How long the app itself takes from a client's leaving to closing the
 upstream connection, without a server or the harness's sockets in the way:
-each stream is driven in-process against bench/fake_upstream.py, the client
-"leaves" (receive() returns http.disconnect) after the fifth body message,
-and the time runs until httpcore starts closing the upstream connection.
-With `--wave 20` twenty clients leave at the same moment, as in the shared
-harness's disconnect scenario: then the work each stream does in the loop
-turns before its close delays the closes of the others.
+each stream is driven in-process against bench/fake_upstream.py, its client
+leaves (receive() returns http.disconnect) once it has had five body
+messages, and the time runs from that moment until httpcore starts closing
+the upstream connection. With `--wave 20` twenty clients leave at the same
+moment, as in the shared harness's disconnect scenario: then the work each
+stream does in the loop turns before its close delays the closes of the
+others.
 
     python bench/cancel_latency.py [--streams 200] [--wave 20]
     python bench/cancel_latency.py --relay /work/shared/bench/apps/relay_app.py
@@ -15,16 +16,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
-import subprocess
-import sys
 import time
 from typing import Any
 
 import anyio
 import httpcore._backends.anyio as httpcore_anyio
-from stream_memory import ROOT, free_port, load_app, wait_for_port
+from stream_memory import chat_scope, fake_upstream, load_app, start_lifespan
 
 MODEL = "n2000-d10"  # a token every 10 ms: the read pending when the client leaves, as in the harness
 
@@ -63,21 +61,7 @@ async def measure(app: Any, body: bytes, count: int, size: int) -> list[float]:
                         left[0] = time.perf_counter()
                         leave.set()
 
-            scope = {
-                "type": "http",
-                "asgi": {"version": "3.0"},
-                "http_version": "1.1",
-                "method": "POST",
-                "scheme": "http",
-                "path": "/chat/stream",
-                "raw_path": b"/chat/stream",
-                "query_string": b"",
-                "root_path": "",
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-                "client": ("127.0.0.1", 1),
-                "server": ("127.0.0.1", 2),
-            }
-            await asyncio.create_task(app(scope, receive, send))  # its own task, as under uvicorn: the relay cancels it
+            await asyncio.create_task(app(chat_scope(body), receive, send))  # its own task, as under uvicorn: the relay cancels it
 
         seen = len(closes)
         with anyio.fail_after(30):
@@ -88,19 +72,8 @@ async def measure(app: Any, body: bytes, count: int, size: int) -> list[float]:
                 await anyio.sleep(0)
         latencies.extend((close - left[0]) * 1000 for close in closes[seen:])
 
-    lifespan = [{"type": "lifespan.startup"}]
-
-    async def lifespan_receive() -> dict[str, Any]:
-        if lifespan:
-            return lifespan.pop()
-        await anyio.sleep_forever()
-        raise AssertionError
-
-    async def lifespan_send(message: dict[str, Any]) -> None:
-        pass
-
     async with anyio.create_task_group() as server:
-        server.start_soon(app, {"type": "lifespan", "asgi": {"version": "3.0"}}, lifespan_receive, lifespan_send)
+        start_lifespan(app, server)
         await anyio.sleep(0.1)
         for _ in range(2):  # warm-up
             await wave()
@@ -117,25 +90,9 @@ def main() -> None:
     parser.add_argument("--wave", type=int, default=1, help="streams whose clients leave at the same moment (the harness: 20)")
     parser.add_argument("--relay", help="measure this relay app file (the shared harness's) instead of the gateway")
     args = parser.parse_args()
-    port = free_port()
-    upstream = subprocess.Popen([sys.executable, str(ROOT / "bench" / "fake_upstream.py"), "--port", str(port)], stdout=subprocess.DEVNULL)
-    os.environ.update(
-        {
-            "OPENAI_BASE_URL": f"http://127.0.0.1:{port}/v1",
-            "OPENAI_API_KEY": "bench",
-            "USAGE_DB": "",
-            "RESUME_GRACE_SECONDS": "0",
-            "LOG_LEVEL": "warning",
-            "MAX_TOKENS_LIMIT": "1000000",
-        }
-    )
-    try:
-        wait_for_port(port)
+    with fake_upstream():
         app, body = load_app(args.relay, MODEL)
         latencies = anyio.run(measure, app, body, args.streams, args.wave, backend_options={"use_uvloop": True})
-    finally:
-        upstream.terminate()
-        upstream.wait(30)
     cuts = statistics.quantiles(latencies, n=100)
     print(
         f"disconnect -> upstream close, {len(latencies)} streams in waves of {args.wave}: p50 {cuts[49] * 1000:.0f} us, "

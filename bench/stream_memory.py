@@ -15,16 +15,18 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib.util
-import logging
 import os
 import subprocess
 import sys
 import tracemalloc
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import anyio
 import orjson
+from anyio.abc import TaskGroup
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -32,6 +34,32 @@ sys.path.insert(0, str(ROOT / "bench"))
 from run import free_port, wait_for_port  # noqa: E402
 
 MODEL = "n400-d50"  # 400 tokens 50 ms apart: every stream is still open when measured
+
+
+@contextmanager
+def fake_upstream() -> Iterator[None]:
+    """bench/fake_upstream.py on a free port, and the settings that point the gateway at it
+    with its limits lifted, no ledger, no resume grace (as the shared harness runs it)."""
+    port = free_port()
+    upstream = subprocess.Popen([sys.executable, str(ROOT / "bench" / "fake_upstream.py"), "--port", str(port)], stdout=subprocess.DEVNULL)
+    os.environ.update(
+        {
+            "OPENAI_BASE_URL": f"http://127.0.0.1:{port}/v1",
+            "OPENAI_API_KEY": "bench",
+            "USAGE_DB": "",
+            "LOG_LEVEL": "warning",
+            "MAX_STREAMS": "100000",
+            "MAX_STREAMS_PER_KEY": "100000",
+            "MAX_TOKENS_LIMIT": "1000000",
+            "RESUME_GRACE_SECONDS": "0",
+        }
+    )
+    try:
+        wait_for_port(port)
+        yield
+    finally:
+        upstream.terminate()
+        upstream.wait(30)
 
 
 def load_app(relay: str | None, model: str = MODEL) -> tuple[Any, bytes]:
@@ -45,13 +73,13 @@ def load_app(relay: str | None, model: str = MODEL) -> tuple[Any, bytes]:
         return module.app, orjson.dumps({"messages": messages, "model": model, "stream": True})
     from asgi_stream import Gateway
 
-    logging.getLogger("asgi_stream").setLevel(logging.WARNING)  # no stream_end line per stream
     body = {"messages": messages, "backend": "openai", "model": model, "max_tokens": 4000}
     return Gateway(os.environ), orjson.dumps(body)
 
 
-async def run_stream(app: Any, body: bytes, gone: anyio.Event) -> None:
-    scope = {
+def chat_scope(body: bytes) -> dict[str, Any]:
+    """The scope of a `POST /chat/stream` carrying `body`, as a server passes it."""
+    return {
         "type": "http",
         "asgi": {"version": "3.0"},
         "http_version": "1.1",
@@ -65,6 +93,25 @@ async def run_stream(app: Any, body: bytes, gone: anyio.Event) -> None:
         "client": ("127.0.0.1", 1),
         "server": ("127.0.0.1", 2),
     }
+
+
+def start_lifespan(app: Any, server: TaskGroup) -> None:
+    """Run the app's lifespan in `server` up to its startup; cancelling `server` ends it."""
+    startup = [{"type": "lifespan.startup"}]
+
+    async def receive() -> dict[str, Any]:
+        if startup:
+            return startup.pop()
+        await anyio.sleep_forever()
+        raise AssertionError
+
+    async def send(message: dict[str, Any]) -> None:
+        pass
+
+    server.start_soon(app, {"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
+
+
+async def run_stream(app: Any, body: bytes, gone: anyio.Event) -> None:
     messages = [{"type": "http.request", "body": body, "more_body": False}]
 
     async def receive() -> dict[str, Any]:
@@ -76,23 +123,12 @@ async def run_stream(app: Any, body: bytes, gone: anyio.Event) -> None:
     async def send(message: dict[str, Any]) -> None:
         pass
 
-    await app(scope, receive, send)
+    await app(chat_scope(body), receive, send)
 
 
 async def measure(app: Any, body: bytes, count: int, group_by: str, top: int) -> None:
-    lifespan = [{"type": "lifespan.startup"}]
-
-    async def lifespan_receive() -> dict[str, Any]:
-        if lifespan:
-            return lifespan.pop()
-        await anyio.sleep_forever()
-        raise AssertionError
-
-    async def lifespan_send(message: dict[str, Any]) -> None:
-        pass
-
     async with anyio.create_task_group() as server:
-        server.start_soon(app, {"type": "lifespan", "asgi": {"version": "3.0"}}, lifespan_receive, lifespan_send)
+        start_lifespan(app, server)
         for n, snapshot in ((50, False), (count, True)):  # the first round warms pools and caches up
             gone = anyio.Event()
             gc.collect()
@@ -125,26 +161,10 @@ def main() -> None:
     parser.add_argument("--by", choices=("filename", "lineno", "traceback"), default="filename")
     parser.add_argument("--relay", help="measure this relay app file (the shared harness's) instead of the gateway")
     args = parser.parse_args()
-    port = free_port()
-    upstream = subprocess.Popen([sys.executable, str(ROOT / "bench" / "fake_upstream.py"), "--port", str(port)], stdout=subprocess.DEVNULL)
-    os.environ.update(
-        {
-            "OPENAI_BASE_URL": f"http://127.0.0.1:{port}/v1",
-            "OPENAI_API_KEY": "bench",
-            "USAGE_DB": "",
-            "MAX_STREAMS": "100000",
-            "MAX_STREAMS_PER_KEY": "100000",
-            "RESUME_GRACE_SECONDS": "0",
-        }
-    )
-    try:
-        wait_for_port(port)
+    with fake_upstream():
         app, body = load_app(args.relay)
         tracemalloc.start(12 if args.by == "traceback" else 1)
         anyio.run(measure, app, body, args.streams, args.by, args.top, backend_options={"use_uvloop": True})
-    finally:
-        upstream.terminate()
-        upstream.wait(30)
 
 
 if __name__ == "__main__":
