@@ -813,13 +813,13 @@ class Gateway:
             raise UpstreamError("timeout", f"upstream {type(exc).__name__}") from None
         except (httpx.HTTPError, LineTooLong) as exc:
             raise UpstreamError("protocol_error", f"the upstream stream broke: {str(exc) or type(exc).__name__}") from None
-        if scope.cancelled_caught and record.cancel_reason is not None:
-            return None
-        if scope.cancelled_caught and anyio.current_time() >= total:
-            raise UpstreamError("timeout", f"total deadline: the generation ran past {cfg.total_timeout:g} s")
-        if scope.cancelled_caught and record.tokens:
-            raise UpstreamError("timeout", f"idle deadline: the upstream sent nothing for {cfg.idle_timeout:g} s")
-        if scope.cancelled_caught:
+        if scope.cancelled_caught:  # which of the three it was
+            if record.cancel_reason is not None:
+                return None
+            if anyio.current_time() >= total:
+                raise UpstreamError("timeout", f"total deadline: the generation ran past {cfg.total_timeout:g} s")
+            if record.tokens:
+                raise UpstreamError("timeout", f"idle deadline: the upstream sent nothing for {cfg.idle_timeout:g} s")
             raise UpstreamError("timeout", f"first-token deadline: no token within {cfg.first_token_timeout:g} s")
         if final is None:
             raise UpstreamError("protocol_error", "the upstream stream ended without a final chunk")

@@ -22,7 +22,7 @@ from typing import Any
 
 import anyio
 import httpcore._backends.anyio as httpcore_anyio
-from stream_memory import chat_scope, fake_upstream, load_app, start_lifespan
+from stream_memory import fake_upstream, load_app, run_stream, start_lifespan
 
 MODEL = "n2000-d10"  # a token every 10 ms: the read pending when the client leaves, as in the harness
 
@@ -43,14 +43,7 @@ async def measure(app: Any, body: bytes, count: int, size: int) -> list[float]:
         leave, left, ready = anyio.Event(), [0.0], [0]
 
         async def one() -> None:
-            request = [{"type": "http.request", "body": body, "more_body": False}]
             bodies = 0
-
-            async def receive() -> dict[str, Any]:
-                if request:
-                    return request.pop()
-                await leave.wait()
-                return {"type": "http.disconnect"}
 
             async def send(message: dict[str, Any]) -> None:
                 nonlocal bodies
@@ -61,7 +54,7 @@ async def measure(app: Any, body: bytes, count: int, size: int) -> list[float]:
                         left[0] = time.perf_counter()
                         leave.set()
 
-            await asyncio.create_task(app(chat_scope(body), receive, send))  # its own task, as under uvicorn: the relay cancels it
+            await asyncio.create_task(run_stream(app, body, leave, send))  # its own task, as under uvicorn: the relay cancels it
 
         seen = len(closes)
         with anyio.fail_after(30):

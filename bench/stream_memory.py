@@ -19,7 +19,7 @@ import os
 import subprocess
 import sys
 import tracemalloc
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -111,7 +111,12 @@ def start_lifespan(app: Any, server: TaskGroup) -> None:
     server.start_soon(app, {"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
 
 
-async def run_stream(app: Any, body: bytes, gone: anyio.Event) -> None:
+async def ignore(message: dict[str, Any]) -> None:
+    pass
+
+
+async def run_stream(app: Any, body: bytes, gone: anyio.Event, send: Callable[[dict[str, Any]], Awaitable[None]] = ignore) -> None:
+    """One `POST /chat/stream` of `body` whose client leaves when `gone` is set."""
     messages = [{"type": "http.request", "body": body, "more_body": False}]
 
     async def receive() -> dict[str, Any]:
@@ -119,9 +124,6 @@ async def run_stream(app: Any, body: bytes, gone: anyio.Event) -> None:
             return messages.pop()
         await gone.wait()
         return {"type": "http.disconnect"}
-
-    async def send(message: dict[str, Any]) -> None:
-        pass
 
     await app(chat_scope(body), receive, send)
 
