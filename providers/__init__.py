@@ -275,8 +275,13 @@ def retried(provider: Provider) -> Provider:
                 return
             except UpstreamError as failure:
                 delay = backoff_delay(attempt, failure.retry_after)
-                too_late = anyio.current_time() + delay >= anyio.current_effective_deadline()
-                if sent or not failure.retryable or attempt == MAX_ATTEMPTS or too_late:
+                if sent or not failure.retryable or attempt == MAX_ATTEMPTS:
+                    raise
+                # A cancel called but not yet delivered (the client left in the loop turn this
+                # failure arrived) reads below as a deadline of -inf: let it land first, so the
+                # stream ends as cancelled rather than with a failure it would have retried.
+                await anyio.lowlevel.checkpoint_if_cancelled()
+                if anyio.current_time() + delay >= anyio.current_effective_deadline():
                     raise
                 await anyio.sleep(delay)
 

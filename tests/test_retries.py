@@ -10,6 +10,7 @@ import socket
 import time
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 
@@ -280,3 +281,24 @@ def test_connect_timeout_is_retried_and_reported_as_a_timeout() -> None:
     error = error_of(result)
     assert error["type"] == "timeout" and "connect" in error["message"]
     assert elapsed >= 3 * 0.2  # three attempts, each given its whole connect timeout
+
+
+@pytest.mark.anyio
+async def test_a_client_that_leaves_as_a_retryable_failure_arrives_is_a_cancel_not_that_failure(anyio_backend: str) -> None:
+    # The race CI once hit: the 429 arrives and the client leaves in the same loop turn, so the
+    # cancel is called but not yet delivered when retried() weighs the retry. A cancelled scope's
+    # effective deadline is -inf: read as "too late to retry", the 429 became the stream's outcome.
+    attempts = 0
+
+    async def rate_limited(http: httpx.AsyncClient, upstream: Upstream, request: ChatRequest) -> Any:
+        nonlocal attempts
+        attempts += 1
+        generation.cancel()  # the client leaves: called, not yet delivered
+        raise UpstreamError("upstream_error", "busy 429", status=429, retry_after=10, retryable=True)
+        yield  # pragma: no cover - an async generator that fails at its first step
+
+    with anyio.CancelScope() as generation:
+        async with httpx.AsyncClient() as http:
+            async for _ in retried(rate_limited)(http, Upstream("http://127.0.0.1:1"), REQUEST):
+                pass  # pragma: no cover
+    assert generation.cancelled_caught and attempts == 1
