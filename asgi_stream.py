@@ -814,6 +814,8 @@ class Gateway:
         except (httpx.HTTPError, LineTooLong) as exc:
             raise UpstreamError("protocol_error", f"the upstream stream broke: {str(exc) or type(exc).__name__}") from None
         if scope.cancelled_caught:  # which of the three it was
+            if isinstance(record.cancel_reason, UpstreamError):
+                raise record.cancel_reason
             if record.cancel_reason is not None:
                 return None
             if anyio.current_time() >= total:

@@ -49,7 +49,7 @@ class StreamRecord:
         self.finish_reason: str | None = None
         self.usage: dict[str, Any] | None = None
         self.error: UpstreamError | None = None
-        self.cancel_reason: str | None = None
+        self.cancel_reason: str | UpstreamError | None = None  # an error: the stream ends with it, not as cancelled
         self.generation: anyio.CancelScope | None = None
         self._data = bytearray()  # UTF-8 data of the held events, line breaks already framed
         self._ends = array("Q")  # end offset of each held event's data
@@ -154,8 +154,9 @@ class StreamRecord:
             self._changed.set()
             self._changed = None
 
-    def cancel(self, reason: str) -> bool:
-        """Stop the generation (DELETE, or no reader after the grace), even one not started yet."""
+    def cancel(self, reason: str | UpstreamError) -> bool:
+        """Stop the generation (DELETE, or no reader after the grace), even one not started yet;
+        with an error as the reason, the stream ends with that error."""
         if self.finished:
             return False
         self.cancel_reason = reason

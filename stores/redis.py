@@ -10,7 +10,7 @@ import math
 import secrets
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import anyio
@@ -31,6 +31,7 @@ PREFIX = "asgi-stream:"
 SLOTS = PREFIX + "slots"  # sorted set: stream id -> slot lease expiry (ms, Redis clock)
 log = logging.getLogger("asgi_stream")
 ORPHANS = PREFIX + "orphans"  # streams whose slot lease expired unfinished: their owner died
+LEASE_LOST = "this stream's slot lease lapsed (its process stalled, or Redis was away) and the slot went to another stream"
 
 # Check-and-take a stream slot, atomically for every replica, and describe
 # the stream (KEYS[4], ARGV[6] ms to live, then field/value pairs; none for a
@@ -55,24 +56,42 @@ if #ARGV > 6 then
 end
 return 0
 """
-# Renew the slot leases of a process's running streams (ARGV: lease ms, then
-# pairs of stream id and per-key set), taking back any that lapsed meanwhile
-# (a slow round); then hand out up to 10 orphans.
+# Renew the slot leases of a process's running streams (ARGV: lease ms, the
+# two limits and whether the key's counts, then triples of stream id, its
+# per-key set and its ended-by key). A lease that lapsed meanwhile (a starved
+# loop, Redis away) may have had its slot given to a new stream: it is taken
+# back only if no replica has begun to end it and it fits the limits again.
+# Returns the streams that lost their slot (their owner ends them), then up
+# to 10 orphans to end.
 RENEW = """
 local now = redis.call('TIME')
 now = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 local lease = tonumber(ARGV[1])
-for i = 2, #ARGV, 2 do
-  redis.call('ZADD', KEYS[1], now + lease, ARGV[i])
-  redis.call('SREM', KEYS[2], ARGV[i])
-  if ARGV[i + 1] ~= '' then
-    redis.call('ZADD', ARGV[i + 1], now + lease, ARGV[i])
-    redis.call('PEXPIRE', ARGV[i + 1], lease * 2)
+local live = '(' .. now
+local lost = {}
+for i = 5, #ARGV, 3 do
+  local stream, per_key, ended_by = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local held = redis.call('ZSCORE', KEYS[1], stream)
+  if not held then  -- an orphan nobody claimed yet, or one Redis forgot (restarted empty)
+    redis.call('SREM', KEYS[2], stream)
+    held = redis.call('EXISTS', ended_by) == 0 and redis.call('ZCOUNT', KEYS[1], live, '+inf') < tonumber(ARGV[2])
+    if held and ARGV[4] == '1' and per_key ~= '' then
+      held = redis.call('ZCOUNT', per_key, live, '+inf') < tonumber(ARGV[3])
+    end
+  end
+  if held then
+    redis.call('ZADD', KEYS[1], now + lease, stream)
+    if per_key ~= '' then
+      redis.call('ZADD', per_key, now + lease, stream)
+      redis.call('PEXPIRE', per_key, lease * 2)
+    end
+  else
+    lost[#lost + 1] = stream
   end
 end
 for _, stream in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)) do redis.call('SADD', KEYS[2], stream) end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-return redis.call('SPOP', KEYS[2], 10)
+return {lost, redis.call('SPOP', KEYS[2], 10)}
 """
 
 
@@ -92,6 +111,10 @@ def events_key(stream_id: str) -> str:
 
 def meta_key(stream_id: str) -> str:
     return f"{PREFIX}{stream_id}:meta"
+
+
+def ended_by_key(stream_id: str) -> str:
+    return f"{PREFIX}{stream_id}:ended-by"
 
 
 def key_slots(key_name: str | None) -> str:
@@ -205,7 +228,6 @@ class RedisStore:
 
     async def hold(self, record: StreamRecord) -> None:
         client, cfg = self._client(), self.config
-        check_key = "1" if cfg.api_keys else "0"
         meta: dict[str, str | int] = {
             "key": "" if record.key_name is None else "=" + record.key_name, "owner": self.process,
             "backend": record.request.backend, "model": record.request.model, "started": repr(record.started),
@@ -215,8 +237,8 @@ class RedisStore:
         if not record.resumable:  # no replica may find, follow or cancel it: its meta is only for its row, should its owner die
             meta["resumable"] = 0
         keys = [SLOTS, key_slots(record.key_name) or SLOTS, ORPHANS, meta_key(record.id)]
-        args = [record.id, self.lease_ms, cfg.max_streams, cfg.max_streams_per_key, check_key,
-                self.lease_ms * 3 + self.ttl * 1000, *[item for pair in meta.items() for item in pair]]  # fmt: skip
+        args = [record.id, self.lease_ms, *self._limits(), self.lease_ms * 3 + self.ttl * 1000,
+                *[item for pair in meta.items() for item in pair]]  # fmt: skip
         try:  # one command, not a pipeline: commands share this process's connection, pipelines each take one
             refused = await client.eval(ADMIT, keys, args)
             if refused and any(held.finished for held, _ in self.owned.values()):
@@ -237,6 +259,10 @@ class RedisStore:
         record.on_append = self._appended
         if record.resumable:
             self.registry.add(record)
+
+    def _limits(self) -> list[int | str]:
+        """The limits' arguments to ADMIT and RENEW; a key's own limit counts only with API_KEYS."""
+        return [self.config.max_streams, self.config.max_streams_per_key, "1" if self.config.api_keys else "0"]
 
     def _appended(self, record: StreamRecord) -> None:
         self.dirty.add(record.id)
@@ -336,44 +362,55 @@ class RedisStore:
                 await anyio.sleep(0.5)
 
     async def _renew(self) -> None:
-        """One task per process: renew the slot leases and key expiries of every
-        owned stream in one round trip, and end the streams of dead owners."""
+        """One task per process: a round of renewals every third of a lease."""
         while True:
             await anyio.sleep(self.lease_ms / 3000 if self.ok else 0.5)
-            client = self.client
-            if client is None:
-                continue
-            pairs: list[str] = []
-            kept: list[str] = []  # the keys of their meta, and of their events if resumable
-            for stream_id, (record, _) in self.owned.items():
-                if not record.finished:
-                    pairs += [stream_id, key_slots(record.key_name)]
-                    kept += [meta_key(stream_id), events_key(stream_id)] if record.resumable else [meta_key(stream_id)]
-            try:
-                async with client.pipeline(transaction=False) as pipe:
-                    orphans = pipe.eval(RENEW, [SLOTS, ORPHANS], [self.lease_ms, *pairs])
-                    for key in kept:
-                        pipe.pexpire(key, self.lease_ms * 3 + self.ttl * 1000)
-                    self._announce_readers(pipe)
-                self.ok = True  # this round doubles as the health check: service resumes by itself when Redis is back
-                for orphan in await orphans or []:  # type: ignore[union-attr]
-                    stream_id = as_bytes(orphan).decode()  # type: ignore[arg-type]
-                    await self._interrupt(stream_id)
-            except (coredis.exceptions.RedisError, OSError) as exc:
-                self._lost(exc)
-                continue
-            now = anyio.current_time()
-            for record, owned in self.owned.values():  # remote readers that stopped saying so are gone
-                if any(until < now for _, until in owned.remote.values()):
-                    owned.remote = {p: v for p, v in owned.remote.items() if v[1] >= now}
-                    record.notify()
+            if self.client is not None:
+                await self.renew_leases(self.client)
+
+    async def renew_leases(self, client: coredis.Redis[bytes]) -> None:
+        """Renew the slot leases and key expiries of every owned stream in one
+        round trip, end those that lost their slot, and the streams of dead owners."""
+        held: list[str] = []  # triples for RENEW
+        kept: list[str] = []  # the keys of their meta, and of their events if resumable
+        for stream_id, (record, _) in self.owned.items():
+            if not record.finished:
+                held += [stream_id, key_slots(record.key_name), ended_by_key(stream_id)]
+                kept += [meta_key(stream_id), events_key(stream_id)] if record.resumable else [meta_key(stream_id)]
+        try:
+            async with client.pipeline(transaction=False) as pipe:
+                renewed = pipe.eval(RENEW, [SLOTS, ORPHANS], [self.lease_ms, *self._limits(), *held])
+                for key in kept:
+                    pipe.pexpire(key, self.lease_ms * 3 + self.ttl * 1000)
+                self._announce_readers(pipe)
+            self.ok = True  # this round doubles as the health check: service resumes by itself when Redis is back
+            lost, orphans = cast("list[list[bytes]]", await renewed)
+            for lost_id in lost:
+                self._end_lost(lost_id.decode())
+            for orphan in orphans:
+                await self._interrupt(orphan.decode())
+        except (coredis.exceptions.RedisError, OSError) as exc:
+            self._lost(exc)
+            return
+        now = anyio.current_time()
+        for record, owned in self.owned.values():  # remote readers that stopped saying so are gone
+            if any(until < now for _, until in owned.remote.values()):
+                owned.remote = {p: v for p, v in owned.remote.items() if v[1] >= now}
+                record.notify()
+
+    def _end_lost(self, stream_id: str) -> None:
+        """A stream of ours whose slot lease lapsed and was given away: it ends
+        here, with `interrupted`, rather than run over the limits."""
+        record, _ = self.owned.get(stream_id, (None, None))
+        if record is not None and record.cancel(UpstreamError("interrupted", LEASE_LOST)):
+            log.warning("stream %s lost its slot (its lease lapsed and the slot was taken); ended here", stream_id)
 
     async def _interrupt(self, stream_id: str) -> None:
         """End the stream of an owner that died: error `interrupted` and done in
         Redis (so every resume ends the same way), and its ledger row, once."""
         client = self.client
         assert client is not None
-        if not await client.set(f"{PREFIX}{stream_id}:ended-by", self.process, condition=coredis.PureToken.NX, ex=self.ttl + 60):
+        if not await client.set(ended_by_key(stream_id), self.process, condition=coredis.PureToken.NX, ex=self.ttl + 60):
             return
         meta = await client.hgetall(meta_key(stream_id))
         if not meta or b"finished" in meta:

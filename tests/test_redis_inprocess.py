@@ -12,16 +12,17 @@ from typing import Any
 
 import anyio
 import coredis
+import orjson
 import pytest
 
 from asgi_stream import Gateway
 from providers import ChatRequest
 from stores import Refused
 from stores.memory import StreamRecord
-from stores.redis import events_key, unpack
+from stores.redis import ORPHANS, SLOTS, ended_by_key, events_key, key_slots, unpack
 from tests.conftest import free_port
 from tests.redis_server import RedisServer, redis_server  # noqa: F401 - a fixture
-from tests.test_inprocess import ENV, request, sse_events
+from tests.test_inprocess import ENV, exchange, request, sse_events
 
 pytestmark = pytest.mark.anyio
 
@@ -150,3 +151,82 @@ async def test_startup_fails_naming_redis_url_without_its_password() -> None:
     message = answers[0]["message"]
     assert message.startswith("asgi-stream: REDIS_URL=redis://user:[redacted]@127.0.0.1:") and "unreachable" in message
     assert "hunter2" not in message
+
+
+LAPSE = {"ECHO_DELAY_SECONDS": "0.05", "OWNER_LEASE_SECONDS": "120", "API_KEYS": "a:ka,b:kb"}  # renewals only when the test asks
+
+
+@pytest.mark.parametrize(
+    ("limits", "newcomer", "given_away"),
+    [
+        ({"MAX_STREAMS": "1"}, "kb", True),  # the one slot went to the newcomer
+        ({"MAX_STREAMS": "2"}, "kb", False),  # room for both: the owner takes its slot back
+        ({"MAX_STREAMS_PER_KEY": "1"}, "ka", True),  # its key's one slot went to the newcomer
+        ({"MAX_STREAMS_PER_KEY": "1"}, "kb", False),  # the newcomer holds another key's slot
+    ],
+)
+async def test_a_stream_whose_lease_lapsed_gets_its_slot_back_only_if_it_was_not_given_away(
+    redis_server: RedisServer, limits: dict[str, str], newcomer: str, given_away: bool
+) -> None:
+    # The lease of a live owner lapses when its loop is starved, or Redis is away, for a whole lease.
+    # Its slot may then go to a new stream; taking it back at the next renewal broke the limits.
+    env = {"REDIS_URL": redis_server.url, **LAPSE, **limits}
+    async with running(env) as one, running(env) as two:
+        async with exchange(one, "GET", "/chat/stream", "prompt=" + "w%20" * 60, [("authorization", "Bearer ka")]) as first:
+            assert (await first.next())["status"] == 200
+            await first.next_body()  # it runs
+            (stream_id,) = one.store.owned
+            for slots in (SLOTS, key_slots("a")):  # its lease, lapsed
+                redis_server.command("ZADD", slots, "1", stream_id)
+            async with exchange(two, "GET", "/chat/stream", "prompt=new", [("authorization", f"Bearer {newcomer}")]) as second:
+                assert (await second.next())["status"] == 200
+                assert redis_server.command("SMEMBERS", ORPHANS) == f"*1\r\n${len(stream_id)}\r\n{stream_id}\r\n".encode()
+                assert one.store.client is not None
+                await one.store.renew_leases(one.store.client)
+                assert redis_server.command("SCARD", ORPHANS) == b":0\r\n"  # claimed by its owner: no replica interrupts it
+                assert redis_server.command("ZCARD", SLOTS) == (b":1\r\n" if given_away else b":2\r\n")
+                with anyio.fail_after(30):  # the rest of its 6 s of tokens, if it kept its slot
+                    await first.done.wait()
+    if given_away:
+        assert_ended_on_losing_its_slot(first.body)
+    else:
+        assert_whole(first.body)
+
+
+@pytest.mark.parametrize("ended_elsewhere", [False, True])
+async def test_a_running_stream_redis_forgot_is_taken_back_unless_a_replica_began_to_end_it(
+    redis_server: RedisServer, ended_elsewhere: bool
+) -> None:
+    # Not in the slots and not an orphan: Redis restarted empty (it comes back, with room), or a
+    # replica found it orphaned and claimed it (SPOP, then SET ended-by): that replica ends it.
+    async with running({"REDIS_URL": redis_server.url, **LAPSE, "MAX_STREAMS": "1"}) as one:
+        async with exchange(one, "GET", "/chat/stream", "prompt=" + "w%20" * 60, [("authorization", "Bearer ka")]) as first:
+            assert (await first.next())["status"] == 200
+            await first.next_body()
+            (stream_id,) = one.store.owned
+            redis_server.command("DEL", SLOTS, key_slots("a"))
+            if ended_elsewhere:
+                redis_server.command("SET", ended_by_key(stream_id), "another-replica")
+            assert one.store.client is not None
+            await one.store.renew_leases(one.store.client)
+            assert redis_server.command("ZCARD", SLOTS) == (b":0\r\n" if ended_elsewhere else b":1\r\n")
+            with anyio.fail_after(30):
+                await first.done.wait()
+    if ended_elsewhere:
+        assert_ended_on_losing_its_slot(first.body)
+    else:
+        assert_whole(first.body)
+
+
+def assert_ended_on_losing_its_slot(body: bytes) -> None:
+    """At once, with the error a replica that found it orphaned writes."""
+    events = sse_events(body)
+    assert [name for name, _, _ in events[-2:]] == ["error", "done"] and events[-1][1] == "error"
+    error = orjson.loads(events[-2][1])
+    assert error["type"] == "interrupted" and "lease lapsed" in error["message"]
+    assert len([name for name, _, _ in events if name == "token"]) < 60
+
+
+def assert_whole(body: bytes) -> None:
+    events = sse_events(body)
+    assert events[-1][:2] == ("done", "stop") and "".join(d for n, d, _ in events if n == "token") == "w " * 60
