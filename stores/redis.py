@@ -31,7 +31,7 @@ PREFIX = "asgi-stream:"
 SLOTS = PREFIX + "slots"  # sorted set: stream id -> slot lease expiry (ms, Redis clock)
 log = logging.getLogger("asgi_stream")
 ORPHANS = PREFIX + "orphans"  # streams whose slot lease expired unfinished: their owner died
-LEASE_LOST = "this stream's slot lease lapsed (its process stalled, or Redis was away) and the slot went to another stream"
+LEASE_LOST = "this stream's slot lease lapsed (its process stalled, or Redis was away) and another stream or replica took it over"
 
 # Check-and-take a stream slot, atomically for every replica, and describe
 # the stream (KEYS[4], ARGV[6] ms to live, then field/value pairs; none for a
@@ -337,9 +337,9 @@ class RedisStore:
                 if added is not None:
                     await added
             except coredis.exceptions.ResponseError:  # a replica declared this owner dead and ended the stream
-                log.warning("stream %s was ended by another replica (its lease lapsed); cancelling it here", record.id)
+                log.warning("stream %s was ended by another replica (its lease lapsed); ending it here too", record.id)
                 del self.owned[record.id]
-                record.cancel("taken over")
+                record.cancel(UpstreamError("interrupted", LEASE_LOST))  # as the replica told every other reader
                 continue
             owned.flushed, owned.first = count, record.first
             if record.finished and count == record.count:

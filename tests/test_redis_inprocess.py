@@ -5,9 +5,11 @@ against an unreachable Redis."""
 
 from __future__ import annotations
 
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -220,12 +222,35 @@ async def test_a_running_stream_redis_forgot_is_taken_back_unless_a_replica_bega
         assert_whole(first.body)
 
 
+async def test_an_owner_cut_off_while_another_replica_ended_its_stream_ends_it_the_same_way_with_one_row(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    # To Redis an owner whose lease lapsed looks dead: another replica ends its stream (`interrupted`)
+    # and writes its row. The owner, alive, learns it at its next write and must tell its own
+    # client the same, not `cancelled`; the shared ledger keeps one row.
+    env = {"REDIS_URL": redis_server.url, **LAPSE, "USAGE_DB": str(tmp_path / "usage.db")}
+    async with running(env) as one, running(env) as two:
+        async with exchange(one, "GET", "/chat/stream", "prompt=" + "w%20" * WORDS, [("authorization", "Bearer ka")]) as first:
+            assert (await first.next())["status"] == 200
+            await first.next_body()
+            (stream_id,) = one.store.owned
+            redis_server.command("ZADD", SLOTS, "1", stream_id)  # its lease, lapsed
+            assert two.store.client is not None
+            await two.store.renew_leases(two.store.client)  # finds the orphan and ends it
+            with anyio.fail_after(30):
+                await first.done.wait()
+        assert stream_id not in one.store.owned
+    assert_ended_on_losing_its_slot(first.body)
+    rows = sqlite3.connect(tmp_path / "usage.db").execute("SELECT stream_id, finish_reason, error_type FROM usage").fetchall()
+    assert rows == [(stream_id, "error", "interrupted")]
+
+
 def assert_ended_on_losing_its_slot(body: bytes) -> None:
     """At once, with the error a replica that found it orphaned writes."""
     events = sse_events(body)
     assert [name for name, _, _ in events[-2:]] == ["error", "done"] and events[-1][1] == "error"
     error = orjson.loads(events[-2][1])
-    assert error["type"] == "interrupted" and "lease lapsed" in error["message"]
+    assert error["type"] == "interrupted" and "slot lease lapsed" in error["message"]
     assert len([name for name, _, _ in events if name == "token"]) < WORDS
 
 
