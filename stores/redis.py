@@ -582,10 +582,13 @@ class RedisStore:
                 return False
             if meta[b"key"].decode() != ("" if key_name is None else "=" + key_name):
                 return False
-            return bool(await client.publish(f"{PREFIX}process:{meta[b'owner'].decode()}", f"cancel {stream_id}"))
+            heard = await client.publish(f"{PREFIX}process:{meta[b'owner'].decode()}", f"cancel {stream_id}")
         except (coredis.exceptions.RedisError, OSError) as exc:
             self._lost(exc)
             raise Refused(503, "store_unavailable", "the shared stream store (Redis) is unreachable; try again shortly") from None
+        if not heard:  # a running stream whose owner is not listening: reconnecting to Redis, or dead (ended within a lease)
+            raise Refused(503, "store_unavailable", "the process running this stream cannot be told right now; try again shortly")
+        return True
 
     def readers(self, record: StreamRecord) -> int:
         owned = self.owned.get(record.id)

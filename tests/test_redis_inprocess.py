@@ -245,6 +245,18 @@ async def test_an_owner_cut_off_while_another_replica_ended_its_stream_ends_it_t
     assert rows == [(stream_id, "error", "interrupted")]
 
 
+async def test_delete_of_a_running_stream_whose_owner_is_not_listening_is_503_not_404(redis_server: RedisServer) -> None:
+    # What a SIGKILLed owner leaves in Redis until its lease lapses: a running stream's meta, and
+    # nobody on its channel. 404 would say "no running stream", which its readers would contradict.
+    async with running({"REDIS_URL": redis_server.url}) as app:
+        redis_server.command("HSET", "asgi-stream:s-ghost:meta", "key", "", "owner", "gone", "count", "3", "first", "0")
+        answer = await request(app, "DELETE", "/chat/stream/s-ghost")
+        assert (answer.status, answer.headers["retry-after"]) == (503, "1")
+        assert orjson.loads(answer.body)["error"]["type"] == "store_unavailable"
+        redis_server.command("HSET", "asgi-stream:s-ghost:meta", "finished", "error")  # then it ended: interrupted
+        assert (await request(app, "DELETE", "/chat/stream/s-ghost")).status == 404
+
+
 def assert_ended_on_losing_its_slot(body: bytes) -> None:
     """At once, with the error a replica that found it orphaned writes."""
     events = sse_events(body)
