@@ -59,24 +59,29 @@ return 0
 # Renew the slot leases of a process's running streams (ARGV: lease ms, the
 # two limits and whether the key's counts, then triples of stream id, its
 # per-key set and its ended-by key). A lease that lapsed meanwhile (a starved
-# loop, Redis away) may have had its slot given to a new stream: it is taken
-# back only if no replica has begun to end it and it fits the limits again.
-# Returns the streams that lost their slot (their owner ends them), then up
-# to 10 orphans to end.
+# loop, Redis away) may have been found by a replica that then ended its
+# stream, or had its slot given to a new stream: it is taken back only if
+# neither happened and it fits the limits again. Returns the streams another
+# replica ended, those that lost their slot, then up to 10 orphans to end.
 RENEW = """
 local now = redis.call('TIME')
 now = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 local lease = tonumber(ARGV[1])
 local live = '(' .. now
-local lost = {}
+local ended, lost = {}, {}
 for i = 5, #ARGV, 3 do
   local stream, per_key, ended_by = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   local held = redis.call('ZSCORE', KEYS[1], stream)
-  if not held then  -- an orphan nobody claimed yet, or one Redis forgot (restarted empty)
+  if not held then  -- an orphan, or one Redis forgot (restarted empty)
     redis.call('SREM', KEYS[2], stream)
-    held = redis.call('EXISTS', ended_by) == 0 and redis.call('ZCOUNT', KEYS[1], live, '+inf') < tonumber(ARGV[2])
-    if held and ARGV[4] == '1' and per_key ~= '' then
-      held = redis.call('ZCOUNT', per_key, live, '+inf') < tonumber(ARGV[3])
+    if redis.call('EXISTS', ended_by) == 1 then
+      ended[#ended + 1] = stream
+    else
+      held = redis.call('ZCOUNT', KEYS[1], live, '+inf') < tonumber(ARGV[2])
+      if held and ARGV[4] == '1' and per_key ~= '' then
+        held = redis.call('ZCOUNT', per_key, live, '+inf') < tonumber(ARGV[3])
+      end
+      if not held then lost[#lost + 1] = stream end
     end
   end
   if held then
@@ -85,13 +90,11 @@ for i = 5, #ARGV, 3 do
       redis.call('ZADD', per_key, now + lease, stream)
       redis.call('PEXPIRE', per_key, lease * 2)
     end
-  else
-    lost[#lost + 1] = stream
   end
 end
 for _, stream in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)) do redis.call('SADD', KEYS[2], stream) end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-return {lost, redis.call('SPOP', KEYS[2], 10)}
+return {ended, lost, redis.call('SPOP', KEYS[2], 10)}
 """
 
 
@@ -171,6 +174,7 @@ class RedisStore:
         self.tasks: anyio.abc.TaskGroup | None = None
         self.flushing = False
         self.flushes = 0  # write-behind pipelines sent (bench/redis_costs.py counts them per token)
+        self.renewed = 0.0  # when a renewal round last succeeded (anyio clock)
         self._owner_channel: dict[str, str] = {}  # stream id -> its owner's channel, for copies followed here
 
     # --- lifetime
@@ -187,7 +191,7 @@ class RedisStore:
                 except (coredis.exceptions.RedisError, OSError) as exc:
                     unreachable = exc  # raised below: here coredis's task group would wrap it
                 else:
-                    self.client, self.ok = client, True
+                    self.client, self.ok, self.renewed = client, True, anyio.current_time()
                     async with anyio.create_task_group() as tasks:
                         self.tasks = tasks
                         tasks.start_soon(self._write_behind)
@@ -299,6 +303,8 @@ class RedisStore:
     async def _flush(self, dirty: set[str]) -> None:
         client = self.client
         assert client is not None
+        if anyio.current_time() - self.renewed > self.lease_ms / 1000:  # our leases may have lapsed (a stall, Redis away):
+            await self.renew_leases(client)  # learn which streams a replica ended before writing past their ending
         done: list[tuple[StreamRecord, Owned, int, Any]] = []
         self.flushes += 1
         async with client.pipeline(transaction=False, raise_on_error=False) as pipe:
@@ -336,10 +342,8 @@ class RedisStore:
             try:
                 if added is not None:
                     await added
-            except coredis.exceptions.ResponseError:  # a replica declared this owner dead and ended the stream
-                log.warning("stream %s was ended by another replica (its lease lapsed); ending it here too", record.id)
-                del self.owned[record.id]
-                record.cancel(UpstreamError("interrupted", LEASE_LOST))  # as the replica told every other reader
+            except coredis.exceptions.ResponseError:  # the id is not above the top: a replica ended the stream
+                self._ended_elsewhere(record.id)
                 continue
             owned.flushed, owned.first = count, record.first
             if record.finished and count == record.count:
@@ -384,7 +388,10 @@ class RedisStore:
                     pipe.pexpire(key, self.lease_ms * 3 + self.ttl * 1000)
                 self._announce_readers(pipe)
             self.ok = True  # this round doubles as the health check: service resumes by itself when Redis is back
-            lost, orphans = cast("list[list[bytes]]", await renewed)
+            ended, lost, orphans = cast("list[list[bytes]]", await renewed)
+            self.renewed = anyio.current_time()
+            for ended_id in ended:
+                self._ended_elsewhere(ended_id.decode())
             for lost_id in lost:
                 self._end_lost(lost_id.decode())
             for orphan in orphans:
@@ -400,10 +407,19 @@ class RedisStore:
 
     def _end_lost(self, stream_id: str) -> None:
         """A stream of ours whose slot lease lapsed and was given away: it ends
-        here, with `interrupted`, rather than run over the limits."""
+        here, with `interrupted`, rather than run over the limits; its ending
+        goes to Redis as usual."""
         record, _ = self.owned.get(stream_id, (None, None))
         if record is not None and record.cancel(UpstreamError("interrupted", LEASE_LOST)):
             log.warning("stream %s lost its slot (its lease lapsed and the slot was taken); ended here", stream_id)
+
+    def _ended_elsewhere(self, stream_id: str) -> None:
+        """A stream of ours that a replica ended, taking us for dead (our lease
+        lapsed): Redis holds its ending already, so nothing more is written
+        there, and our own readers are told the same."""
+        record, _ = self.owned.pop(stream_id, (None, None))
+        if record is not None and record.cancel(UpstreamError("interrupted", LEASE_LOST)):
+            log.warning("stream %s was ended by another replica (its lease lapsed); ending it here too", stream_id)
 
     async def _interrupt(self, stream_id: str) -> None:
         """End the stream of an owner that died: error `interrupted` and done in

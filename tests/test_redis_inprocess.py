@@ -5,6 +5,7 @@ against an unreachable Redis."""
 
 from __future__ import annotations
 
+import math
 import sqlite3
 import uuid
 from collections.abc import AsyncIterator
@@ -243,6 +244,35 @@ async def test_an_owner_cut_off_while_another_replica_ended_its_stream_ends_it_t
     assert_ended_on_losing_its_slot(first.body)
     rows = sqlite3.connect(tmp_path / "usage.db").execute("SELECT stream_id, finish_reason, error_type FROM usage").fetchall()
     assert rows == [(stream_id, "error", "interrupted")]
+
+
+async def test_an_owner_back_from_a_stall_renews_before_it_writes_so_it_never_writes_past_an_ending_made_elsewhere(
+    redis_server: RedisServer,
+) -> None:
+    # A stalled owner's first write may carry several events: its entry id is then above the
+    # ending another replica wrote, so XADD alone would not refuse it. An owner whose last
+    # renewal is older than a lease renews first and learns that the stream was ended.
+    env = {"REDIS_URL": redis_server.url, **LAPSE}
+    async with running(env) as one, running(env) as two:
+        async with exchange(one, "GET", "/chat/stream", "prompt=" + "w%20" * WORDS, [("authorization", "Bearer ka")]) as first:
+            assert (await first.next())["status"] == 200
+            await first.next_body()
+            ((stream_id, (record, _)),) = one.store.owned.items()
+            redis_server.command("ZADD", SLOTS, "1", stream_id)  # its lease, lapsed
+            assert two.store.client is not None
+            await two.store.renew_leases(two.store.client)  # finds the orphan and ends it in Redis
+            one.store.renewed = -math.inf  # the owner was stalled: no renewal for longer than a lease
+            for _ in range(5):  # what it read while stalled, all in its next write
+                record.append("token", "x")
+            with anyio.fail_after(30):
+                await first.done.wait()
+        client = coredis.Redis.from_url(redis_server.url)
+        async with client:
+            entries = await client.xrange(events_key(stream_id), "-", "+")
+    _, last = unpack(entries[-1].identifier, entries[-1].field_values[b"e"])  # type: ignore[arg-type]
+    assert [name for name, _ in last] == ["error", "done"]
+    assert orjson.loads(last[0][1])["message"] == "the process running this generation stopped"  # the other replica's
+    assert_ended_on_losing_its_slot(first.body)  # and the owner told its client the same
 
 
 async def test_delete_of_a_running_stream_whose_owner_is_not_listening_is_503_not_404(redis_server: RedisServer) -> None:

@@ -8,6 +8,8 @@ gets the defined answers."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 import time
 from collections import Counter
@@ -30,6 +32,7 @@ from tests.replicas import (
     kill_owner_while_followed,
     ledger_rows,
     positions,
+    quitting,
     read_stream,
     respond,
     resume,
@@ -269,6 +272,57 @@ def test_sigkill_of_the_owner_interrupts_readers_elsewhere_within_the_lease(upst
         assert wait_for(lambda: len(ledger_rows(dbs, stream_id)) >= 1, 10 * SLOW), "no ledger row"
         time.sleep(1)
         rows = ledger_rows(dbs, stream_id)
+        assert len(rows) == 1 and rows[0]["error_type"] == "interrupted", rows
+
+
+# --- 5b. an owner stalled past its lease (SIGSTOP: a starved event loop) ---------------
+
+
+def test_an_owner_stalled_past_its_lease_ends_its_stream_and_never_takes_back_the_slot(upstream: FakeUpstream, tmp_path: Path) -> None:
+    """The owner is alive but silent for longer than its lease, so to Redis it looks dead.
+    The other replica ends its stream and gives its slot to a new stream. Back, the owner
+    must tell its own client `interrupted` too, and must not take the slot back: with
+    MAX_STREAMS=1 the shared count must never reach 2. The two share one ledger file."""
+    db = tmp_path / "usage.db"
+    settings = {"OWNER_LEASE_SECONDS": "1", "MAX_STREAMS": "1", "USAGE_DB": str(db)}
+    with running_redis(tmp_path) as redis, run_replicas(["uvicorn", "hypercorn-trio"], gateway_env(upstream, redis.url, **settings),
+                                                        tmp_path) as (owner, other):  # fmt: skip
+        got: list[tuple[str, str, str]] = []
+        quit = threading.Event()
+        with ThreadPoolExecutor(1) as pool, quitting(quit):
+            first = pool.submit(follow, "POST", owner.url, got, quit, json=chat("forever stalled"))
+            assert wait_for(lambda: len(got) >= 3, 20 * SLOW), "the owner never streamed"
+            os.killpg(owner.popen.pid, signal.SIGSTOP)
+            try:
+                # once its lease has lapsed, the slot goes to a new stream on the other replica
+                # (cut after its first event; the resume grace keeps it running and holding the slot)
+                assert wait_for(
+                    lambda: read_stream("POST", other.url + "/chat/stream", json=chat("forever newcomer"), stop_after=1).status == 200,
+                    20 * SLOW,
+                    0.2,
+                ), "the lapsed slot never came free"
+                ended_by = f"asgi-stream:{got[0][2].rsplit('.', 1)[0]}:ended-by"  # the other replica took it for dead
+                assert wait_for(lambda: redis.command("EXISTS", ended_by) == b":1\r\n", 20 * SLOW), "nobody ended the stream"
+            finally:
+                os.killpg(owner.popen.pid, signal.SIGCONT)
+            counts = []
+            deadline = time.monotonic() + 3  # three leases of renewals, the owner's first ones among them
+            while time.monotonic() < deadline:
+                counts.append(int(redis.command("ZCARD", "asgi-stream:slots")[1:-2]))
+                time.sleep(0.02)
+            read = first.result(60 * SLOW)
+        assert max(counts) == 1, Counter(counts)
+        names = [event for event, _, _ in read.events]
+        assert names[-2:] == ["error", "done"] and read.of("done") == ["error"], names[-5:]
+        assert json.loads(read.of("error")[0])["type"] == "interrupted"
+        # what Redis holds ends once, as the other replica wrote it: the owner wrote nothing past that
+        again = resume(other.url, read.events[0][2])
+        assert [event for event, _, _ in again.events][-2:] == ["error", "done"] and again.of("done") == ["error"]
+        assert positions(again.events) == list(range(positions(read.events)[0] + 1, positions(again.events)[-1] + 1))
+        assert [json.loads(error)["message"] for error in again.of("error")] == ["the process running this generation stopped"]
+        stream_id = read.last_id.rsplit(".", 1)[0]
+        assert wait_for(lambda: len(ledger_rows([db], stream_id)) >= 1, 10 * SLOW), "no ledger row"
+        rows = ledger_rows([db], stream_id)
         assert len(rows) == 1 and rows[0]["error_type"] == "interrupted", rows
 
 
