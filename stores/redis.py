@@ -120,6 +120,13 @@ def ended_by_key(stream_id: str) -> str:
     return f"{PREFIX}{stream_id}:ended-by"
 
 
+def of_key(meta: dict[bytes, bytes], key_name: str | None) -> bool:
+    """Whether the stream this meta describes belongs to that API key. A meta
+    without `key` lost what admission wrote (Redis restarted empty, or evicted
+    it; later flushes write only count, first, tokens): it belongs to nobody."""
+    return meta.get(b"key") == ("" if key_name is None else "=" + key_name).encode()
+
+
 def key_slots(key_name: str | None) -> str:
     return f"{PREFIX}slots:key:{key_name}" if key_name is not None else ""
 
@@ -431,7 +438,7 @@ class RedisStore:
         meta = await client.hgetall(meta_key(stream_id))
         if not meta or b"finished" in meta:
             return
-        count, resumable = int(meta[b"count"]), b"resumable" not in meta
+        count, resumable = int(meta.get(b"count", 0)), b"resumable" not in meta
         error = UpstreamError("interrupted", "the process running this generation stopped")
         events = [("error", orjson.dumps(error.as_event_data()).decode()), ("done", "error")]
         async with client.pipeline(transaction=False) as pipe:
@@ -440,6 +447,9 @@ class RedisStore:
                 pipe.pexpire(events_key(stream_id), self.ttl * 1000)
             pipe.hset(meta_key(stream_id), {"count": count + 2, "finished": "error"})
             pipe.pexpire(meta_key(stream_id), self.ttl * 1000)
+        if b"key" not in meta:  # see of_key
+            log.warning("stream %s: Redis lost its description (restarted empty, or evicted it); no ledger row for it", stream_id)
+            return
         record = self._copy(stream_id, meta, 0)
         record.route = meta.get(b"route", b"chat/stream").decode()
         record.tokens = int(meta[b"tokens"])
@@ -469,7 +479,7 @@ class RedisStore:
         client = self._client()
         try:
             meta = await client.hgetall(meta_key(stream_id))
-            if not meta or b"resumable" in meta or meta[b"key"].decode() != ("" if key_name is None else "=" + key_name):
+            if not of_key(meta, key_name) or b"resumable" in meta:
                 return None
             count, first = int(meta[b"count"]), int(meta[b"first"])
             with anyio.move_on_after(1):  # the owner's client may be a few ms ahead of its write-behind
@@ -594,9 +604,7 @@ class RedisStore:
         client = self._client()
         try:
             meta = await client.hgetall(meta_key(stream_id))
-            if not meta or b"finished" in meta or b"resumable" in meta:
-                return False
-            if meta[b"key"].decode() != ("" if key_name is None else "=" + key_name):
+            if not of_key(meta, key_name) or b"finished" in meta or b"resumable" in meta:
                 return False
             heard = await client.publish(f"{PREFIX}process:{meta[b'owner'].decode()}", f"cancel {stream_id}")
         except (coredis.exceptions.RedisError, OSError) as exc:

@@ -287,6 +287,35 @@ async def test_delete_of_a_running_stream_whose_owner_is_not_listening_is_503_no
         assert (await request(app, "DELETE", "/chat/stream/s-ghost")).status == 404
 
 
+async def test_a_stream_whose_description_redis_lost_gets_clear_answers_elsewhere_and_runs_on_at_its_owner(
+    redis_server: RedisServer,
+) -> None:
+    # Redis restarted empty (or evicted the meta hash): the owner's next flush writes count, first
+    # and tokens again, but not what admission wrote (key, owner, backend...). Reading that raised
+    # KeyError in resume, DELETE and the interruption of a dead owner's stream.
+    env = {"REDIS_URL": redis_server.url, **LAPSE}
+    async with running(env) as one, running(env) as two:
+        async with exchange(one, "GET", "/chat/stream", "prompt=" + "w%20" * 40, [("authorization", "Bearer ka")]) as first:
+            assert (await first.next())["status"] == 200
+            await first.next_body()
+            (stream_id,) = one.store.owned
+            redis_server.command("FLUSHALL")
+            with anyio.fail_after(10):  # the owner's next flush
+                while redis_server.command("EXISTS", f"asgi-stream:{stream_id}:meta") != b":1\r\n":
+                    await anyio.sleep(0.01)
+            key = [("authorization", "Bearer ka")]
+            resumed = await request(two, "GET", "/chat/stream", headers=[("last-event-id", f"{stream_id}.1"), *key])
+            assert resumed.status == 204  # nothing this replica can replay
+            assert (await request(two, "DELETE", f"/chat/stream/{stream_id}", headers=key)).status == 404
+            redis_server.command("SADD", ORPHANS, stream_id)  # and taken for dead: ended, with no row to write
+            assert two.store.client is not None
+            await two.store.renew_leases(two.store.client)
+            assert redis_server.command("HGET", f"asgi-stream:{stream_id}:meta", "finished") == b"$5\r\nerror\r\n"
+            with anyio.fail_after(30):
+                await first.done.wait()
+    assert sse_events(first.body)[-1][:2] == ("done", "error")  # the owner learned it was ended elsewhere
+
+
 def assert_ended_on_losing_its_slot(body: bytes) -> None:
     """At once, with the error a replica that found it orphaned writes."""
     events = sse_events(body)
