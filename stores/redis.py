@@ -62,13 +62,14 @@ return 0
 # loop, Redis away) may have been found by a replica that then ended its
 # stream, or had its slot given to a new stream: it is taken back only if
 # neither happened and it fits the limits again. Returns the streams another
-# replica ended, those that lost their slot, then up to 10 orphans to end.
+# replica ended, those that lost their slot, those taken back, then up to 10
+# orphans to end.
 RENEW = """
 local now = redis.call('TIME')
 now = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 local lease = tonumber(ARGV[1])
 local live = '(' .. now
-local ended, lost = {}, {}
+local ended, lost, retaken = {}, {}, {}
 for i = 5, #ARGV, 3 do
   local stream, per_key, ended_by = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   local held = redis.call('ZSCORE', KEYS[1], stream)
@@ -81,7 +82,7 @@ for i = 5, #ARGV, 3 do
       if held and ARGV[4] == '1' and per_key ~= '' then
         held = redis.call('ZCOUNT', per_key, live, '+inf') < tonumber(ARGV[3])
       end
-      if not held then lost[#lost + 1] = stream end
+      if held then retaken[#retaken + 1] = stream else lost[#lost + 1] = stream end
     end
   end
   if held then
@@ -94,7 +95,7 @@ for i = 5, #ARGV, 3 do
 end
 for _, stream in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)) do redis.call('SADD', KEYS[2], stream) end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-return {ended, lost, redis.call('SPOP', KEYS[2], 10)}
+return {ended, lost, retaken, redis.call('SPOP', KEYS[2], 10)}
 """
 
 
@@ -239,14 +240,7 @@ class RedisStore:
 
     async def hold(self, record: StreamRecord) -> None:
         client, cfg = self._client(), self.config
-        meta: dict[str, str | int] = {
-            "key": "" if record.key_name is None else "=" + record.key_name, "owner": self.process,
-            "backend": record.request.backend, "model": record.request.model, "started": repr(record.started),
-            "prompt_chars": sum(len(m["content"]) for m in record.request.messages), "count": 0, "first": 0, "tokens": 0,
-            "route": record.route,
-        }  # fmt: skip
-        if not record.resumable:  # no replica may find, follow or cancel it: its meta is only for its row, should its owner die
-            meta["resumable"] = 0
+        meta = {**self._description(record), "count": 0, "first": 0, "tokens": 0}
         keys = [SLOTS, key_slots(record.key_name) or SLOTS, ORPHANS, meta_key(record.id)]
         args = [record.id, self.lease_ms, *self._limits(), self.lease_ms * 3 + self.ttl * 1000,
                 *[item for pair in meta.items() for item in pair]]  # fmt: skip
@@ -270,6 +264,18 @@ class RedisStore:
         record.on_append = self._appended
         if record.resumable:
             self.registry.add(record)
+
+    def _description(self, record: StreamRecord) -> dict[str, str | int]:
+        """What a stream's meta says besides its progress: for other replicas and
+        for its row, should its owner die."""
+        description: dict[str, str | int] = {
+            "key": "" if record.key_name is None else "=" + record.key_name, "owner": self.process,
+            "backend": record.request.backend, "model": record.request.model, "started": repr(record.started),
+            "prompt_chars": sum(len(m["content"]) for m in record.request.messages), "route": record.route,
+        }  # fmt: skip
+        if not record.resumable:  # no replica may find, follow or cancel it: its meta is only for its row, should its owner die
+            description["resumable"] = 0
+        return description
 
     def _limits(self) -> list[int | str]:
         """The limits' arguments to ADMIT and RENEW; a key's own limit counts only with API_KEYS."""
@@ -395,12 +401,14 @@ class RedisStore:
                     pipe.pexpire(key, self.lease_ms * 3 + self.ttl * 1000)
                 self._announce_readers(pipe)
             self.ok = True  # this round doubles as the health check: service resumes by itself when Redis is back
-            ended, lost, orphans = cast("list[list[bytes]]", await renewed)
+            ended, lost, retaken, orphans = cast("list[list[bytes]]", await renewed)
             self.renewed = anyio.current_time()
             for ended_id in ended:
                 self._ended_elsewhere(ended_id.decode())
             for lost_id in lost:
                 self._end_lost(lost_id.decode())
+            if retaken:
+                await self._describe_again(client, [stream_id.decode() for stream_id in retaken])
             for orphan in orphans:
                 await self._interrupt(orphan.decode())
         except (coredis.exceptions.RedisError, OSError) as exc:
@@ -411,6 +419,18 @@ class RedisStore:
             if any(until < now for _, until in owned.remote.values()):
                 owned.remote = {p: v for p, v in owned.remote.items() if v[1] >= now}
                 record.notify()
+
+    async def _describe_again(self, client: coredis.Redis[bytes], stream_ids: list[str]) -> None:
+        """Streams whose slots were taken back may have lost their meta with it
+        (Redis restarted empty): write it again, so other replicas can resume
+        and cancel them from the positions Redis holds."""
+        async with client.pipeline(transaction=False) as pipe:
+            for stream_id in stream_ids:
+                record, owned = self.owned.get(stream_id, (None, None))
+                if record is not None and owned is not None:
+                    progress = {"count": owned.flushed, "first": owned.first, "tokens": record.tokens}
+                    pipe.hset(meta_key(stream_id), {**self._description(record), **progress})
+                    pipe.pexpire(meta_key(stream_id), self.lease_ms * 3 + self.ttl * 1000)
 
     def _end_lost(self, stream_id: str) -> None:
         """A stream of ours whose slot lease lapsed and was given away: it ends

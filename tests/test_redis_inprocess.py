@@ -25,7 +25,7 @@ from stores.memory import StreamRecord
 from stores.redis import ORPHANS, SLOTS, ended_by_key, events_key, key_slots, unpack
 from tests.conftest import free_port
 from tests.redis_server import RedisServer, redis_server  # noqa: F401 - a fixture
-from tests.test_inprocess import ENV, exchange, request, sse_events
+from tests.test_inprocess import ENV, Exchange, exchange, request, sse_events
 
 pytestmark = pytest.mark.anyio
 
@@ -287,33 +287,53 @@ async def test_delete_of_a_running_stream_whose_owner_is_not_listening_is_503_no
         assert (await request(app, "DELETE", "/chat/stream/s-ghost")).status == 404
 
 
-async def test_a_stream_whose_description_redis_lost_gets_clear_answers_elsewhere_and_runs_on_at_its_owner(
-    redis_server: RedisServer,
-) -> None:
-    # Redis restarted empty (or evicted the meta hash): the owner's next flush writes count, first
-    # and tokens again, but not what admission wrote (key, owner, backend...). Reading that raised
-    # KeyError in resume, DELETE and the interruption of a dead owner's stream.
-    env = {"REDIS_URL": redis_server.url, **LAPSE}
-    async with running(env) as one, running(env) as two:
-        async with exchange(one, "GET", "/chat/stream", "prompt=" + "w%20" * 40, [("authorization", "Bearer ka")]) as first:
-            assert (await first.next())["status"] == 200
-            await first.next_body()
-            (stream_id,) = one.store.owned
-            redis_server.command("FLUSHALL")
-            with anyio.fail_after(10):  # the owner's next flush
-                while redis_server.command("EXISTS", f"asgi-stream:{stream_id}:meta") != b":1\r\n":
-                    await anyio.sleep(0.01)
-            key = [("authorization", "Bearer ka")]
+@asynccontextmanager
+async def forgotten_by_redis(redis_server: RedisServer, one: Gateway) -> AsyncIterator[tuple[Exchange, str]]:
+    """A stream of `one`'s, running when Redis restarts empty (FLUSHALL), until
+    the owner's next flush has written its progress: count, first and tokens,
+    but not what admission wrote (key, owner, backend...)."""
+    async with exchange(one, "GET", "/chat/stream", "prompt=" + "w%20" * 40, [("authorization", "Bearer ka")]) as first:
+        assert (await first.next())["status"] == 200
+        await first.next_body()
+        (stream_id,) = one.store.owned
+        redis_server.command("FLUSHALL")
+        with anyio.fail_after(10):
+            while redis_server.command("EXISTS", f"asgi-stream:{stream_id}:meta") != b":1\r\n":
+                await anyio.sleep(0.01)
+        yield first, stream_id
+
+
+async def test_a_stream_redis_forgot_gets_clear_answers_elsewhere_until_its_owner_describes_it_again(redis_server: RedisServer) -> None:
+    # Reading the partial meta raised KeyError in resume and DELETE. The owner's renewal takes
+    # the slot back and writes the meta again: resumes from what Redis holds work again.
+    key = [("authorization", "Bearer ka")]
+    async with running({"REDIS_URL": redis_server.url, **LAPSE}) as one, running({"REDIS_URL": redis_server.url, **LAPSE}) as two:
+        async with forgotten_by_redis(redis_server, one) as (first, stream_id):
             resumed = await request(two, "GET", "/chat/stream", headers=[("last-event-id", f"{stream_id}.1"), *key])
-            assert resumed.status == 204  # nothing this replica can replay
+            assert resumed.status == 204  # nothing says whose it is: nothing to replay
             assert (await request(two, "DELETE", f"/chat/stream/{stream_id}", headers=key)).status == 404
-            redis_server.command("SADD", ORPHANS, stream_id)  # and taken for dead: ended, with no row to write
+            assert one.store.client is not None
+            await one.store.renew_leases(one.store.client)
+            assert redis_server.command("ZCARD", SLOTS) == b":1\r\n"
+            held = one.store.owned[stream_id][1].flushed  # the last position Redis holds
+            rest = await request(two, "GET", "/chat/stream", headers=[("last-event-id", f"{stream_id}.{held}"), *key])
+            with anyio.fail_after(30):
+                await first.done.wait()
+    whole = sse_events(first.body)
+    assert rest.status == 200 and sse_events(rest.body) == whole[held + 1 :]  # the opening event has position 0
+    assert whole[-1][:2] == ("done", "stop")
+
+
+async def test_a_dead_owner_s_stream_redis_forgot_is_still_ended_without_a_row(redis_server: RedisServer) -> None:
+    async with running({"REDIS_URL": redis_server.url, **LAPSE}) as one, running({"REDIS_URL": redis_server.url, **LAPSE}) as two:
+        async with forgotten_by_redis(redis_server, one) as (first, stream_id):
+            redis_server.command("SADD", ORPHANS, stream_id)  # taken for dead
             assert two.store.client is not None
-            await two.store.renew_leases(two.store.client)
+            await two.store.renew_leases(two.store.client)  # raised KeyError reading the meta for its row
             assert redis_server.command("HGET", f"asgi-stream:{stream_id}:meta", "finished") == b"$5\r\nerror\r\n"
             with anyio.fail_after(30):
                 await first.done.wait()
-    assert sse_events(first.body)[-1][:2] == ("done", "error")  # the owner learned it was ended elsewhere
+    assert sse_events(first.body)[-1][:2] == ("done", "error")  # the owner learned that it was ended elsewhere
 
 
 def assert_ended_on_losing_its_slot(body: bytes) -> None:
