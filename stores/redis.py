@@ -356,7 +356,7 @@ class RedisStore:
                 if added is not None:
                     await added
             except coredis.exceptions.ResponseError:  # the id is not above the top: a replica ended the stream
-                self._ended_elsewhere(record.id)
+                self._end_lapsed(record.id, ended_elsewhere=True)
                 continue
             owned.flushed, owned.first = count, record.first
             if record.finished and count == record.count:
@@ -404,9 +404,9 @@ class RedisStore:
             ended, lost, retaken, orphans = cast("list[list[bytes]]", await renewed)
             self.renewed = anyio.current_time()
             for ended_id in ended:
-                self._ended_elsewhere(ended_id.decode())
+                self._end_lapsed(ended_id.decode(), ended_elsewhere=True)
             for lost_id in lost:
-                self._end_lost(lost_id.decode())
+                self._end_lapsed(lost_id.decode(), ended_elsewhere=False)
             if retaken:
                 await self._describe_again(client, [stream_id.decode() for stream_id in retaken])
             for orphan in orphans:
@@ -432,21 +432,15 @@ class RedisStore:
                     pipe.hset(meta_key(stream_id), {**self._description(record), **progress})
                     pipe.pexpire(meta_key(stream_id), self.lease_ms * 3 + self.ttl * 1000)
 
-    def _end_lost(self, stream_id: str) -> None:
-        """A stream of ours whose slot lease lapsed and was given away: it ends
-        here, with `interrupted`, rather than run over the limits; its ending
-        goes to Redis as usual."""
-        record, _ = self.owned.get(stream_id, (None, None))
-        if record is not None and record.cancel(UpstreamError("interrupted", LEASE_LOST)):
-            log.warning("stream %s lost its slot (its lease lapsed and the slot was taken); ended here", stream_id)
-
-    def _ended_elsewhere(self, stream_id: str) -> None:
-        """A stream of ours that a replica ended, taking us for dead (our lease
-        lapsed): Redis holds its ending already, so nothing more is written
-        there, and our own readers are told the same."""
-        record, _ = self.owned.pop(stream_id, (None, None))
-        if record is not None and record.cancel(UpstreamError("interrupted", LEASE_LOST)):
-            log.warning("stream %s was ended by another replica (its lease lapsed); ending it here too", stream_id)
+    def _end_lapsed(self, stream_id: str, *, ended_elsewhere: bool) -> None:
+        """A stream of ours whose lease lapsed and that may not run on: it ends
+        here with `interrupted`, as a replica that found it orphaned tells its
+        readers. If a replica did end it, Redis holds that ending and we write
+        nothing more; else (its slot went to a new stream) ours goes to Redis."""
+        owned = self.owned.pop(stream_id, None) if ended_elsewhere else self.owned.get(stream_id)
+        if owned is not None and owned[0].cancel(UpstreamError("interrupted", LEASE_LOST)):
+            why = "another replica ended it" if ended_elsewhere else "its slot went to another stream"
+            log.warning("stream %s: its lease lapsed and %s; ended here", stream_id, why)
 
     async def _interrupt(self, stream_id: str) -> None:
         """End the stream of an owner that died: error `interrupted` and done in

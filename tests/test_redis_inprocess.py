@@ -160,6 +160,16 @@ LAPSE = {"ECHO_DELAY_SECONDS": "0.05", "OWNER_LEASE_SECONDS": "120", "API_KEYS":
 WORDS = 100  # 5 s of echo tokens: the test acts well within them, even four times slower
 
 
+@asynccontextmanager
+async def owned_stream(app: Gateway, words: int = WORDS) -> AsyncIterator[tuple[Exchange, str]]:
+    """A stream of key a's running on `app`, one echo token every 50 ms: its exchange and id."""
+    async with exchange(app, "GET", "/chat/stream", "prompt=" + "w%20" * words, [("authorization", "Bearer ka")]) as first:
+        assert (await first.next())["status"] == 200
+        await first.next_body()  # it runs
+        (stream_id,) = app.store.owned
+        yield first, stream_id
+
+
 @pytest.mark.parametrize(
     ("limits", "newcomer", "given_away"),
     [
@@ -176,10 +186,7 @@ async def test_a_stream_whose_lease_lapsed_gets_its_slot_back_only_if_it_was_not
     # Its slot may then go to a new stream; taking it back at the next renewal broke the limits.
     env = {"REDIS_URL": redis_server.url, **LAPSE, **limits}
     async with running(env) as one, running(env) as two:
-        async with exchange(one, "GET", "/chat/stream", "prompt=" + "w%20" * WORDS, [("authorization", "Bearer ka")]) as first:
-            assert (await first.next())["status"] == 200
-            await first.next_body()  # it runs
-            (stream_id,) = one.store.owned
+        async with owned_stream(one) as (first, stream_id):
             for slots in (SLOTS, key_slots("a")):  # its lease, lapsed
                 redis_server.command("ZADD", slots, "1", stream_id)
             newcomer_prompt = "prompt=" + "n%20" * WORDS  # it holds its slot while the test looks
@@ -205,10 +212,7 @@ async def test_a_running_stream_redis_forgot_is_taken_back_unless_a_replica_bega
     # Not in the slots and not an orphan: Redis restarted empty (it comes back, with room), or a
     # replica found it orphaned and claimed it (SPOP, then SET ended-by): that replica ends it.
     async with running({"REDIS_URL": redis_server.url, **LAPSE, "MAX_STREAMS": "1"}) as one:
-        async with exchange(one, "GET", "/chat/stream", "prompt=" + "w%20" * WORDS, [("authorization", "Bearer ka")]) as first:
-            assert (await first.next())["status"] == 200
-            await first.next_body()
-            (stream_id,) = one.store.owned
+        async with owned_stream(one) as (first, stream_id):
             redis_server.command("DEL", SLOTS, key_slots("a"))
             if ended_elsewhere:
                 redis_server.command("SET", ended_by_key(stream_id), "another-replica")
@@ -231,10 +235,7 @@ async def test_an_owner_cut_off_while_another_replica_ended_its_stream_ends_it_t
     # client the same, not `cancelled`; the shared ledger keeps one row.
     env = {"REDIS_URL": redis_server.url, **LAPSE, "USAGE_DB": str(tmp_path / "usage.db")}
     async with running(env) as one, running(env) as two:
-        async with exchange(one, "GET", "/chat/stream", "prompt=" + "w%20" * WORDS, [("authorization", "Bearer ka")]) as first:
-            assert (await first.next())["status"] == 200
-            await first.next_body()
-            (stream_id,) = one.store.owned
+        async with owned_stream(one) as (first, stream_id):
             redis_server.command("ZADD", SLOTS, "1", stream_id)  # its lease, lapsed
             assert two.store.client is not None
             await two.store.renew_leases(two.store.client)  # finds the orphan and ends it
@@ -254,10 +255,8 @@ async def test_an_owner_back_from_a_stall_renews_before_it_writes_so_it_never_wr
     # renewal is older than a lease renews first and learns that the stream was ended.
     env = {"REDIS_URL": redis_server.url, **LAPSE}
     async with running(env) as one, running(env) as two:
-        async with exchange(one, "GET", "/chat/stream", "prompt=" + "w%20" * WORDS, [("authorization", "Bearer ka")]) as first:
-            assert (await first.next())["status"] == 200
-            await first.next_body()
-            ((stream_id, (record, _)),) = one.store.owned.items()
+        async with owned_stream(one) as (first, stream_id):
+            record = one.store.owned[stream_id][0]
             redis_server.command("ZADD", SLOTS, "1", stream_id)  # its lease, lapsed
             assert two.store.client is not None
             await two.store.renew_leases(two.store.client)  # finds the orphan and ends it in Redis
@@ -292,10 +291,7 @@ async def forgotten_by_redis(redis_server: RedisServer, one: Gateway) -> AsyncIt
     """A stream of `one`'s, running when Redis restarts empty (FLUSHALL), until
     the owner's next flush has written its progress: count, first and tokens,
     but not what admission wrote (key, owner, backend...)."""
-    async with exchange(one, "GET", "/chat/stream", "prompt=" + "w%20" * 40, [("authorization", "Bearer ka")]) as first:
-        assert (await first.next())["status"] == 200
-        await first.next_body()
-        (stream_id,) = one.store.owned
+    async with owned_stream(one, words=40) as (first, stream_id):
         redis_server.command("FLUSHALL")
         with anyio.fail_after(10):
             while redis_server.command("EXISTS", f"asgi-stream:{stream_id}:meta") != b":1\r\n":
