@@ -9,11 +9,11 @@ WORKDIR /src
 # installs every module pyproject.toml names, so a new module needs no new line
 # here; the extras are the clients of the shared stores (USAGE_DB=postgresql://..., REDIS_URL).
 COPY . .
-# index.html is read from beside the installed module (asgi_stream.INDEX_FILE);
+# index.html is read from beside the installed module (asgi_stream_core.services.INDEX_FILE);
 # -I: import the installed module, not /src/asgi_stream.py. The venv gets no pip of its own.
 RUN python -m venv --without-pip /venv \
  && python -m pip --python /venv/bin/python install --no-cache-dir --no-compile '.[postgres,redis]' \
- && /venv/bin/python -I -c "import shutil, asgi_stream; shutil.copy('index.html', asgi_stream.INDEX_FILE)"
+ && /venv/bin/python -I -c "import shutil; from asgi_stream_core.services import INDEX_FILE; shutil.copy('index.html', INDEX_FILE)"
 
 FROM ${PYTHON_IMAGE}
 RUN useradd --system --uid 10001 --home-dir /app --shell /usr/sbin/nologin app \

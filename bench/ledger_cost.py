@@ -86,7 +86,6 @@ def add_cost(rows: int = 100_000) -> float:
     import logging
 
     import anyio
-
     from ledger import UsageLedger
 
     logging.getLogger("asgi_stream.ledger").disabled = True  # the failure lines are expected here

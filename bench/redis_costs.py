@@ -62,7 +62,7 @@ def main() -> None:
             calls = {k: after.get(k, 0) - before.get(k, 0) for k in after if after.get(k, 0) != before.get(k, 0)}
             calls.pop("info", None)
             total_tokens = args.streams * args.tokens
-            flushes = one.gateway.store.flushes
+            flushes = one.gateway.start().store.flushes
             print(f"{args.streams} streams x {args.tokens} tokens, a token every {args.delay * 1000:g} ms per stream")
             print(f"  write-behind round trips (pipelines): {flushes}, {flushes / total_tokens:.4f} per token")
             print(f"  Redis commands: {sum(calls.values())}, {sum(calls.values()) / total_tokens:.3f} per token: {calls}")

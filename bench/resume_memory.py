@@ -11,7 +11,7 @@ from pathlib import Path
 import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import stores.memory
+from asgi_stream_core.record import StreamRecord
 from providers import ChatRequest
 
 STREAMS = 1000
@@ -24,7 +24,7 @@ async def held_stream_cost(tokens: int) -> tuple[float, int]:
     before = tracemalloc.take_snapshot()
     records = []
     for i in range(STREAMS):
-        record = stores.memory.StreamRecord(f"{i:022d}", None, request, 1 << 20)
+        record = StreamRecord(f"{i:022d}", None, request, 1 << 20)
         for t in range(tokens):
             record.append("token", f" tok{t}")
         record.finish("stop", {"prompt_tokens": 1, "completion_tokens": tokens, "total_tokens": tokens + 1}, None)

@@ -53,7 +53,7 @@ def internal(owner: Any, name: str, package: str) -> Any:
 
 def _pools(gateway: asgi_stream.Gateway) -> list[Any]:
     """The httpcore pools behind the shared client (it shards over several)."""
-    http = gateway._http
+    http = gateway.services.http if gateway.services is not None else None
     if http is None:
         return []
     transport = internal(http, "_transport", "httpx")
@@ -62,7 +62,7 @@ def _pools(gateway: asgi_stream.Gateway) -> list[Any]:
 
 async def _probe(served: Served) -> Alive:
     gateway = served.gateway
-    records = list(gateway.registry._streams.values())
+    records = list(gateway.start().registry._streams.values())
     pools = _pools(gateway)
     connections = [c for pool in pools for c in internal(pool, "connections", "httpcore")]
     state = internal(served.server, "server_state", "uvicorn")
@@ -144,7 +144,7 @@ def serve_probed(env: dict[str, str], **uvicorn_options: object) -> Iterator[Pro
         async def count(request: httpx.Request) -> None:
             hooks_seen.append(request)
 
-        http = served.gateway.http  # opened by lifespan already
+        http = served.gateway.start().http  # opened by lifespan already
         http.event_hooks = {**http.event_hooks, "request": [*http.event_hooks["request"], count]}
         yield Probed(served, probe(served).tasks, hooks_seen)
 

@@ -469,7 +469,7 @@ def test_gemini_event_that_is_not_a_json_object_is_a_protocol_error(rig: Rig) ->
 
 
 def test_ollama_is_configured_by_its_url_alone_and_others_by_their_keys() -> None:
-    from asgi_stream import load_config
+    from asgi_stream_core.config import load_config
 
     assert set(load_config({"OLLAMA_BASE_URL": "http://127.0.0.1:11434"}).upstreams) == {"echo", "ollama"}
     assert load_config({"OLLAMA_BASE_URL": "http://127.0.0.1:11434"}).default_backend == "ollama"

@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from asgi_stream import Gateway
+from asgi_stream_core.reader import Reader
 from tests.test_inprocess import ENV, TIMEOUT, Exchange, exchange, post_json
 from tests.upstream import FakeUpstream, Reply
 
@@ -76,18 +77,18 @@ async def test_no_token_is_sent_after_the_app_received_http_disconnect() -> None
     await app.aclose()
 
 
-async def test_with_no_grace_the_disconnect_itself_cancels_before_the_reader_unwinds() -> None:
+async def test_with_no_grace_the_disconnect_itself_cancels_before_the_reader_unwinds(monkeypatch: pytest.MonkeyPatch) -> None:
     app = Gateway({**ENV, **LONG})
     order: list[str] = []
-    reader = app.serve_reader
+    serve = Reader.serve
 
-    async def noted_reader(record: Any, *args: Any) -> None:
+    async def noted_reader(reader: Reader, *args: Any) -> None:
         try:
-            await reader(record, *args)
+            await serve(reader, *args)
         finally:
-            order.append(f"reader gone, record cancelled: {record.cancel_reason is not None}")
+            order.append(f"reader gone, record cancelled: {reader.record.cancel_reason is not None}")
 
-    app.serve_reader = noted_reader  # type: ignore[method-assign]
+    monkeypatch.setattr(Reader, "serve", noted_reader)
     async with watched(app, {"messages": [{"role": "user", "content": WORDS}]}) as ex:
         await leave_after_first_token(ex)
     assert order == ["reader gone, record cancelled: True"]
@@ -127,11 +128,13 @@ async def test_with_no_grace_the_upstream_is_closed_before_the_ledger_row_is_wri
     order: list[str] = []
     with FakeUpstream(lambda seen: reply) as upstream:
         app = Gateway({**ENV, "OPENAI_API_KEY": "k", "OPENAI_BASE_URL": upstream.url, "USAGE_DB": str(tmp_path / "u.db")})
-        app._http = httpx.AsyncClient(transport=NotingTransport(order))
-        assert app.config.usage_db  # reading the settings opens the ledger
-        assert app.ledger is not None
-        put = app.ledger.put  # the row is queued for the ledger's thread: the first ledger work a stream's end does
-        app.ledger.put = lambda row: (order.append("ledger row"), put(row))[1]  # type: ignore[method-assign]
+        services = app.start()
+        await services.http.aclose()
+        services.http = httpx.AsyncClient(transport=NotingTransport(order))
+        assert app.start().config.usage_db  # reading the settings opens the ledger
+        assert app.start().ledger is not None
+        put = app.start().ledger.put  # the row is queued for the ledger's thread: the first ledger work a stream's end does
+        app.start().ledger.put = lambda row: (order.append("ledger row"), put(row))[1]  # type: ignore[method-assign]
         async with watched(app, {"messages": [{"role": "user", "content": "hi"}], "backend": "openai"}) as ex:
             await leave_after_first_token(ex)
         assert order == ["upstream closed", "ledger row"]

@@ -15,8 +15,9 @@ import pytest
 import uvicorn
 
 import asgi_stream
-from asgi_stream import BACKENDS, Config, ConfigError, load_config
-from ledger import UsageLedger
+from asgi_stream_core import config
+from asgi_stream_core.config import BACKENDS, Config, ConfigError, load_config
+from asgi_stream_core.ledger import UsageLedger
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -118,7 +119,7 @@ NUMBERS = ["CONNECT_TIMEOUT_SECONDS", "FIRST_TOKEN_TIMEOUT_SECONDS", "IDLE_TIMEO
            "HEARTBEAT_SECONDS", "BODY_TIMEOUT_SECONDS", "SEND_TIMEOUT_SECONDS"]  # fmt: skip
 INTEGERS = ["MAX_TOKENS", "MAX_TOKENS_LIMIT", "MAX_BODY_BYTES", "MAX_STREAMS", "MAX_STREAMS_PER_KEY", "STREAM_BUFFER_BYTES"]
 ZERO_OK = ["RESUME_GRACE_SECONDS", "RESUME_TTL_SECONDS", "ECHO_DELAY_SECONDS"]
-FIELDS = {variable: (field, default) for field, (variable, default, _) in asgi_stream.NUMBERS.items()}  # variable -> Config field
+FIELDS = {variable: (field, default) for field, (variable, default, _) in config.NUMBERS.items()}  # variable -> Config field
 
 
 def config_error(env: dict[str, str]) -> str:

@@ -22,8 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
-import asgi_stream
-import ledger
+from asgi_stream_core import config, gateway, ledger
 from tests.conftest import free_port, stream
 from tests.servers import ROOT, body_of, open_stream, read_until, require_program, wait_until_serving
 
@@ -56,7 +55,7 @@ def test_the_shutdown_budget_fits_inside_the_compose_stop_grace_with_margin() ->
     (cmd,) = [json.loads(args) for op, args in instructions((ROOT / "Dockerfile").read_text()) if op == "CMD"]
     graceful = float(cmd[cmd.index("--timeout-graceful-shutdown") + 1])
     (grace,) = re.findall(r"^\s*stop_grace_period:\s*(\d+)s\b", (ROOT / "docker-compose.yml").read_text(), re.M)
-    ledger_wait = asgi_stream.LEDGER_SHUTDOWN_WAIT_SECONDS + ledger.CLOSE_WAIT_SECONDS  # rows queued, then written
+    ledger_wait = gateway.LEDGER_SHUTDOWN_WAIT_SECONDS + ledger.CLOSE_WAIT_SECONDS  # rows queued, then written
     assert graceful > 0 and ledger_wait > 0
     assert graceful + ledger_wait + 10 <= float(grace), (graceful, ledger_wait, grace)
     readme = (ROOT / "README.md").read_text()
@@ -157,7 +156,7 @@ def test_the_image_config_sets_only_what_the_image_needs(image: Image) -> None:
     """The app's own defaults stay the app's: an ENV MAX_TOKENS would break MAX_TOKENS_LIMIT below it."""
     env = dict(pair.split("=", 1) for pair in image.config["Env"])
     assert set(env) == IMAGE_ENV, set(env) - IMAGE_ENV
-    assert not {variable for variable, _, _ in asgi_stream.NUMBERS.values()} & set(env)
+    assert not {variable for variable, _, _ in config.NUMBERS.values()} & set(env)
     assert env["PATH"].startswith("/venv/bin:") and env["USAGE_DB"] == "/data/usage.db"
     assert image.config["User"] == "app" and image.config["WorkingDir"] == "/app"
     assert list(image.config["ExposedPorts"]) == ["8000/tcp"] and "/data" in image.config["Volumes"]

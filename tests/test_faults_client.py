@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 import asgi_stream
-import ledger
+from asgi_stream_core import ledger
 from tests.faultkit import Probed, probe, serve_probed, usage_rows, wait_until
 from tests.upstream import FakeUpstream, Reply
 
@@ -176,8 +176,8 @@ def test_a_client_that_stops_reading_is_dropped_and_its_stream_memory_stays_boun
             started = time.monotonic()
 
             def ended() -> bool:
-                records = list(gw.gateway.registry._streams.values())
-                held.extend(r._held for r in records)  # framed bytes of the held events
+                records = list(gw.gateway.start().registry._streams.values())
+                held.extend(r.log._held for r in records)  # framed bytes of the held events
                 return bool(records) and gw.gateway.metrics.active == 0
 
             assert wait_until(ended, 60)
@@ -404,7 +404,7 @@ def test_shutdown_under_open_streams_ends_each_with_an_error_and_loses_no_usage_
     for text in endings:
         assert '"type":"shutdown"' in text and text.rstrip().endswith("data: error"), text[-300:]
     assert upstream.wait_for(lambda: upstream.open_connections == 0)
-    assert gw.gateway.ledger is not None and gw.gateway.ledger.closed  # closed last, after every row
+    assert gw.gateway.start().ledger is not None and gw.gateway.start().ledger.closed  # closed last, after every row
     rows = usage_rows(db)
     assert len(rows) == streams
     assert {(row["finish_reason"], row["error_type"]) for row in rows} == {("error", "shutdown")}

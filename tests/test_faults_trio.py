@@ -65,7 +65,7 @@ async def test_upstream_fault_on_trio_ends_as_on_asyncio(name: str, tmp_path: Pa
         async def count(request: httpx.Request) -> None:
             attempts.append(request)
 
-        gateway.http.event_hooks["request"].append(count)
+        gateway.start().http.event_hooks["request"].append(count)
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gateway), base_url="http://gateway", timeout=30) as client:
             with anyio.fail_after(fault.within + SLACK + 10):
                 started = anyio.current_time()
@@ -92,7 +92,7 @@ async def test_upstream_fault_on_trio_ends_as_on_asyncio(name: str, tmp_path: Pa
                 ok_body["backend"] = "echo"
             ok = await client.post("/chat/stream", json=ok_body)
             assert sse_events(ok.text)[-1] == ("done", "stop")
-        assert gateway.metrics.active == 0 and gateway.unaccounted == 0
+        assert gateway.metrics.active == 0 and gateway.start().admission.unaccounted == 0
         assert all(internal(pool, "_requests", "httpcore") == [] for pool in _pools(gateway))
         await gateway.aclose()
         gc.collect()  # finalize abandoned generators while the filter above is in force

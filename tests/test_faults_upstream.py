@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-import asgi_stream
+from asgi_stream_core import upstream_client
 from tests.conftest import free_port, stream
 from tests.faultkit import assert_no_secret, serve_probed, usage_rows
 from tests.upstream import FakeUpstream, Reply, Seen, sse_tokens
@@ -384,7 +384,7 @@ def test_a_kept_alive_connection_the_upstream_drops_as_it_is_reused_is_retried_o
     gateway sends the next request on it ("Server disconnected without
     sending a response"). Nothing was answered, so a retry is safe. (One
     pool, so that consecutive requests reuse one connection.)"""
-    monkeypatch.setattr(asgi_stream, "UPSTREAM_POOLS", 1)
+    monkeypatch.setattr(upstream_client, "UPSTREAM_POOLS", 1)
 
     def responder(seen: Seen) -> Reply:
         return normal_reply() if seen.exchange == 1 else Reply(raw=b"")

@@ -17,11 +17,14 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import asgi_stream
-from asgi_stream import BACKENDS, ROLES, HTTPError, parse_chat_request
+from asgi_stream_core import config
+from asgi_stream_core.chat_request import ROLES, parse_chat_request
+from asgi_stream_core.config import BACKENDS
+from asgi_stream_core.types import Refusal
 from providers import ChatRequest
 from tests.faultkit import serve_probed
 
-CONFIG = asgi_stream.load_config({"OPENAI_API_KEY": "sk-fuzz-SECRET", "MAX_TOKENS_LIMIT": "4096"})
+CONFIG = config.load_config({"OPENAI_API_KEY": "sk-fuzz-SECRET", "MAX_TOKENS_LIMIT": "4096"})
 
 # Every JSON value orjson can write (its integers are at most 64 bits).
 scalars = (
@@ -93,17 +96,17 @@ def without(name: str, query: dict[str, str], body: bytes) -> tuple[dict[str, st
     return {k: v for k, v in query.items() if k != name}, body
 
 
-def parse_or_refusal(method: str, query: dict[str, str], body: bytes) -> ChatRequest | HTTPError:
+def parse_or_refusal(method: str, query: dict[str, str], body: bytes) -> ChatRequest | Refusal:
     try:
         request = parse_chat_request(method, query, body, CONFIG)
-    except HTTPError as refusal:
+    except Refusal as refusal:
         assert (refusal.status, refusal.type) == (400, "invalid_request")
         assert len(refusal.message) <= MESSAGE_LIMIT, (len(refusal.message), refusal.message[:100])
         subject = subject_of(refusal.message)
         if subject in OPTIONAL_FIELDS:  # it names what is wrong: without that field, that refusal goes
             try:
                 parse_chat_request(method, *without(subject, query, body), CONFIG)
-            except HTTPError as next_refusal:
+            except Refusal as next_refusal:
                 assert subject_of(next_refusal.message) != subject, (refusal.message, next_refusal.message)
         event(f"refused: {subject}")
         return refusal
@@ -341,7 +344,7 @@ def test_hostile_requests_get_their_4xx_through_uvicorn() -> None:
 
 @pytest.mark.parametrize(("name", "body", "field"), wrong_type_cases())
 def test_a_wrong_type_is_refused_with_a_message_naming_the_field(name: str, body: bytes, field: str) -> None:
-    with pytest.raises(HTTPError) as refusal:
+    with pytest.raises(Refusal) as refusal:
         parse_chat_request("POST", {}, body, CONFIG)
     assert refusal.value.status == 400 and field in refusal.value.message, refusal.value.message
 
@@ -473,7 +476,7 @@ def test_values_nested_deeper_than_orjson_writes_parse_or_get_a_400_naming_the_f
     the offending value must not fail on writing it (unknown fields are ignored)."""
     outcome = parse_or_refusal("POST", {}, body)
     if b'"other"' not in body and b'"name"' not in body:
-        assert isinstance(outcome, HTTPError)
+        assert isinstance(outcome, Refusal)
 
 
 @pytest.mark.anyio

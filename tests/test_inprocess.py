@@ -20,14 +20,16 @@ import pytest
 from httpx_sse import EventSource
 from prometheus_client.parser import text_string_to_metric_families
 
-import asgi_stream
-import stores.memory
+import asgi_stream_core.stores.memory
 from asgi_stream import Gateway
+from asgi_stream_core import config
+from asgi_stream_core.generation import Generation
+from asgi_stream_core.record import StreamRecord
+from asgi_stream_core.sse import FIRST_CHUNK, HEARTBEAT
+from asgi_stream_core.stores.memory import StreamRegistry
 from providers import ChatRequest, UpstreamError
 from providers.echo import echo_tokens
 from providers.lines import LineTooLong
-from sse import FIRST_CHUNK, HEARTBEAT
-from stores.memory import StreamRecord, StreamRegistry
 
 pytestmark = pytest.mark.anyio
 
@@ -240,7 +242,7 @@ async def test_a_client_disconnect_cancels_the_generation_at_once() -> None:
             await ex.done.wait()
     assert app.metrics.streams == {("echo", "cancelled"): 1}
     assert 0 < app.metrics.tokens["echo"] < 2000
-    assert app.metrics.active == 0 and len(app.registry) == 1
+    assert app.metrics.active == 0 and len(app.start().registry) == 1
     await app.aclose()
 
 
@@ -286,14 +288,14 @@ async def test_lifespan_startup_opens_the_shared_client_and_shutdown_closes_it()
             while not answers:
                 await anyio.sleep(0)
         assert answers == [{"type": "lifespan.startup.complete"}]
-        client = app.http
+        client = app.start().http
         assert not client.is_closed
         ex = await request(app, "GET", "/chat/stream", "prompt=hi")
-        assert app.http is client  # the one shared client served the request
+        assert app.start().http is client  # the one shared client served the request
         assert sse_events(ex.body)[-1][:2] == ("done", "stop")
         proceed.set()
     assert answers[-1] == {"type": "lifespan.shutdown.complete"}
-    assert client.is_closed and app._http is None
+    assert client.is_closed and app.start().http is client
 
 
 async def test_lifespan_startup_fails_with_a_message_naming_the_variable() -> None:
@@ -304,20 +306,20 @@ async def test_lifespan_startup_fails_with_a_message_naming_the_variable() -> No
 
 async def test_without_lifespan_the_client_is_opened_on_first_use() -> None:
     app = Gateway({**ENV, "OPENAI_API_KEY": "sk-x", "DEFAULT_BACKEND": "echo"})
-    assert app._http is None and app._config is None
+    assert app.services is None  # nothing read, nothing opened
     ex = await request(app, "GET", "/chat/stream", "prompt=lazy")
     assert "".join(d for n, d, _ in sse_events(ex.body) if n == "token") == "lazy"
-    assert app._http is not None and not app._http.is_closed
+    assert app.services is not None and not app.services.http.is_closed
     await app.aclose()
-    assert app._http is None
+    assert app.start().http.is_closed
 
 
 async def test_a_ledger_is_written_and_closed_when_usage_db_is_set(tmp_path: Any) -> None:
     app = Gateway({**ENV, "USAGE_DB": str(tmp_path / "u.db")})
     await request(app, "GET", "/chat/stream", "prompt=a+b")
     await app.aclose()
-    assert app.ledger is not None and app.ledger.closed
-    assert app.ledger.summary() == [("-", "echo", "echo", 1, 2, 2, 4, 0)]
+    assert app.start().ledger is not None and app.start().ledger.closed
+    assert app.start().ledger.summary() == [("-", "echo", "echo", 1, 2, 2, 4, 0)]
 
 
 # --- refusals before the stream --------------------------------------------------------------
@@ -500,8 +502,8 @@ def raising_provider(exc: BaseException, tokens: int = 1) -> Any:
 async def test_upstream_failures_become_a_typed_error_event(exc: BaseException, error_type: str, message: str) -> None:
     app = Gateway(ENV)
     record = StreamRecord("s", None, ChatRequest([{"role": "user", "content": "hi"}], "echo", "echo", 9), 1 << 20)
-    app.admit(None)
-    await app.generate(record, raising_provider(exc), app.config.upstreams["echo"])
+    app.start().admission.admit(None)
+    await Generation(app.start(), record, raising_provider(exc), app.start().config.upstreams["echo"]).run()
     names, error, reason = ending_of(record.read(0) or b"")
     assert (names, reason) == (["usage", "error", "done"], "error")
     assert error == {"type": error_type, "message": message}
@@ -514,8 +516,8 @@ async def test_a_provider_ending_without_final_is_a_protocol_error() -> None:
 
     app = Gateway(ENV)
     record = StreamRecord("s", None, ChatRequest([{"role": "user", "content": "hi"}], "echo", "echo", 9), 1 << 20)
-    app.admit(None)
-    await app.generate(record, provider, app.config.upstreams["echo"])
+    app.start().admission.admit(None)
+    await Generation(app.start(), record, provider, app.start().config.upstreams["echo"]).run()
     error = ending_of(record.read(0) or b"")[1]
     assert error == {"type": "protocol_error", "message": "the upstream stream ended without a final chunk"}
     await app.aclose()
@@ -524,9 +526,9 @@ async def test_a_provider_ending_without_final_is_a_protocol_error() -> None:
 async def test_an_upstream_error_message_never_carries_a_provider_key() -> None:
     app = Gateway({**ENV, "OPENAI_API_KEY": "sk-secret-1", "DEFAULT_BACKEND": "echo"})
     record = StreamRecord("s", None, ChatRequest([{"role": "user", "content": "hi"}], "echo", "echo", 9), 1 << 20)
-    app.admit(None)
+    app.start().admission.admit(None)
     failure = UpstreamError("upstream_error", "bad key sk-secret-1 (sk-secret-1)", 401)
-    await app.generate(record, raising_provider(failure, tokens=0), app.config.upstreams["echo"])
+    await Generation(app.start(), record, raising_provider(failure, tokens=0), app.start().config.upstreams["echo"]).run()
     error = ending_of(record.read(0) or b"")[1]
     assert error == {"type": "upstream_error", "message": "bad key [redacted] ([redacted])", "status": 401}
     await app.aclose()
@@ -550,9 +552,9 @@ async def test_a_send_that_fails_with_oserror_drops_the_reader_and_cancels_the_g
 async def test_a_generation_cancelled_before_it_started_does_not_run() -> None:
     app = Gateway(ENV)
     record = StreamRecord("s", None, ChatRequest([{"role": "user", "content": "a b c"}], "echo", "echo", 9), 1 << 20)
-    app.admit(None)
+    app.start().admission.admit(None)
     assert record.cancel("client gone")
-    await app.generate(record, asgi_stream.BACKENDS["echo"].stream, app.config.upstreams["echo"])
+    await Generation(app.start(), record, config.BACKENDS["echo"].stream, app.start().config.upstreams["echo"]).run()
     assert ending_of(record.read(0) or b"") == (["done"], None, "cancelled")
     assert record.tokens == 0 and not record.cancel("again")
     await app.aclose()
@@ -631,7 +633,7 @@ async def test_aclose_twice_is_harmless() -> None:
     await request(app, "GET", "/chat/stream", "prompt=x")
     await app.aclose()
     await app.aclose()
-    assert app._http is None
+    assert app.start().http.is_closed
 
 
 # --- resume and cancel ---------------------------------------------------------------------------
@@ -646,7 +648,7 @@ async def test_a_resume_replays_what_followed_the_last_event_id_then_follows_the
         await first.next_body()
         first.disconnect()
         with anyio.fail_after(TIMEOUT):
-            while app.registry.get(first.headers["x-stream-id"], None).readers:  # type: ignore[union-attr]
+            while app.start().registry.get(first.headers["x-stream-id"], None).readers:  # type: ignore[union-attr]
                 await anyio.sleep(0.001)
         seen = sse_events(first.body)
         second = await request(app, "GET", "/chat/stream", headers=[("last-event-id", seen[-1][2])])
@@ -675,7 +677,7 @@ async def test_a_generation_without_a_reader_is_cancelled_after_the_grace() -> N
         with anyio.fail_after(TIMEOUT):
             await ex.done.wait()
     assert app.metrics.streams == {("echo", "cancelled"): 1}
-    record = app.registry.get(ex.headers["x-stream-id"], None)
+    record = app.start().registry.get(ex.headers["x-stream-id"], None)
     assert record is not None and record.cancel_reason == "client gone" and record.ever_disconnected
 
 
@@ -698,7 +700,7 @@ async def test_a_resume_past_the_end_or_of_dropped_events_gets_204() -> None:
 async def test_a_stream_is_not_resumable_with_resume_ttl_zero() -> None:
     app = Gateway({**ENV, "RESUME_TTL_SECONDS": "0"})
     ex = await request(app, "GET", "/chat/stream", "prompt=a+b")
-    assert len(app.registry) == 0
+    assert len(app.start().registry) == 0
     resumed = await request(app, "GET", "/chat/stream", headers=[("last-event-id", f"{ex.headers['x-stream-id']}.1")])
     assert resumed.status == 204
     await app.aclose()
@@ -723,7 +725,7 @@ async def test_delete_cancels_a_running_stream() -> None:
 
 def test_the_registry_forgets_finished_streams_after_the_ttl(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = [1000.0]
-    monkeypatch.setattr(stores.memory.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(asgi_stream_core.stores.memory.time, "monotonic", lambda: clock[0])
     registry = StreamRegistry(ttl=10)
     running, finished = SimpleNamespace(id="r", key_name=None), SimpleNamespace(id="f", key_name="k")
     registry.add(running)  # type: ignore[arg-type]
@@ -736,7 +738,7 @@ def test_the_registry_forgets_finished_streams_after_the_ttl(monkeypatch: pytest
 
 def test_the_registry_sweeps_at_most_once_a_second(monkeypatch: pytest.MonkeyPatch) -> None:
     clock = [1000.0]
-    monkeypatch.setattr(stores.memory.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(asgi_stream_core.stores.memory.time, "monotonic", lambda: clock[0])
     registry = StreamRegistry(ttl=0.1)
     record = SimpleNamespace(id="f", key_name=None)
     registry.add(record)  # type: ignore[arg-type]

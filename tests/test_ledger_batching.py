@@ -15,8 +15,8 @@ import anyio
 import pytest
 
 import asgi_stream
-import ledger
-from ledger import LEDGER_COLUMNS, UsageLedger, usage_report
+from asgi_stream_core import config, ledger
+from asgi_stream_core.ledger import LEDGER_COLUMNS, UsageLedger, usage_report
 
 OLD_SCHEMA = (  # asgi-stream's ledger before the route and replica columns, as it created it
     "CREATE TABLE IF NOT EXISTS usage (stream_id TEXT PRIMARY KEY, key_name TEXT, backend TEXT,"
@@ -189,15 +189,15 @@ def test_main_hands_usage_and_its_options_to_the_report(tmp_path: Path, monkeypa
 
 def test_a_postgres_url_without_psycopg_is_refused_at_startup(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(__import__("sys").modules, "psycopg.conninfo", None)  # as if the extra were not installed
-    with pytest.raises(asgi_stream.ConfigError, match=r"pip install 'asgi-stream\[postgres\]'") as refused:
-        asgi_stream.load_config({"USAGE_DB": "postgresql://u:hunter2@db/x"})
+    with pytest.raises(config.ConfigError, match=r"pip install 'asgi-stream\[postgres\]'") as refused:
+        config.load_config({"USAGE_DB": "postgresql://u:hunter2@db/x"})
     assert "hunter2" not in str(refused.value)
 
 
 @pytest.mark.parametrize("target", ["postgresql://u:hunter2@db/x?bogus=1", "host=db password=hunter2 bogus=1"])
 def test_an_invalid_postgres_target_is_refused_without_repeating_it(target: str) -> None:
-    with pytest.raises(asgi_stream.ConfigError) as refused:
-        asgi_stream.load_config({"USAGE_DB": target})
+    with pytest.raises(config.ConfigError) as refused:
+        config.load_config({"USAGE_DB": target})
     assert str(refused.value) == "USAGE_DB is not a valid PostgreSQL URL or connection string"
 
 

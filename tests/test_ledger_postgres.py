@@ -25,7 +25,7 @@ import psycopg
 import pytest
 
 import asgi_stream
-from ledger import LEDGER_COLUMNS, UsageLedger, usage_report
+from asgi_stream_core.ledger import LEDGER_COLUMNS, UsageLedger, usage_report
 from tests import postgres_server as fixtures
 from tests.conftest import free_port, serve, stream
 from tests.postgres_server import PostgresServer
@@ -244,10 +244,10 @@ async def test_an_outage_in_process_on_both_loops_loses_no_row(postgres_server: 
                 response = await client.get("/chat/stream?prompt=two")
                 assert response.text.rstrip().endswith("data: stop")
                 ids.append(response.headers["x-stream-id"])
-        assert gateway.ledger is not None and gateway.ledger.waiting >= 3
+        assert gateway.start().ledger is not None and gateway.start().ledger.waiting >= 3
         await anyio.to_thread.run_sync(postgres_server.start)
     await gateway.aclose()  # waits (bounded) for the rows: the database is back
-    assert gateway.ledger.waiting == 0
+    assert gateway.start().ledger.waiting == 0
     assert sorted(r[0] for r in postgres_server.query("SELECT stream_id FROM usage")) == sorted(ids)
 
 

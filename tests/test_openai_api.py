@@ -25,7 +25,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-import asgi_stream
+from asgi_stream_core import config
 from tests.conftest import serve
 from tests.rig import Rig, backend_env, rig_fixture  # noqa: F401
 from tests.upstream import Reply, Seen
@@ -43,7 +43,7 @@ HI = [{"role": "user", "content": "hi"}]
 
 
 def model_of(backend: str) -> str:
-    return f"{backend}/{asgi_stream.BACKENDS[backend].default_model}"
+    return f"{backend}/{config.BACKENDS[backend].default_model}"
 
 
 def client(rig: Rig, key: str = "gw-alice", **options: Any) -> openai.OpenAI:
@@ -263,8 +263,8 @@ def test_developer_is_system_text_parts_are_joined_and_a_bare_model_goes_to_the_
 
 def test_models_lists_each_configured_backends_default_model(rig: Rig) -> None:
     models = client(rig).models.list()
-    assert [m.id for m in models.data] == [model_of(b) for b in asgi_stream.BACKENDS]
-    assert {m.owned_by for m in models.data} == set(asgi_stream.BACKENDS) and models.object == "list"
+    assert [m.id for m in models.data] == [model_of(b) for b in config.BACKENDS]
+    assert {m.owned_by for m in models.data} == set(config.BACKENDS) and models.object == "list"
 
 
 # --- refusals, as the SDK's exceptions ---------------------------------------------------

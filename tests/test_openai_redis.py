@@ -148,7 +148,7 @@ def test_a_v1_slot_lease_is_renewed_while_it_runs_and_lapses_with_its_dead_owner
         with held(one):
             time.sleep(5)  # past two leases: only the renewal keeps the slot
             assert refused_as(v1_start(two), 503, "overloaded", openai_shape=True)
-            one.gateway.store.owned.clear()  # type: ignore[attr-defined] - the owner as Redis sees a dead one: no renewal
+            one.gateway.start().store.owned.clear()  # type: ignore[attr-defined] - the owner as Redis sees a dead one: no renewal
             assert eventually(lambda: v1_start(two).status_code == 200)
 
 

@@ -13,22 +13,23 @@ from httpx_sse._decoders import SSEDecoder
 from hypothesis import given
 from hypothesis import strategies as st
 
-import asgi_stream
-import openai_api
-from openai_api import CompletionError, CompletionRecord, parse_completion_request
+from asgi_stream_core import config, openai_api
+from asgi_stream_core.openai_api import parse_completion_request
+from asgi_stream_core.record import StreamRecord
+from asgi_stream_core.types import Refusal
 from providers import UpstreamError
 
-CONFIG = asgi_stream.load_config({"OPENAI_API_KEY": "k", "OLLAMA_BASE_URL": "http://127.0.0.1:1", "MAX_TOKENS": "100"})
+CONFIG = config.load_config({"OPENAI_API_KEY": "k", "OLLAMA_BASE_URL": "http://127.0.0.1:1", "MAX_TOKENS": "100"})
 HI = [{"role": "user", "content": "hi"}]
 
 
 def parse(**fields: Any) -> openai_api.Completion:
     body = json.dumps({"model": "echo/echo", "messages": HI, **fields}).encode()  # json: any integer, unlike orjson
-    return parse_completion_request(body, CONFIG, asgi_stream.BACKENDS)
+    return parse_completion_request(body, CONFIG)
 
 
-def refusal(**fields: Any) -> CompletionError:
-    with pytest.raises(CompletionError) as caught:
+def refusal(**fields: Any) -> Refusal:
+    with pytest.raises(Refusal) as caught:
         parse(**fields)
     return caught.value
 
@@ -76,8 +77,8 @@ def test_values_too_deep_to_show_are_named_by_their_type() -> None:
     for _ in range(300):
         deep = [deep]
     assert openai_api.shown(deep) == "list"
-    with pytest.raises(CompletionError, match="messages must be a non-empty array"):
-        parse_completion_request(b'{"model": "echo/echo", "messages": 5}', CONFIG, asgi_stream.BACKENDS)
+    with pytest.raises(Refusal, match="messages must be a non-empty array"):
+        parse_completion_request(b'{"model": "echo/echo", "messages": 5}', CONFIG)
 
 
 @given(st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
@@ -86,7 +87,7 @@ def test_values_too_deep_to_show_are_named_by_their_type() -> None:
 def test_any_json_in_any_field_is_accepted_or_refused_never_a_crash(value: Any, field: str) -> None:
     try:
         parse(**{field: value})
-    except CompletionError as error:
+    except Refusal as error:
         assert error.status in (400, 404) and error.message
 
 
@@ -106,8 +107,8 @@ def test_the_preflight_allows_header_names_the_browser_asks_for(asked: str, allo
     assert openai_api.allowed_headers({"access-control-request-headers": asked}) == allowed
 
 
-async def new_record(completion: openai_api.Completion) -> CompletionRecord:
-    return CompletionRecord(None, completion)  # it reads the event loop's clock
+async def new_record(completion: openai_api.Completion) -> StreamRecord:
+    return openai_api.completion_record(None, completion)  # it reads the event loop's clock
 
 
 def sse_data(body: bytes) -> list[str]:
@@ -133,7 +134,7 @@ def test_framed_chunks_give_back_each_token_and_the_ending(tokens: list[str], re
     assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == reason
     assert [c["usage"] for c in chunks if not c["choices"]] == ([{"prompt_tokens": 1, "completion_tokens": len(tokens),
                                                                   "total_tokens": 1 + len(tokens)}] if include_usage else [])  # fmt: skip
-    assert record.count == len(tokens) + 1 and record.read(record.count) == b""
+    assert record.count == len(tokens) + 2 and record.read(record.count) == b""  # tokens, then usage and done: one log under every framer
 
 
 def test_a_lone_surrogate_is_replaced_not_a_crash() -> None:

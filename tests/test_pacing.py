@@ -47,7 +47,7 @@ def test_a_client_that_takes_no_bytes_is_dropped_after_the_send_timeout() -> Non
         while not served.gateway.metrics.streams:  # the generation ends long before the client reads
             assert time.monotonic() < deadline
             time.sleep(0.01)
-        (record,) = served.gateway.registry._streams.values()
+        (record,) = served.gateway.start().registry._streams.values()
         stuck_since = time.monotonic()
         while record.readers:  # the writer is stuck in a send the client never takes
             assert time.monotonic() < deadline, "the reader was never dropped"

@@ -9,7 +9,7 @@ from contextlib import AsyncExitStack
 import httpx
 import pytest
 
-from asgi_stream import POOL_SHARE, PoolShards
+from asgi_stream_core.upstream_client import POOL_SHARE, PoolShards
 from tests.faultkit import internal
 from tests.upstream import FakeUpstream, Reply, sse_tokens
 

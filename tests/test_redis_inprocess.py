@@ -19,10 +19,10 @@ import orjson
 import pytest
 
 from asgi_stream import Gateway
+from asgi_stream_core.record import StreamRecord
+from asgi_stream_core.stores.redis import ORPHANS, SLOTS, ended_by_key, events_key, key_slots, unpack
+from asgi_stream_core.types import Refusal
 from providers import ChatRequest
-from stores import Refused
-from stores.memory import StreamRecord
-from stores.redis import ORPHANS, SLOTS, ended_by_key, events_key, key_slots, unpack
 from tests.conftest import free_port
 from tests.redis_server import RedisServer, redis_server  # noqa: F401 - a fixture
 from tests.test_inprocess import ENV, Exchange, exchange, request, sse_events
@@ -75,9 +75,9 @@ async def test_a_burst_of_admissions_over_several_gateways_takes_exactly_the_lim
 
         async def admit(app: Gateway, key_name: str) -> None:
             try:
-                await app.store.hold(record_for(key_name))
+                await app.start().store.hold(record_for(key_name))
                 outcomes.append((key_name, "held"))
-            except Refused as exc:
+            except Refusal as exc:
                 outcomes.append((key_name, exc.type))
 
         async def burst(keys: str) -> list[tuple[str, str]]:
@@ -102,7 +102,7 @@ async def test_events_reach_redis_as_entries_whose_ids_are_event_positions(redis
         events = [event for event in sse_events(ex.body) if event[0] != "stream"]  # the opening event is not held: it names the stream
         stream_id = ex.headers["x-stream-id"]
         with anyio.fail_after(5):
-            while app.store.owned:
+            while app.start().store.owned:
                 await anyio.sleep(0.01)
         client = coredis.Redis.from_url(redis_server.url)
         async with client:
@@ -166,7 +166,7 @@ async def owned_stream(app: Gateway, words: int = WORDS) -> AsyncIterator[tuple[
     async with exchange(app, "GET", "/chat/stream", "prompt=" + "w%20" * words, [("authorization", "Bearer ka")]) as first:
         assert (await first.next())["status"] == 200
         await first.next_body()  # it runs
-        (stream_id,) = app.store.owned
+        (stream_id,) = app.start().store.owned
         yield first, stream_id
 
 
@@ -193,8 +193,8 @@ async def test_a_stream_whose_lease_lapsed_gets_its_slot_back_only_if_it_was_not
             async with exchange(two, "GET", "/chat/stream", newcomer_prompt, [("authorization", f"Bearer {newcomer}")]) as second:
                 assert (await second.next())["status"] == 200
                 assert redis_server.command("SMEMBERS", ORPHANS) == f"*1\r\n${len(stream_id)}\r\n{stream_id}\r\n".encode()
-                assert one.store.client is not None
-                await one.store.renew_leases(one.store.client)
+                assert one.start().store.client is not None
+                await one.start().store.renew_leases(one.start().store.client)
                 assert redis_server.command("SCARD", ORPHANS) == b":0\r\n"  # claimed by its owner: no replica interrupts it
                 assert redis_server.command("ZCARD", SLOTS) == (b":1\r\n" if given_away else b":2\r\n")
                 with anyio.fail_after(30):  # the rest of its tokens, if it kept its slot
@@ -216,8 +216,8 @@ async def test_a_running_stream_redis_forgot_is_taken_back_unless_a_replica_bega
             redis_server.command("DEL", SLOTS, key_slots("a"))
             if ended_elsewhere:
                 redis_server.command("SET", ended_by_key(stream_id), "another-replica")
-            assert one.store.client is not None
-            await one.store.renew_leases(one.store.client)
+            assert one.start().store.client is not None
+            await one.start().store.renew_leases(one.start().store.client)
             assert redis_server.command("ZCARD", SLOTS) == (b":0\r\n" if ended_elsewhere else b":1\r\n")
             with anyio.fail_after(30):
                 await first.done.wait()
@@ -237,11 +237,11 @@ async def test_an_owner_cut_off_while_another_replica_ended_its_stream_ends_it_t
     async with running(env) as one, running(env) as two:
         async with owned_stream(one) as (first, stream_id):
             redis_server.command("ZADD", SLOTS, "1", stream_id)  # its lease, lapsed
-            assert two.store.client is not None
-            await two.store.renew_leases(two.store.client)  # finds the orphan and ends it
+            assert two.start().store.client is not None
+            await two.start().store.renew_leases(two.start().store.client)  # finds the orphan and ends it
             with anyio.fail_after(30):
                 await first.done.wait()
-        assert stream_id not in one.store.owned
+        assert stream_id not in one.start().store.owned
     assert_ended_on_losing_its_slot(first.body)
     rows = sqlite3.connect(tmp_path / "usage.db").execute("SELECT stream_id, finish_reason, error_type FROM usage").fetchall()
     assert rows == [(stream_id, "error", "interrupted")]
@@ -256,11 +256,11 @@ async def test_an_owner_back_from_a_stall_renews_before_it_writes_so_it_never_wr
     env = {"REDIS_URL": redis_server.url, **LAPSE}
     async with running(env) as one, running(env) as two:
         async with owned_stream(one) as (first, stream_id):
-            record = one.store.owned[stream_id][0]
+            record = one.start().store.owned[stream_id][0]
             redis_server.command("ZADD", SLOTS, "1", stream_id)  # its lease, lapsed
-            assert two.store.client is not None
-            await two.store.renew_leases(two.store.client)  # finds the orphan and ends it in Redis
-            one.store.renewed = -math.inf  # the owner was stalled: no renewal for longer than a lease
+            assert two.start().store.client is not None
+            await two.start().store.renew_leases(two.start().store.client)  # finds the orphan and ends it in Redis
+            one.start().store.renewed = -math.inf  # the owner was stalled: no renewal for longer than a lease
             for _ in range(5):  # what it read while stalled, all in its next write
                 record.append("token", "x")
             with anyio.fail_after(30):
@@ -308,10 +308,10 @@ async def test_a_stream_redis_forgot_gets_clear_answers_elsewhere_until_its_owne
             resumed = await request(two, "GET", "/chat/stream", headers=[("last-event-id", f"{stream_id}.1"), *key])
             assert resumed.status == 204  # nothing says whose it is: nothing to replay
             assert (await request(two, "DELETE", f"/chat/stream/{stream_id}", headers=key)).status == 404
-            assert one.store.client is not None
-            await one.store.renew_leases(one.store.client)
+            assert one.start().store.client is not None
+            await one.start().store.renew_leases(one.start().store.client)
             assert redis_server.command("ZCARD", SLOTS) == b":1\r\n"
-            held = one.store.owned[stream_id][1].flushed  # the last position Redis holds
+            held = one.start().store.owned[stream_id][1].flushed  # the last position Redis holds
             rest = await request(two, "GET", "/chat/stream", headers=[("last-event-id", f"{stream_id}.{held}"), *key])
             with anyio.fail_after(30):
                 await first.done.wait()
@@ -324,8 +324,8 @@ async def test_a_dead_owner_s_stream_redis_forgot_is_still_ended_without_a_row(r
     async with running({"REDIS_URL": redis_server.url, **LAPSE}) as one, running({"REDIS_URL": redis_server.url, **LAPSE}) as two:
         async with forgotten_by_redis(redis_server, one) as (first, stream_id):
             redis_server.command("SADD", ORPHANS, stream_id)  # taken for dead
-            assert two.store.client is not None
-            await two.store.renew_leases(two.store.client)  # raised KeyError reading the meta for its row
+            assert two.start().store.client is not None
+            await two.start().store.renew_leases(two.start().store.client)  # raised KeyError reading the meta for its row
             assert redis_server.command("HGET", f"asgi-stream:{stream_id}:meta", "finished") == b"$5\r\nerror\r\n"
             with anyio.fail_after(30):
                 await first.done.wait()

@@ -134,7 +134,7 @@ def test_an_owner_that_stops_renewing_its_lease_is_interrupted_once_and_written_
                 sid = response.headers["x-stream-id"]
             with client.stream("GET", two.url + "/chat/stream", headers={"Last-Event-ID": last}) as follower:
                 read_events(follower, 2)
-                one.gateway.store.owned.clear()  # the owner as Redis sees a dead one: no lease renewal, no writes
+                one.gateway.start().store.owned.clear()  # the owner as Redis sees a dead one: no lease renewal, no writes
                 stopped = time.monotonic()
                 rest = read_events(follower)
                 waited = time.monotonic() - stopped

@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from asgi_stream_core.config import ConfigError
 from tests.redis_server import RedisServer
 from tests.replicas import (
     SLOWNESS,
@@ -383,8 +384,8 @@ def test_redis_url_without_the_redis_extra_installed_names_the_extra(monkeypatch
     import asgi_stream
 
     monkeypatch.setitem(sys.modules, "coredis", None)  # as if not installed: importing it raises ImportError
-    monkeypatch.delitem(sys.modules, "stores.redis", raising=False)
+    monkeypatch.delitem(sys.modules, "asgi_stream_core.stores.redis", raising=False)
     gateway = asgi_stream.Gateway({"REDIS_URL": "redis://127.0.0.1:1/0", "USAGE_DB": ""})
-    with pytest.raises(asgi_stream.ConfigError, match="REDIS_URL") as refused:
-        gateway.config  # reading the settings is what fails
+    with pytest.raises(ConfigError, match="REDIS_URL") as refused:
+        gateway.start()  # reading the settings is what fails
     assert "asgi-stream[redis]" in str(refused.value)

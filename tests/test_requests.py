@@ -14,7 +14,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from asgi_stream import ClientGone, Config, HTTPError, is_json_media_type, load_config, parse_chat_request, read_body
+from asgi_stream_core.chat_request import parse_chat_request
+from asgi_stream_core.config import Config, load_config
+from asgi_stream_core.types import ClientGone, Refusal
+from asgi_stream_core.web import is_json_media_type, read_body
 from providers import ChatRequest
 
 ECHO_ONLY = load_config({})
@@ -33,7 +36,7 @@ def get(query: dict[str, str], config: Config = WITH_OPENAI) -> ChatRequest:
 
 def refusal(call: Callable[[], Any]) -> str:
     """The message of the 400 invalid_request that `call` must raise."""
-    with pytest.raises(HTTPError) as caught:
+    with pytest.raises(Refusal) as caught:
         call()
     assert (caught.value.status, caught.value.type) == (400, "invalid_request")
     return caught.value.message
@@ -335,7 +338,7 @@ async def test_read_body_takes_a_message_without_body_key_as_empty() -> None:
 @pytest.mark.anyio
 async def test_read_body_refuses_a_declared_length_over_the_limit_without_reading() -> None:
     body = Body(b"x")
-    with pytest.raises(HTTPError) as caught:
+    with pytest.raises(Refusal) as caught:
         await read(body, {"content-length": "11"})
     assert (caught.value.status, caught.value.type) == (413, "payload_too_large")
     assert "10 bytes" in caught.value.message
@@ -345,7 +348,7 @@ async def test_read_body_refuses_a_declared_length_over_the_limit_without_readin
 @pytest.mark.anyio
 async def test_read_body_stops_reading_as_soon_as_the_limit_is_passed() -> None:
     body = Body(b"123456", b"78901", b"never read", b"nor this")
-    with pytest.raises(HTTPError) as caught:
+    with pytest.raises(Refusal) as caught:
         await read(body, {"content-length": "bogus"})
     assert caught.value.status == 413
     assert body.taken == 2
@@ -364,7 +367,7 @@ async def test_read_body_raises_client_gone_on_disconnect() -> None:
 
 @pytest.mark.anyio
 async def test_read_body_answers_408_when_the_body_stalls() -> None:
-    with pytest.raises(HTTPError) as caught:
+    with pytest.raises(Refusal) as caught:
         await read(Body(b"12", then={"type": "http.request", "body": b"3", "more_body": True}))
     assert (caught.value.status, caught.value.type) == (408, "request_timeout")
     assert "0.05 s" in caught.value.message

@@ -26,9 +26,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from asgi_stream import Gateway
+from asgi_stream_core.generation import Generation
+from asgi_stream_core.record import StreamRecord
+from asgi_stream_core.sse import encode_event
 from providers import ChatRequest, Chunk, Final, Upstream, UpstreamError
-from sse import encode_event
-from stores.memory import StreamRecord
 
 NODE_ORACLE = Path(__file__).with_name("node") / "sse_oracle.mjs"
 REQUEST = ChatRequest([{"role": "user", "content": "hi"}], "echo", "echo", 100)
@@ -240,11 +241,11 @@ async def generate_and_check(chunks: list[str], ending: Any, cases: list[tuple[b
     """One generation from a fake provider; the stream is checked, then kept for Node."""
     gateway = Gateway({"USAGE_DB": "", "ECHO_DELAY_SECONDS": "0"})
     provider = fake_provider(chunks, ending)
-    record = StreamRecord("s1", None, REQUEST, gateway.config.stream_buffer_bytes)
+    record = StreamRecord("s1", None, REQUEST, gateway.start().config.stream_buffer_bytes)
     provider.record.append(record)  # type: ignore[attr-defined]
-    gateway.admit(None)
-    gateway.registry.add(record)
-    await gateway.generate(record, provider, gateway.config.upstreams["echo"])
+    gateway.start().admission.admit(None)
+    gateway.start().registry.add(record)
+    await Generation(gateway.start(), record, provider, gateway.start().config.upstreams["echo"]).run()
     await gateway.aclose()
     events = assert_well_formed(record, chunks, expected_reason(ending))
     names = [name for name, _, _ in events]

@@ -8,9 +8,9 @@ from __future__ import annotations
 import logging
 import math
 import secrets
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import anyio
@@ -18,13 +18,13 @@ import coredis
 import coredis.exceptions
 import orjson
 
-from providers import ChatRequest, UpstreamError, make_usage
-from stores import Refused
-from stores.memory import StreamRecord, StreamRegistry
-
-if TYPE_CHECKING:
-    from asgi_stream import Config
-    from ledger import UsageLedger
+from asgi_stream_core.config import Config
+from asgi_stream_core.ledger import UsageLedger
+from asgi_stream_core.metrics import estimated_usage, prompt_chars, stream_facts
+from asgi_stream_core.record import StreamRecord
+from asgi_stream_core.stores.memory import StreamRegistry
+from asgi_stream_core.types import RETRY_SOON, Refusal, store_unavailable
+from providers import ChatRequest, UpstreamError
 
 FLUSH_SECONDS = 0.005  # write-behind: how long appends wait to share one pipeline
 PREFIX = "asgi-stream:"
@@ -164,9 +164,8 @@ class RedisStore:
 
     name = "redis"
 
-    def __init__(self, config: Config, registry: StreamRegistry, ledger: UsageLedger | None,
-                 facts: Callable[[StreamRecord, float], dict[str, Any]]):
-        self.config, self.registry, self.ledger, self.facts = config, registry, ledger, facts
+    def __init__(self, config: Config, registry: StreamRegistry, ledger: UsageLedger | None):
+        self.config, self.registry, self.ledger = config, registry, ledger
         self.url = config.redis_url
         self.lease_ms = max(100, int(config.owner_lease * 1000))
         self.ttl = max(1, math.ceil(config.resume_ttl))
@@ -220,7 +219,7 @@ class RedisStore:
         finally:
             self.client, self.ok = None, False
         if unreachable is not None:
-            raise Refused(503, "store_unavailable", f"REDIS_URL={redacted(self.url)} is unreachable: {self._say(unreachable)}")
+            raise store_unavailable(f"REDIS_URL={redacted(self.url)} is unreachable: {self._say(unreachable)}")
 
     def _say(self, exc: BaseException) -> str:
         """An error's text, never with the password in it."""
@@ -233,7 +232,7 @@ class RedisStore:
 
     def _client(self) -> coredis.Redis[bytes]:
         if self.client is None or not self.ok:
-            raise Refused(503, "store_unavailable", "the shared stream store (Redis) is unreachable; try again shortly")
+            raise store_unavailable()
         return self.client
 
     # --- the owner: admission, write-behind, leases
@@ -255,11 +254,11 @@ class RedisStore:
                 refused = await client.eval(ADMIT, keys, args)
         except (coredis.exceptions.RedisError, OSError) as exc:
             self._lost(exc)
-            raise Refused(503, "store_unavailable", "the shared stream store (Redis) is unreachable; try again shortly") from None
+            raise store_unavailable() from None
         if refused == 1:
-            raise Refused(503, "overloaded", f"the service is at its limit of {cfg.max_streams} streams")
+            raise Refusal(503, "overloaded", f"the service is at its limit of {cfg.max_streams} streams", RETRY_SOON)
         if refused == 2:
-            raise Refused(429, "rate_limited", f"this key is at its limit of {cfg.max_streams_per_key} streams")
+            raise Refusal(429, "rate_limited", f"this key is at its limit of {cfg.max_streams_per_key} streams", RETRY_SOON)
         self.owned[record.id] = (record, Owned())  # its slot lease is renewed and released like any other
         record.on_append = self._appended
         if record.resumable:
@@ -271,7 +270,7 @@ class RedisStore:
         description: dict[str, str | int] = {
             "key": "" if record.key_name is None else "=" + record.key_name, "owner": self.process,
             "backend": record.request.backend, "model": record.request.model, "started": repr(record.started),
-            "prompt_chars": sum(len(m["content"]) for m in record.request.messages), "route": record.route,
+            "prompt_chars": prompt_chars(record.request.messages), "route": record.route,
         }  # fmt: skip
         if not record.resumable:  # no replica may find, follow or cancel it: its meta is only for its row, should its owner die
             description["resumable"] = 0
@@ -467,11 +466,10 @@ class RedisStore:
         record = self._copy(stream_id, meta, 0)
         record.route = meta.get(b"route", b"chat/stream").decode()
         record.tokens = int(meta[b"tokens"])
-        prompt_chars = int(meta[b"prompt_chars"])
         record.finish_reason, record.error = "error", error
-        record.usage = make_usage(-(-prompt_chars // 4), record.tokens, estimated=True)
+        record.usage = estimated_usage(int(meta[b"prompt_chars"]), record.tokens)
         record.started = float(meta[b"started"])
-        facts = self.facts(record, record.started_clock)
+        facts = stream_facts(record, record.started_clock)
         # the dead owner never wrote its line: this one is what rebuilds a row the ledger drops
         log.info(orjson.dumps({"event": "stream_end", **facts}).decode())
         if self.ledger is not None:
@@ -506,7 +504,7 @@ class RedisStore:
             entries = await client.xrange(events_key(stream_id), f"({position}-0", "+")
         except (coredis.exceptions.RedisError, OSError) as exc:
             self._lost(exc)
-            raise Refused(503, "store_unavailable", "the shared stream store (Redis) is unreachable; try again shortly") from None
+            raise store_unavailable() from None
         mirror = self._copy(stream_id, meta, position)
         last = f"{position}-0".encode()
         for entry in entries:
@@ -530,7 +528,7 @@ class RedisStore:
                 continue
             if name == "token":
                 mirror.tokens += 1
-            mirror.append_framed(name, data.encode())
+            mirror.append_encoded(name, data.encode())
             if name == "done":
                 mirror.finish_reason, mirror.finished = data, True
                 mirror.notify()
@@ -606,7 +604,7 @@ class RedisStore:
         self._owner_channel[message.split()[1]] = channel
         try:
             await self._client().publish(channel, message)
-        except (coredis.exceptions.RedisError, OSError, Refused):
+        except (coredis.exceptions.RedisError, OSError, Refusal):
             pass  # the renewal says it again
 
     # --- cancel and reader counts across replicas
@@ -623,9 +621,9 @@ class RedisStore:
             heard = await client.publish(f"{PREFIX}process:{meta[b'owner'].decode()}", f"cancel {stream_id}")
         except (coredis.exceptions.RedisError, OSError) as exc:
             self._lost(exc)
-            raise Refused(503, "store_unavailable", "the shared stream store (Redis) is unreachable; try again shortly") from None
+            raise store_unavailable() from None
         if not heard:  # a running stream whose owner is not listening: reconnecting to Redis, or dead (ended within a lease)
-            raise Refused(503, "store_unavailable", "the process running this stream cannot be told right now; try again shortly")
+            raise store_unavailable("the process running this stream cannot be told right now; try again shortly")
         return True
 
     def readers(self, record: StreamRecord) -> int:

@@ -8,20 +8,24 @@ import json
 import math
 import re
 import secrets
+import sys
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, cast
 
 import anyio
 import orjson
 
+from asgi_stream_core.config import BACKENDS, Config
+from asgi_stream_core.generation import Generation
+from asgi_stream_core.reader import Reader
+from asgi_stream_core.record import StreamRecord
+from asgi_stream_core.services import Services
+from asgi_stream_core.types import Headers, Receive, Refusal, shown
+from asgi_stream_core.web import Exchange, cors_headers, send_response
 from providers import ChatRequest, UpstreamError
-from stores.memory import StreamRecord
 
-if TYPE_CHECKING:  # asgi_stream imports this module: no import back at run time
-    from asgi_stream import Backend, Config, Gateway, Receive, Scope, Send
-
-ROUTES: dict[str, tuple[str, ...]] = {"/v1/chat/completions": ("POST",), "/v1/models": ("GET",)}
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MAX_STOP_SEQUENCES = 4  # OpenAI's own limit; Gemini's is 5
 DONE = b"data: [DONE]\n\n"
@@ -31,24 +35,6 @@ HEADER_NAMES = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+(?:[ \t]*,[ \t]*[!#$%&'*+
 # --- errors in OpenAI's shape ---------------------------------------------------------
 
 
-class CompletionError(Exception):
-    """A refusal on this route: HTTP status, our error type (sent as OpenAI's
-    `code`), message, and the request field at fault (OpenAI's `param`)."""
-
-    def __init__(self, status: int, type: str, message: str, param: str | None = None,
-                 headers: list[tuple[bytes, bytes]] | None = None):  # fmt: skip
-        super().__init__(message)
-        self.status, self.type, self.message, self.param, self.headers = status, type, message, param, headers or []
-
-
-class Refusal(Protocol):
-    """What error_body needs: the gateway's HTTPError or a CompletionError."""
-
-    status: int
-    type: str
-    message: str
-
-
 def openai_error_type(status: int) -> str:
     """OpenAI's error `type` for a status (the SDKs pick their exception class by the status)."""
     named = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 429: "rate_limit_error"}
@@ -56,9 +42,9 @@ def openai_error_type(status: int) -> str:
 
 
 def error_body(error: Refusal) -> bytes:
-    param = error.param if isinstance(error, CompletionError) else None
-    return orjson.dumps({"error": {"message": error.message, "type": openai_error_type(error.status), "param": param,
-                                   "code": error.type}})  # fmt: skip
+    """A refusal in OpenAI's shape: our error type is its `code`, the field at fault its `param`."""
+    fields = {"message": error.message, "type": openai_error_type(error.status), "param": error.param, "code": error.type}
+    return orjson.dumps({"error": fields})
 
 
 def upstream_status(error: UpstreamError) -> int:
@@ -103,23 +89,15 @@ class Completion:
     include_usage: bool
 
 
-def invalid(param: str | None, message: str) -> CompletionError:
-    return CompletionError(400, "invalid_request", message, param)
+def invalid(param: str | None, message: str) -> Refusal:
+    return Refusal(400, "invalid_request", message, param=param)
 
 
-def unsupported(param: str, message: str) -> CompletionError:
-    return CompletionError(400, "unsupported_parameter", message, param)
+def unsupported(param: str, message: str) -> Refusal:
+    return Refusal(400, "unsupported_parameter", message, param=param)
 
 
-def shown(value: Any) -> str:
-    try:
-        text = orjson.dumps(value).decode()
-    except orjson.JSONEncodeError:  # nested deeper than orjson writes
-        text = type(value).__name__
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def parse_completion_request(body: bytes, config: Config, backends: Mapping[str, Backend]) -> Completion:
+def parse_completion_request(body: bytes, config: Config) -> Completion:
     """Validate an OpenAI request body strictly; refuse, naming it, any field
     whose meaning the gateway cannot carry to every backend. Fields it does not
     know are ignored, as OpenAI-compatible servers commonly do."""
@@ -130,7 +108,7 @@ def parse_completion_request(body: bytes, config: Config, backends: Mapping[str,
     if not isinstance(fields, dict):
         raise invalid(None, "the request body must be a JSON object")
     refuse_unsupported(fields)
-    backend, model = route_model(fields.get("model"), config, backends)
+    backend, model = route_model(fields.get("model"), config)
     messages = parse_messages(fields.get("messages"))
     limit_name = "max_completion_tokens" if fields.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = fields.get(limit_name)
@@ -168,23 +146,22 @@ def refuse_unsupported(fields: dict[str, Any]) -> None:
             raise unsupported(name, f"{name} is not supported: {why}")
 
 
-def route_model(value: Any, config: Config, backends: Mapping[str, Backend]) -> tuple[str, str]:
+def route_model(value: Any, config: Config) -> tuple[str, str]:
     """`<backend>/<model>` names its backend; a bare name goes to DEFAULT_BACKEND."""
     if not isinstance(value, str) or not value:
         raise invalid("model", f"model must be '<backend>/<model>' (see GET /v1/models) or a model name, got {shown(value)}")
     prefix, slash, rest = value.partition("/")
     if not slash:
         backend, model = config.default_backend, value
-    elif prefix in backends:
+    elif prefix in BACKENDS:
         backend, model = prefix, rest
     else:
-        known = ", ".join(backends)
-        raise CompletionError(404, "model_not_found", f"model {shown(value)}: no backend {prefix!r} (backends: {known})", "model")
+        message = f"model {shown(value)}: no backend {prefix!r} (backends: {', '.join(BACKENDS)})"
+        raise Refusal(404, "model_not_found", message, param="model")
     if backend not in config.upstreams:
-        spec = backends[backend]
-        message = f"model {shown(value)}: backend {backend!r} is not configured here ({spec.key_variable or spec.url_variable} is not set)"
-        raise CompletionError(404, "model_not_found", message, "model")
-    if not backends[backend].model_pattern.fullmatch(model):
+        message = f"model {shown(value)}: backend {backend!r} is not configured here ({BACKENDS[backend].setting} is not set)"
+        raise Refusal(404, "model_not_found", message, param="model")
+    if not BACKENDS[backend].model_pattern.fullmatch(model):
         raise invalid("model", f"model {shown(model)} is not a valid model name for {backend}")
     return backend, model
 
@@ -294,105 +271,104 @@ def openai_usage(usage: dict[str, Any] | None) -> dict[str, int]:
     return {name: int((usage or {}).get(name) or 0) for name in names}
 
 
-class CompletionRecord(StreamRecord):
-    """One completion's generation, held as its tokens and its ending and read
-    as Chat Completions chunks. Only the request's own client ever reads it
-    (no resume on this route), so nothing is dropped or replayed; it holds the
-    whole text, which the non-streaming answer needs anyway."""
+class CompletionFramer:
+    """A completion's events read as Chat Completions chunks: a token is a
+    content delta; `done` is the finish chunk, usage if asked and [DONE], or,
+    after an error, the error chunk alone. Only the request's own client ever
+    reads it (no ids: no resume on this route)."""
 
-    route = "v1/chat/completions"
-    resumable = False  # a store holds its slot only: no id to resume or cancel it by, so no events kept for others
+    resumable = False  # a store holds its slot only: no id to resume or cancel it by
 
-    def __init__(self, key_name: str | None, completion: Completion):
-        super().__init__(secrets.token_urlsafe(16), key_name, completion.request, 0)
+    def __init__(self, completion: Completion, stream_id: str):
         self.completion = completion
-        self.pieces: list[str] = []
-        self.head = {"id": f"chatcmpl-{self.id}", "object": "chat.completion.chunk", "created": int(self.started),
+        self.head = {"id": f"chatcmpl-{stream_id}", "object": "chat.completion.chunk", "created": int(time.time()),
                      "model": completion.model}  # fmt: skip
 
-    @property
-    def count(self) -> int:
-        return len(self.pieces) + self.finished  # the ending is one more event
+    @staticmethod
+    def encode(data: str) -> bytes:
+        return data.encode("utf-8", "surrogatepass")  # decoded back as is: a lone surrogate stays one until written
 
-    def append(self, event: str, data: str) -> None:
-        self.pieces.append(data)  # the generation appends tokens only; finish() holds the ending
-        if self.on_append is not None:  # a shared store keeps its token count, for its row should this process die
-            self.on_append(self)
-        self.notify()
-
-    def finish(self, finish_reason: str, usage: dict[str, Any] | None, error: UpstreamError | None) -> None:
-        if self.finished:
-            return
-        self.finish_reason, self.usage, self.error, self.finished = finish_reason, usage, error, True
-        self.notify()
-
-    def read(self, position: int) -> bytes:
-        frames = [frame_completion_chunk(self.head, {"content": piece}, None) for piece in self.pieces[position:]]
-        if self.finished and position <= len(self.pieces):
-            frames.append(self.ending())
+    def frame(self, record: StreamRecord, position: int) -> bytes:
+        frames = []
+        for name, _, data in record.log.entries(position) or ():
+            if name == b"token":
+                frames.append(frame_completion_chunk(self.head, {"content": data.decode("utf-8", "surrogatepass")}, None))
+            elif name == b"done":
+                frames.append(self.ending(record))
         return b"".join(frames)
 
-    def opening(self) -> bytes:
+    def opening(self, record: StreamRecord) -> bytes:
         return frame_completion_chunk(self.head, {"role": "assistant", "content": ""}, None)
 
-    def ending(self) -> bytes:
+    def ending(self, record: StreamRecord) -> bytes:
         """An error ends the response at once; otherwise the finish reason, usage if asked, [DONE]."""
-        if self.error is not None:
-            return frame_error_chunk(self.error)
-        usage = frame_usage_chunk(self.head, self.usage) if self.completion.include_usage else b""
-        return frame_completion_chunk(self.head, {}, self.finish_reason) + usage + DONE
+        if record.error is not None:
+            return frame_error_chunk(record.error)
+        usage = frame_usage_chunk(self.head, record.usage) if self.completion.include_usage else b""
+        return frame_completion_chunk(self.head, {}, record.finish_reason) + usage + DONE
 
-    def completion_object(self) -> dict[str, Any]:
-        message = {"role": "assistant", "content": "".join(self.pieces), "refusal": None}
-        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": self.finish_reason}
-        return {**self.head, "object": "chat.completion", "choices": [choice], "usage": openai_usage(self.usage)}
+    def completion_object(self, record: StreamRecord) -> dict[str, Any]:
+        """The whole answer, for a request that did not ask to stream."""
+        tokens = [data for name, _, data in record.log.entries(0) or () if name == b"token"]
+        content = b"".join(tokens).decode("utf-8", "surrogatepass")
+        message = {"role": "assistant", "content": content, "refusal": None}
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": record.finish_reason}
+        return {**self.head, "object": "chat.completion", "choices": [choice], "usage": openai_usage(record.usage)}
 
 
-def models_list(config: Config, backends: Mapping[str, Backend]) -> dict[str, Any]:
+def models_list(config: Config) -> dict[str, Any]:
     """One model per configured backend: its default one, as `<backend>/<model>`."""
-    models = []
-    for name, spec in backends.items():
-        if name in config.upstreams:
-            model = config.default_model if name == config.default_backend and config.default_model else spec.default_model
-            models.append({"id": f"{name}/{model}", "object": "model", "created": 0, "owned_by": name})
+    models = [{"id": f"{name}/{config.model_for(name)}", "object": "model", "created": 0, "owned_by": name}
+              for name in BACKENDS if name in config.upstreams]  # fmt: skip
     return {"object": "list", "data": models}
 
 
 # --- serving ---------------------------------------------------------------------------
 
 
-async def serve(gateway: Gateway, backends: Mapping[str, Backend], path: str, scope: Scope, body: bytes,
-                key_name: str | None, receive: Receive, send: Send) -> None:  # fmt: skip
-    """Answer one authenticated request to ROUTES; refusals raise CompletionError."""
-    cfg = gateway.config
-    if path == "/v1/models":
-        return await send_json(send, 200, models_list(cfg, backends), gateway.cors_headers(scope))
-    completion = parse_completion_request(body, cfg, backends)
-    record = CompletionRecord(key_name, completion)
-    await gateway.hold(record)
+async def list_models(services: Services, exchange: Exchange) -> None:
+    await send_json(services, exchange, 200, models_list(services.config))
+
+
+def completion_record(key_name: str | None, completion: Completion) -> StreamRecord:
+    """A record read as Chat Completions; it holds the whole answer, which the
+    non-streaming response needs anyway."""
+    stream_id = secrets.token_urlsafe(16)
+    framer = CompletionFramer(completion, stream_id)
+    return StreamRecord(stream_id, key_name, completion.request, sys.maxsize, framer, "v1/chat/completions")
+
+
+async def chat_completions(services: Services, exchange: Exchange) -> None:
+    """Answer one authenticated request; refusals raise Refusal."""
+    cfg = services.config
+    completion = parse_completion_request(exchange.body, cfg)
+    record = completion_record(exchange.key_name, completion)
+    framer = cast(CompletionFramer, record.framer)
+    await services.admission.hold(record)
     backend = completion.request.backend
+    generation = Generation(services, record, BACKENDS[backend].stream, cfg.upstreams[backend])
     async with anyio.create_task_group() as tasks:
-        tasks.start_soon(gateway.generate, record, backends[backend].stream, cfg.upstreams[backend])
-        await respond(gateway, record, scope, receive, send)
+        tasks.start_soon(generation.run)
+        await respond(services, record, framer, exchange)
         record.cancel("client gone")  # no resume on this route: once the client is gone, so is the generation
 
 
-async def respond(gateway: Gateway, record: CompletionRecord, scope: Scope, receive: Receive, send: Send) -> None:
+async def respond(services: Services, record: StreamRecord, framer: CompletionFramer, exchange: Exchange) -> None:
     """The status waits for the first token (or the end): a failure before it
     answers with the upstream's status, so the SDKs raise their usual exception."""
-    streaming = record.completion.stream
-    if not await until(lambda: record.finished or (streaming and bool(record.pieces)), record, receive):
+    streaming = framer.completion.stream
+    if not await until(lambda: record.finished or (streaming and bool(record.tokens)), record, exchange.receive):
         return
     error = record.error
-    if streaming and (record.pieces or error is None):
-        return await gateway.serve_reader(record, 0, scope, receive, send, opening=record.opening())
-    cors = gateway.cors_headers(scope)
+    if streaming and (record.tokens or error is None):
+        cors = cors_headers(services.config, exchange.scope)
+        return await Reader(services, record, 0).serve(exchange.receive, exchange.send, record.opening(), cors)
     try:
-        with anyio.move_on_after(gateway.config.send_timeout):  # a client that takes no bytes is let go
+        with anyio.move_on_after(services.config.send_timeout):  # a client that takes no bytes is let go
             if error is not None:
-                await send_json(send, upstream_status(error), {"error": upstream_error_fields(error)}, retry_after(error) + cors)
+                await send_json(services, exchange, upstream_status(error), {"error": upstream_error_fields(error)}, retry_after(error))
             else:
-                await send_json(send, 200, record.completion_object(), cors)
+                await send_json(services, exchange, 200, framer.completion_object(record))
     except OSError:  # ASGI 2.4 servers raise it on a send to a gone client
         record.ever_disconnected = True
 
@@ -414,10 +390,6 @@ async def cancel_on_disconnect(receive: Receive, record: StreamRecord, scope: an
     scope.cancel()
 
 
-async def send_json(send: Send, status: int, payload: Any, headers: list[tuple[bytes, bytes]]) -> None:
-    body = dumps(payload)
-    head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]
-    if status >= 400:
-        head.append((b"cache-control", b"no-store"))
-    await send({"type": "http.response.start", "status": status, "headers": head})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
+async def send_json(services: Services, exchange: Exchange, status: int, payload: Any, headers: Headers | None = None) -> None:
+    cors = cors_headers(services.config, exchange.scope)
+    await send_response(exchange.send, status, dumps(payload), b"application/json", [*(headers or []), *cors])

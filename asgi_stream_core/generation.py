@@ -1,0 +1,168 @@
+"""The generation: one stream's upstream call. It runs the provider under
+the deadlines, appends what it yields to the stream record, writes the
+ending exactly once, frees the slot at `done`, and accounts for the stream
+(metrics, the log line, the ledger row). It outlives a client that left for
+the resume grace, then stops, and with it the upstream request."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from contextlib import aclosing
+
+import anyio
+import httpx
+import orjson
+
+from asgi_stream_core.metrics import estimated_usage, prompt_chars, stream_facts
+from asgi_stream_core.record import StreamRecord
+from asgi_stream_core.services import Services
+from providers import Final, Provider, Upstream, UpstreamError, retried
+from providers.idle import UPSTREAM_IDLE, IdleDeadline
+from providers.lines import LineTooLong
+
+log = logging.getLogger("asgi_stream")
+
+SHUTDOWN = UpstreamError("shutdown", "the server is shutting down")
+
+
+class Generation:
+    def __init__(self, services: Services, record: StreamRecord, provider: Provider, upstream: Upstream):
+        self.services, self.record, self.provider, self.upstream = services, record, provider, upstream
+
+    async def run(self) -> None:
+        outcome: Final | UpstreamError | None = None  # None: cancelled by record.cancel
+        try:
+            outcome = await self.drive()
+        except UpstreamError as exc:
+            outcome = exc
+        except anyio.get_cancelled_exc_class():
+            outcome = SHUTDOWN
+            raise
+        finally:
+            conclude(self.services, self.record, outcome)
+            with anyio.CancelScope(shield=True):
+                await account(self.services, self.record)
+
+    async def drive(self) -> Final | None:
+        """Run the provider under the deadlines; every failure becomes UpstreamError,
+        and a stop by record.cancel returns None."""
+        cfg, record = self.services.config, self.record
+        start = anyio.current_time()
+        total = start + cfg.total_timeout
+        # One cancel scope for the three ways a generation stops early (record.cancel, the
+        # first-token then idle deadline, the total deadline), told apart after: each nested
+        # scope costs every upstream read, every cancel and every exit a walk of the nest.
+        scope = record.generation = anyio.CancelScope(deadline=min(start + cfg.first_token_timeout, total))
+        idle = IdleDeadline(scope, cfg.idle_timeout, cap=total)
+        final: Final | None = None
+        UPSTREAM_IDLE.set(idle)  # this task's own context: told of every upstream read
+        try:
+            with scope:
+                if record.cancel_reason:  # cancelled before it started: the client left at once
+                    scope.cancel()
+                async with aclosing(retried(self.provider)(self.services.http, self.upstream, record.request)) as chunks:
+                    async for chunk in chunks:
+                        if record.cancel_reason is not None:  # a read ready at every loop turn never lets the cancel land
+                            await anyio.lowlevel.checkpoint_if_cancelled()
+                        if type(chunk) is str:
+                            if not chunk:
+                                continue
+                            first = not record.tokens
+                            if first:
+                                idle.arm()
+                                record.first_token_after = anyio.current_time() - start
+                            record.tokens += 1
+                            record.append("token", chunk)
+                            if first:  # let the writer send it before we parse the rest of this read
+                                await anyio.lowlevel.checkpoint()
+                        elif isinstance(chunk, Final):
+                            final = chunk
+        except httpx.ConnectTimeout:
+            raise UpstreamError("timeout", f"connect deadline: no connection within {cfg.connect_timeout:g} s") from None
+        except httpx.TimeoutException as exc:
+            raise UpstreamError("timeout", f"upstream {type(exc).__name__}") from None
+        except (httpx.HTTPError, LineTooLong) as exc:
+            raise UpstreamError("protocol_error", f"the upstream stream broke: {str(exc) or type(exc).__name__}") from None
+        if scope.cancelled_caught:
+            self.raise_for_early_stop(total)
+            return None  # cancelled by record.cancel
+        if final is None:
+            raise UpstreamError("protocol_error", "the upstream stream ended without a final chunk")
+        return final
+
+    def raise_for_early_stop(self, total: float) -> None:
+        """Which of the three stops it was: a deadline or a cancel with an error
+        raise it; a plain cancel returns."""
+        cfg, record = self.services.config, self.record
+        if isinstance(record.cancel_reason, UpstreamError):
+            raise record.cancel_reason
+        if record.cancel_reason is not None:
+            return
+        if anyio.current_time() >= total:
+            raise UpstreamError("timeout", f"total deadline: the generation ran past {cfg.total_timeout:g} s")
+        if record.tokens:
+            raise UpstreamError("timeout", f"idle deadline: the upstream sent nothing for {cfg.idle_timeout:g} s")
+        raise UpstreamError("timeout", f"first-token deadline: no token within {cfg.first_token_timeout:g} s")
+
+    async def linger(self) -> None:
+        """While the generation runs without a reader, wait the resume grace
+        for one to come back; then cancel it (and its upstream request)."""
+        record = self.record
+        grace, readers = self.services.config.resume_grace, self.services.store.readers  # readers on every replica
+        while not record.finished:
+            if readers(record):
+                await record.wait()
+                continue
+            deadline = anyio.current_time() + grace
+            while not readers(record) and not record.finished and anyio.current_time() < deadline:  # grace 0: no wait
+                with anyio.move_on_after(deadline - anyio.current_time()):
+                    await record.wait()
+            if not readers(record):
+                record.cancel("client gone")
+                return
+
+
+def conclude(services: Services, record: StreamRecord, outcome: Final | UpstreamError | None) -> None:
+    """Write usage?, error?, done (once) and free the stream's slot."""
+    if record.finished:
+        return
+    if isinstance(outcome, Final):
+        reason, usage, error = outcome.finish_reason, outcome.usage, None
+    elif isinstance(outcome, UpstreamError):
+        reason, usage, error = "error", outcome.usage, redacted(outcome, services)
+    else:
+        reason, usage, error = "cancelled", None, None
+    if usage is None and record.tokens:
+        usage = estimated_usage(prompt_chars(record.request.messages), record.tokens)
+    record.finish(reason, usage, error)
+    services.admission.release(record.key_name)
+    services.store.finished(record)
+
+
+def redacted(error: UpstreamError, services: Services) -> UpstreamError:
+    """The error without any provider key in it: upstreams sometimes echo the key they were given."""
+    keys = [upstream.api_key for upstream in services.config.upstreams.values() if upstream.api_key]
+
+    def clean(text: str) -> str:
+        for key in keys:
+            if key in text:
+                text = text.replace(key, "[redacted]")
+        return text
+
+    code = clean(error.code) if isinstance(error.code, str) else error.code
+    upstream_type = error.upstream_type and clean(error.upstream_type)
+    return dataclasses.replace(error, message=clean(error.message), upstream_type=upstream_type, code=code)
+
+
+async def account(services: Services, record: StreamRecord) -> None:
+    """After done: metrics, the log line and the ledger row."""
+    facts = stream_facts(record, anyio.current_time())
+    services.metrics.count_finished(record, facts["duration_ms"] / 1000)
+    services.registry.expire_later(record)
+    log.info(orjson.dumps({"event": "stream_end", **facts}).decode())
+    try:
+        if services.ledger is not None:
+            await services.ledger.add(facts)  # only queues it: the ledger's thread writes it
+    finally:
+        services.admission.unaccounted -= 1

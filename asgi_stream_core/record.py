@@ -1,0 +1,162 @@
+"""The stream record: one generation's events for every client that reads
+it. A thin async layer over the pure EventLog: waiting for what comes next,
+cancel, and the ending. The generation is its only writer; readers read it
+through its framer, which turns held events into their protocol's bytes
+(SSE with ids here; OpenAI's chunks in openai_api.py)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import anyio
+import orjson
+
+from asgi_stream_core.event_log import EventLog
+from asgi_stream_core.sse import FIRST_CHUNK, frame_data, opening_chunk
+from providers import ChatRequest, UpstreamError
+
+
+class Framer(Protocol):
+    """How a record's events are held (`encode`, once per append) and read
+    (`frame`, once per read); `resumable`: its frames carry ids to resume from."""
+
+    resumable: bool
+
+    def encode(self, data: str) -> bytes: ...
+    def frame(self, record: StreamRecord, position: int) -> bytes | None: ...
+    def opening(self, record: StreamRecord) -> bytes: ...
+
+
+class SSEFramer:
+    """The gateway's own contract: `event:`, `id: <stream>.<n>`, `data:` lines."""
+
+    resumable = True
+
+    @staticmethod
+    def encode(data: str) -> bytes:
+        return frame_data(data)
+
+    @staticmethod
+    def frame(record: StreamRecord, position: int) -> bytes | None:
+        return record.log.sse(position, record.id_prefix)
+
+    @staticmethod
+    def opening(record: StreamRecord) -> bytes:
+        return opening_chunk(record.id)
+
+
+SSE = SSEFramer()
+
+
+class StreamRecord:
+    """The events of one generation, for every client that reads it, and what
+    the ledger row will say of it (filled in by the generation and readers)."""
+
+    def __init__(self, stream_id: str, key_name: str | None, request: ChatRequest, max_bytes: int,
+                 framer: Framer = SSE, route: str = "chat/stream"):  # fmt: skip
+        self.id = stream_id
+        self.key_name = key_name
+        self.request = request
+        self.framer = framer
+        self.route = route  # the ledger's name for where the request came in
+        self.resumable = framer.resumable  # stores make it findable by id (resume, DELETE); else they only count its slot
+        self.id_prefix = stream_id.encode() + b"."
+        self.log = EventLog(max_bytes, len(self.id_prefix))
+        self.started = time.time()
+        self.started_clock = anyio.current_time()
+        self.first_token_after: float | None = None
+        self.tokens = 0
+        self.readers = 0
+        self.ever_disconnected = False
+        self.finished = False
+        self.finish_reason: str | None = None
+        self.usage: dict[str, Any] | None = None
+        self.error: UpstreamError | None = None
+        self.cancel_reason: str | UpstreamError | None = None  # an error: the stream ends with it, not as cancelled
+        self.generation: anyio.CancelScope | None = None
+        self._changed: anyio.Event | None = None
+        self._encode, self._frame = framer.encode, framer.frame  # looked up once: used at every token
+        self.on_append: Callable[[StreamRecord], None] | None = None  # a shared store's write-behind hears of appends
+
+    @property
+    def count(self) -> int:
+        return self.log.count
+
+    @property
+    def first(self) -> int:
+        """Events up to this position were dropped to bound memory."""
+        return self.log.first
+
+    def holds_position(self, position: int) -> bool:
+        return self.log.holds(position)
+
+    def append(self, event: str, data: str) -> None:
+        self.log.append(event, self._encode(data))
+        if self.on_append is not None:
+            self.on_append(self)
+        self.notify()
+
+    def append_encoded(self, event: str, encoded: bytes) -> None:
+        """Append an event whose data the framer already encoded (a replica's copy)."""
+        self.log.append(event, encoded)
+        if self.on_append is not None:
+            self.on_append(self)
+        self.notify()
+
+    def read(self, position: int) -> bytes | None:
+        """Every event after the first `position`, framed, as one bytes (b"" if
+        none yet); None if some of them were dropped and cannot be replayed."""
+        return self._frame(self, position)
+
+    def opening(self) -> bytes:
+        """A new response's first bytes."""
+        return self.framer.opening(self)
+
+    def resumed_opening(self) -> bytes:
+        """A resumed response's first bytes: no `stream` event, whose position 0
+        would move the browser's Last-Event-ID back."""
+        return FIRST_CHUNK
+
+    def events(self, position: int) -> list[tuple[str, str]] | None:
+        """The held events after `position` as (name, encoded data); None if some were dropped."""
+        entries = self.log.entries(position)
+        return None if entries is None else [(name.decode(), data.decode()) for name, _, data in entries]
+
+    def skip_to(self, position: int) -> None:
+        self.log.skip_to(position)
+
+    async def wait(self) -> None:
+        """Until something is appended, a reader comes or goes, or it ends."""
+        if self._changed is None:
+            self._changed = anyio.Event()
+        await self._changed.wait()
+
+    def notify(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
+
+    def cancel(self, reason: str | UpstreamError) -> bool:
+        """Stop the generation (DELETE, or no reader after the grace), even one not started yet;
+        with an error as the reason, the stream ends with that error."""
+        if self.finished:
+            return False
+        self.cancel_reason = reason
+        if self.generation is not None:
+            self.generation.cancel()
+        return True
+
+    def finish(self, finish_reason: str, usage: dict[str, Any] | None, error: UpstreamError | None) -> None:
+        """Append the closing events: usage?, error?, done; exactly once."""
+        if self.finished:
+            return
+        self.finish_reason, self.usage, self.error = finish_reason, usage, error
+        if usage is not None:
+            self.append("usage", orjson.dumps(usage).decode())
+        if error is not None:
+            self.append("error", orjson.dumps(error.as_event_data()).decode())
+        self.append("done", finish_reason)
+        self.finished = True
+        self.notify()
