@@ -131,12 +131,19 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         os.environ["PATH"] = os.path.dirname(node) + os.pathsep + os.environ.get("PATH", "")
     if versions(NODE_DIR / "node_modules" / ".package-lock.json") == versions(NODE_DIR / "package-lock.json"):
         return
-    # the npm beside this Node, as its own bin/npm runs it (the wheel's bin/npm is a copy that cannot find it)
-    cli = Path(node).parent.parent / "lib" / "node_modules" / "npm" / "bin" / "npm-cli.js"
-    npm = [node, str(cli)] if cli.exists() else [shutil.which("npm") or "npm"]
+    on_path, wheel = shutil.which("npm"), wheel_node()  # any npm installs the packages; the wheel's when the system's Node has none
+    npm = npm_of(node) or ([on_path] if on_path else None) or (npm_of(wheel) if wheel else None)
+    if npm is None:
+        pytest.exit(f"no npm for `npm ci` in tests/node, beside {node} or on the PATH (Debian: apt-get install npm)", returncode=3)
     done = subprocess.run([*npm, "ci", "--prefix", str(NODE_DIR), "--no-audit", "--no-fund"], capture_output=True, text=True, timeout=600)
     if done.returncode:
         pytest.exit(f"`npm ci --prefix tests/node` failed:\n{done.stdout}{done.stderr}", returncode=3)
+
+
+def npm_of(node: str) -> list[str] | None:
+    """The npm installed beside `node`, run as its bin/npm would (the wheel's bin/npm is a copy that cannot find it)."""
+    cli = Path(node).parent.parent / "lib" / "node_modules" / "npm" / "bin" / "npm-cli.js"
+    return [node, str(cli)] if cli.exists() else None
 
 
 def versions(lock: Path) -> dict[str, str] | None:
