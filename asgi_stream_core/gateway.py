@@ -19,7 +19,7 @@ from asgi_stream_core.metrics import Metrics
 from asgi_stream_core.routes import Route, route_for
 from asgi_stream_core.services import Services, build_services
 from asgi_stream_core.types import ClientGone, Receive, Refusal, Scope, Send
-from asgi_stream_core.web import Exchange, cors_headers, origin_allowed, read_body, require_json, send_response
+from asgi_stream_core.web import Exchange, cors_headers, origin_allowed, read_body, require_json, send_response, without_body
 
 log = logging.getLogger("asgi_stream")
 
@@ -74,6 +74,8 @@ class Gateway:
             await self.lifespan(receive, send)
         elif scope["type"] == "http":
             route = route_for(scope["path"])
+            if scope["method"] == "HEAD":  # refusals included: a HEAD answer never has a body
+                send = without_body(send)
             try:
                 await self.serve(route, scope, receive, send)
             except Refusal as refusal:

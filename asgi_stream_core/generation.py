@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from contextlib import aclosing
+from typing import Any
 
 import anyio
 import httpx
@@ -140,19 +142,29 @@ def conclude(services: Services, record: StreamRecord, outcome: Final | Upstream
     services.store.finished(record)
 
 
+REDACTION_DEPTH = 16  # a deeper JSON value in an upstream's error is not forwarded at all
+
+
 def redacted(error: UpstreamError, services: Services) -> UpstreamError:
-    """The error without any provider key in it: upstreams sometimes echo the key they were given."""
-    keys = [upstream.api_key for upstream in services.config.upstreams.values() if upstream.api_key]
+    """The error without any provider key in it: upstreams sometimes echo the key they
+    were given, in any case, anywhere in their JSON (a `code` may be an object)."""
+    keys = [re.escape(upstream.api_key) for upstream in services.config.upstreams.values() if upstream.api_key]
+    if not keys:
+        return error
+    pattern = re.compile("|".join(keys), re.IGNORECASE)
 
-    def clean(text: str) -> str:
-        for key in keys:
-            if key in text:
-                text = text.replace(key, "[redacted]")
-        return text
+    def clean(value: Any, depth: int = 0) -> Any:
+        if isinstance(value, str):
+            return pattern.sub("[redacted]", value)
+        if depth >= REDACTION_DEPTH and isinstance(value, dict | list):  # bounded: no RecursionError from a hostile body
+            return "[redacted]"
+        if isinstance(value, dict):
+            return {clean(k, depth + 1): clean(v, depth + 1) for k, v in value.items()}
+        if isinstance(value, list):
+            return [clean(v, depth + 1) for v in value]
+        return value
 
-    code = clean(error.code) if isinstance(error.code, str) else error.code
-    upstream_type = error.upstream_type and clean(error.upstream_type)
-    return dataclasses.replace(error, message=clean(error.message), upstream_type=upstream_type, code=code)
+    return dataclasses.replace(error, message=clean(error.message), upstream_type=clean(error.upstream_type), code=clean(error.code))
 
 
 async def account(services: Services, record: StreamRecord) -> None:

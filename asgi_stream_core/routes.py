@@ -61,15 +61,17 @@ async def backends(services: Services, exchange: Exchange) -> None:
     await send_response(exchange.send, 200, body, b"application/json")
 
 
+# HEAD answers as GET would, without the body (gateway.py drops it; load balancers check
+# health with HEAD), on every GET route but /chat/stream: its GET starts a generation.
 ROUTES: dict[str, Route] = {
-    "/": Route(("GET",), index_page, needs_key=False),
-    "/healthz": Route(("GET",), health, needs_key=False),
-    "/metrics": Route(("GET",), metrics),
-    "/backends": Route(("GET",), backends),
+    "/": Route(("GET", "HEAD"), index_page, needs_key=False),
+    "/healthz": Route(("GET", "HEAD"), health, needs_key=False),
+    "/metrics": Route(("GET", "HEAD"), metrics),
+    "/backends": Route(("GET", "HEAD"), backends),
     "/chat/stream": Route(("GET", "POST"), chat_stream),  # the body is read only to start a stream, not to resume
     "/v1/chat/completions": Route(("POST",), openai_api.chat_completions, json_body=True, error_body=openai_api.error_body,
                                    preflight_headers=openai_api.allowed_headers),
-    "/v1/models": Route(("GET",), openai_api.list_models, json_body=True, error_body=openai_api.error_body,
+    "/v1/models": Route(("GET", "HEAD"), openai_api.list_models, json_body=True, error_body=openai_api.error_body,
                                    preflight_headers=openai_api.allowed_headers),
 }
 PREFIXES: dict[str, Route] = {

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import anyio
 
 from asgi_stream_core.config import Config
-from asgi_stream_core.types import ClientGone, Headers, Receive, Refusal, Scope, Send
+from asgi_stream_core.types import ClientGone, Headers, Message, Receive, Refusal, Scope, Send
 
 SSE_HEADERS: Headers = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -58,8 +58,12 @@ async def read_body(receive: Receive, headers: Mapping[str, str], config: Config
 
 
 def origin_allowed(config: Config | None, origin: str | None) -> bool:
+    """`*` allows every real origin, not `null`: that is what sandboxed frames and
+    file: pages send, so any page can claim it. Listed by name, it is allowed."""
     origins = config.cors_origins if config is not None else frozenset()
-    return bool(origins) and origin is not None and ("*" in origins or origin in origins)
+    if not origins or origin is None:
+        return False
+    return origin in origins or ("*" in origins and origin.lower() != "null")
 
 
 def cors_headers(config: Config | None, scope: Scope) -> Headers:
@@ -81,6 +85,15 @@ async def send_response(send: Send, status: int, body: bytes, content_type: byte
         head.append((b"cache-control", b"no-store"))
     await send({"type": "http.response.start", "status": status, "headers": head})
     await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def without_body(send: Send) -> Send:
+    """`send` for a HEAD request: every message as GET's, its headers too, but no body bytes."""
+
+    async def send_head(message: Message) -> None:
+        await send({**message, "body": b""} if message["type"] == "http.response.body" else message)
+
+    return send_head
 
 
 @dataclass(frozen=True, slots=True)

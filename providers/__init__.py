@@ -9,6 +9,7 @@ yields `str` tokens and ends with exactly one `Final`; every failure is an
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
@@ -164,20 +165,32 @@ MAX_RETRY_AFTER = 10.0
 ERROR_BODY_LIMIT = 64 * 1024
 
 
+MAX_UPSTREAM_RETRY_AFTER = 86400.0  # a day: any longer wait an upstream asks for is read as this
+
+
+def wait_of(seconds: float) -> float | None:
+    """A header's seconds as a wait: NaN is none; the rest, `inf` and 1e309 included,
+    within [0, a day], so that every use (a header, a JSON number, a sleep) is safe."""
+    return None if math.isnan(seconds) else min(max(0.0, seconds), MAX_UPSTREAM_RETRY_AFTER)
+
+
 def parse_retry_after(headers: Mapping[str, str]) -> float | None:
-    """Seconds from `retry-after-ms` or `retry-after` (seconds or HTTP date)."""
+    """Seconds from `retry-after-ms` or `retry-after` (seconds or HTTP date);
+    any value an upstream sends is a bounded number or None (R5: tolerate)."""
     try:
-        return max(0.0, float(headers["retry-after-ms"]) / 1000)
+        wait = wait_of(float(headers["retry-after-ms"]) / 1000)
     except (KeyError, ValueError):
-        pass
+        wait = None
+    if wait is not None:
+        return wait
     value = headers.get("retry-after", "")
     try:
-        return max(0.0, float(value))
+        return wait_of(float(value))
     except ValueError:
         pass
     try:
-        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):  # no date either (an empty or missing header included)
+        return wait_of(parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError, OverflowError, IndexError):  # no date either (an empty or missing header included)
         return None
 
 

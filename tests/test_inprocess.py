@@ -339,8 +339,8 @@ async def test_an_unknown_path_is_404() -> None:
     assert error_of(ex) == (404, "not_found", "no route for /nope")
 
 
-@pytest.mark.parametrize(("method", "path", "allow"), [("PUT", "/chat/stream", "GET, POST"), ("POST", "/healthz", "GET"),
-                                                       ("DELETE", "/metrics", "GET"), ("GET", "/chat/stream/abc", "DELETE")])
+@pytest.mark.parametrize(("method", "path", "allow"), [("PUT", "/chat/stream", "GET, POST"), ("POST", "/healthz", "GET, HEAD"),
+                                                       ("DELETE", "/metrics", "GET, HEAD"), ("GET", "/chat/stream/abc", "DELETE")])
 async def test_a_wrong_method_is_405_with_allow(method: str, path: str, allow: str) -> None:
     ex = await request(Gateway(ENV), method, path)
     assert error_of(ex) == (405, "method_not_allowed", f"{path} allows {allow}")
