@@ -8,14 +8,16 @@ from typing import Any
 
 import orjson
 
-from asgi_stream_core.config import BACKENDS, Config
+from asgi_stream_core import chat_shape
+from asgi_stream_core.config import BACKENDS, Config, check_request
 from asgi_stream_core.types import invalid, shown
 from providers import ChatRequest
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant")  # a text conversation's; tool results and developer too:
+ALL_ROLES = {**{role: role for role in ROLES}, "tool": "tool", "developer": "system"}
 
 
-def parse_messages(value: Any) -> list[dict[str, str]]:
+def parse_messages(value: Any) -> list[dict[str, Any]]:
     if not isinstance(value, list) or not value:
         raise invalid("messages must be a non-empty array of {role, content} objects")
     messages = []
@@ -23,11 +25,14 @@ def parse_messages(value: Any) -> list[dict[str, str]]:
         if not isinstance(message, dict):
             raise invalid(f"messages[{i}] must be an object with role and content")
         role, content = message.get("role"), message.get("content")
-        if role not in ROLES:
-            raise invalid(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {shown(role)}")
-        if not isinstance(content, str):
-            raise invalid(f"messages[{i}].content must be a string, got {shown(content)}")
-        messages.append({"role": role, "content": content})
+        if not isinstance(role, str) or role not in ALL_ROLES:
+            raise invalid(f"messages[{i}].role must be one of {', '.join(ALL_ROLES)}, got {shown(role)}")
+        if isinstance(content, str) and role in ROLES and len(message) == 2:  # plain text: as it always was
+            messages.append({"role": role, "content": content})
+        elif content is None or isinstance(content, str | list):
+            messages.append(chat_shape.message_of(message, f"messages[{i}]", ALL_ROLES[role]))
+        else:
+            raise invalid(f"messages[{i}].content must be a string (or an array of parts), got {shown(content)}")
     return messages
 
 
@@ -107,4 +112,9 @@ def parse_chat_request(method: str, query: dict[str, str], body: bytes, config: 
     temperature = field(fields, query, "temperature", float)
     if temperature is not None and not 0 <= temperature <= 2:
         raise invalid(f"temperature must be from 0 to 2, got {temperature}")
-    return ChatRequest(messages, backend, model, max_tokens, temperature)
+    effort = chat_shape.effort_of(field(fields, query, "reasoning_effort", str))
+    tools = chat_shape.tools_of(fields.get("tools"))
+    return check_request(ChatRequest(messages, backend, model, max_tokens, temperature, None, None, tools,
+                       chat_shape.tool_choice_of(fields.get("tool_choice"), tools),
+                       chat_shape.flag_of(fields.get("parallel_tool_calls"), "parallel_tool_calls"), effort,
+                       chat_shape.response_format_of(fields.get("response_format"))))  # fmt: skip

@@ -7,11 +7,16 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from asgi_stream_core.ledger import target_problem
-from providers import Provider, Upstream, anthropic, echo, gemini, ollama, openai
+from asgi_stream_core.types import Refusal
+from providers import ChatRequest, Provider, Unsupported, Upstream, anthropic, echo, gemini, ollama, openai, refuse_beyond_text
+
+
+def text_only(backend: str) -> Callable[[ChatRequest], None]:
+    return lambda request: refuse_beyond_text(request, backend)
 
 
 @dataclass(frozen=True)
@@ -22,6 +27,7 @@ class Backend:
     url_variable: str | None
     default_url: str
     model_pattern: re.Pattern[str] = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-:/@+]{0,255}")
+    check: Callable[[ChatRequest], None] | None = None  # raises Unsupported for what it cannot honour
 
     @property
     def setting(self) -> str | None:
@@ -30,15 +36,27 @@ class Backend:
 
 
 BACKENDS: dict[str, Backend] = {
-    "echo": Backend(echo.stream_echo, echo.DEFAULT_MODEL, None, None, ""),
+    "echo": Backend(echo.stream_echo, echo.DEFAULT_MODEL, None, None, "", check=echo.check),
     "openai": Backend(openai.stream_openai, openai.DEFAULT_MODEL, "OPENAI_API_KEY", "OPENAI_BASE_URL",
-                      "https://api.openai.com/v1"),
+                      "https://api.openai.com/v1", check=text_only("openai")),
     "anthropic": Backend(anthropic.stream_anthropic, anthropic.DEFAULT_MODEL, "ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL",
-                         "https://api.anthropic.com"),
-    "ollama": Backend(ollama.stream_ollama, ollama.DEFAULT_MODEL, None, "OLLAMA_BASE_URL", "http://localhost:11434"),
+                         "https://api.anthropic.com", check=text_only("anthropic")),
+    "ollama": Backend(ollama.stream_ollama, ollama.DEFAULT_MODEL, None, "OLLAMA_BASE_URL", "http://localhost:11434",
+                      check=text_only("ollama")),
     "gemini": Backend(gemini.stream_gemini, gemini.DEFAULT_MODEL, "GEMINI_API_KEY", "GEMINI_BASE_URL",
-                      "https://generativelanguage.googleapis.com", re.compile(gemini.MODEL_PATTERN)),
+                      "https://generativelanguage.googleapis.com", re.compile(gemini.MODEL_PATTERN), text_only("gemini")),
 }  # fmt: skip
+def check_request(request: ChatRequest) -> ChatRequest:
+    """The request, once its backend says it can honour every field (else a 400 naming it)."""
+    check = BACKENDS[request.backend].check
+    try:
+        if check is not None:
+            check(request)
+    except Unsupported as refused:
+        raise Refusal(400, "unsupported_parameter", refused.message, param=refused.field) from None
+    return request
+
+
 PREFERRED_DEFAULTS = ("openai", "anthropic", "gemini", "ollama", "echo")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 

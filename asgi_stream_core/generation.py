@@ -19,7 +19,8 @@ import orjson
 from asgi_stream_core.metrics import estimated_usage, prompt_chars, stream_facts
 from asgi_stream_core.record import StreamRecord
 from asgi_stream_core.services import Services
-from providers import Final, Provider, Upstream, UpstreamError, retried
+from asgi_stream_core.turn import Turn
+from providers import Final, Provider, Reasoning, ToolCallDelta, Upstream, UpstreamError, retried
 from providers.idle import UPSTREAM_IDLE, IdleDeadline
 from providers.lines import LineTooLong
 
@@ -31,6 +32,7 @@ SHUTDOWN = UpstreamError("shutdown", "the server is shutting down")
 class Generation:
     def __init__(self, services: Services, record: StreamRecord, provider: Provider, upstream: Upstream):
         self.services, self.record, self.provider, self.upstream = services, record, provider, upstream
+        self.turn = Turn()  # reasoning and tool calls: the turn's message beside its text
 
     async def run(self) -> None:
         outcome: Final | UpstreamError | None = None  # None: cancelled by record.cancel
@@ -42,7 +44,12 @@ class Generation:
             outcome = SHUTDOWN
             raise
         finally:
-            conclude(self.services, self.record, outcome)
+            message = None
+            if isinstance(outcome, Final):
+                for event, data in self.turn.close():
+                    self.record.append(event, data)
+                message = self.turn.message(self.record.text(), outcome.round_trip)
+            conclude(self.services, self.record, outcome, message)
             with anyio.CancelScope(shield=True):
                 await account(self.services, self.record)
 
@@ -70,7 +77,7 @@ class Generation:
                         if type(chunk) is str:
                             if not chunk:
                                 continue
-                            first = not record.tokens
+                            first = record.first_token_after is None
                             if first:
                                 idle.arm()
                                 record.first_token_after = anyio.current_time() - start
@@ -80,6 +87,8 @@ class Generation:
                                 await anyio.lowlevel.checkpoint()
                         elif isinstance(chunk, Final):
                             final = chunk
+                        elif isinstance(chunk, Reasoning | ToolCallDelta):
+                            self.append_piece(chunk, start, idle)
         except httpx.ConnectTimeout:
             raise UpstreamError("timeout", f"connect deadline: no connection within {cfg.connect_timeout:g} s") from None
         except httpx.TimeoutException as exc:
@@ -92,6 +101,17 @@ class Generation:
         if final is None:
             raise UpstreamError("protocol_error", "the upstream stream ended without a final chunk")
         return final
+
+    def append_piece(self, piece: Reasoning | ToolCallDelta, start: float, idle: IdleDeadline) -> None:
+        """Reasoning and tool-call pieces, as the turn makes them events. They are
+        output like tokens: the first one stops the first-token deadline."""
+        record = self.record
+        for event, data in self.turn.add(piece):
+            if record.first_token_after is None:
+                idle.arm()
+                record.first_token_after = anyio.current_time() - start
+            record.tokens += 1
+            record.append(event, data)
 
     def raise_for_early_stop(self, total: float) -> None:
         """Which of the three stops it was: a deadline or a cancel with an error
@@ -125,8 +145,9 @@ class Generation:
                 return
 
 
-def conclude(services: Services, record: StreamRecord, outcome: Final | UpstreamError | None) -> None:
-    """Write usage?, error?, done (once) and free the stream's slot."""
+def conclude(services: Services, record: StreamRecord, outcome: Final | UpstreamError | None,
+             message: dict[str, Any] | None = None) -> None:  # fmt: skip
+    """Write message?, usage?, error?, done (once) and free the stream's slot."""
     if record.finished:
         return
     if isinstance(outcome, Final):
@@ -137,7 +158,7 @@ def conclude(services: Services, record: StreamRecord, outcome: Final | Upstream
         reason, usage, error = "cancelled", None, None
     if usage is None and record.tokens:
         usage = estimated_usage(prompt_chars(record.request.messages), record.tokens)
-    record.finish(reason, usage, error)
+    record.finish(reason, usage, error, message)
     services.admission.release(record.key_name)
     services.store.finished(record)
 

@@ -10,6 +10,8 @@ from bisect import bisect_left
 from collections import Counter
 from typing import Any
 
+import orjson
+
 from asgi_stream_core.record import StreamRecord
 from providers import make_usage
 
@@ -103,8 +105,9 @@ def stream_facts(record: StreamRecord, ended_clock: float) -> dict[str, Any]:
     }
 
 
-def prompt_chars(request_messages: list[dict[str, str]]) -> int:
-    return sum(len(m["content"]) for m in request_messages)
+def prompt_chars(request_messages: list[dict[str, Any]]) -> int:
+    """The prompt's size in characters: its text, and any other content as JSON."""
+    return sum(len(c) if isinstance(c := m.get("content"), str) else len(orjson.dumps(c)) for m in request_messages)
 
 
 def estimated_usage(prompt_size: int, tokens: int) -> dict[str, Any]:

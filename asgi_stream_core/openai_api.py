@@ -17,7 +17,8 @@ from typing import Any, cast
 import anyio
 import orjson
 
-from asgi_stream_core.config import BACKENDS, Config
+from asgi_stream_core import chat_shape
+from asgi_stream_core.config import BACKENDS, Config, check_request
 from asgi_stream_core.generation import Generation
 from asgi_stream_core.reader import Reader
 from asgi_stream_core.record import StreamRecord
@@ -26,7 +27,7 @@ from asgi_stream_core.types import Headers, Receive, Refusal, shown
 from asgi_stream_core.web import Exchange, cors_headers, send_response
 from providers import ChatRequest, UpstreamError
 
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 MAX_STOP_SEQUENCES = 4  # OpenAI's own limit; Gemini's is 5
 DONE = b"data: [DONE]\n\n"
 HEADER_NAMES = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+(?:[ \t]*,[ \t]*[!#$%&'*+.^_`|~0-9A-Za-z-]+)*")
@@ -120,22 +121,21 @@ def parse_completion_request(body: bytes, config: Config) -> Completion:
     options = fields.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise invalid("stream_options", f"stream_options must be an object, got {shown(options)}")
+    tools = chat_shape.tools_of(fields.get("tools"))
     request = ChatRequest(messages, backend, model, max_tokens, number(fields, "temperature", 2.0), number(fields, "top_p", 1.0),
-                          stop_sequences(fields.get("stop")))  # fmt: skip
-    return Completion(request, f"{backend}/{model}", stream, stream and flag(options or {}, "include_usage"))
+                          stop_sequences(fields.get("stop")), tools, chat_shape.tool_choice_of(fields.get("tool_choice"), tools),
+                          chat_shape.flag_of(fields.get("parallel_tool_calls"), "parallel_tool_calls"),
+                          chat_shape.effort_of(fields.get("reasoning_effort")),
+                          chat_shape.response_format_of(fields.get("response_format")))  # fmt: skip
+    return Completion(check_request(request), f"{backend}/{model}", stream, stream and flag(options or {}, "include_usage"))
 
 
 def refuse_unsupported(fields: dict[str, Any]) -> None:
-    why = "the gateway streams text only, and not every backend could honour it"
-    for name in ("tools", "functions"):
-        if fields.get(name):  # null and [] ask for nothing
-            raise unsupported(name, f"{name} is not supported: {why}")
-    for name in ("tool_choice", "function_call"):
-        if fields.get(name) not in (None, "none"):
-            raise unsupported(name, f"{name} is not supported: {why}")
-    response_format = fields.get("response_format")
-    if response_format is not None and response_format != {"type": "text"}:
-        raise unsupported("response_format", f"response_format {shown(response_format)} is not supported: only {{\"type\": \"text\"}}")
+    why = "not every backend could honour it"
+    if fields.get("functions"):  # null and [] ask for nothing
+        raise unsupported("functions", "functions (the legacy shape) is not supported: use tools")
+    if fields.get("function_call") not in (None, "none"):
+        raise unsupported("function_call", "function_call (the legacy shape) is not supported: use tool_choice")
     n = fields.get("n")
     if n is not None and (type(n) is not int or n < 1):
         raise invalid("n", f"n must be a positive integer, got {shown(n)}")
@@ -166,7 +166,7 @@ def route_model(value: Any, config: Config) -> tuple[str, str]:
     return backend, model
 
 
-def parse_messages(value: Any) -> list[dict[str, str]]:
+def parse_messages(value: Any) -> list[dict[str, Any]]:
     if not isinstance(value, list) or not value:
         raise invalid("messages", "messages must be a non-empty array of {role, content} objects")
     messages = []
@@ -175,34 +175,14 @@ def parse_messages(value: Any) -> list[dict[str, str]]:
         if not isinstance(message, dict):
             raise invalid(where, f"{where} must be an object with role and content")
         role = message.get("role")
-        if role in ("tool", "function"):
-            raise unsupported(where, f"{where} has role {role!r}: tool results need tools, which this gateway does not support")
-        if role not in ROLES:
+        if role == "function" or message.get("function_call"):
+            raise unsupported(where, f"{where}: the legacy function-call shape is not supported; use tools")
+        if not isinstance(role, str) or role not in ROLES:
             raise invalid(f"{where}.role", f"{where}.role must be one of {', '.join(ROLES)}, got {shown(role)}")
-        for name in ("tool_calls", "function_call", "audio"):
-            if message.get(name):
-                raise unsupported(f"{where}.{name}", f"{where}.{name} is not supported: this gateway passes text only")
-        messages.append({"role": ROLES[role], "content": message_text(message.get("content"), where)})
+        if message.get("audio"):
+            raise unsupported(f"{where}.audio", f"{where}.audio is not supported")
+        messages.append(chat_shape.message_of(message, where, ROLES[role]))
     return messages
-
-
-def message_text(content: Any, where: str) -> str:
-    """A string, or an array of text parts joined with newlines (as vLLM joins them)."""
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise invalid(f"{where}.content", f"{where}.content must be a string or an array of text parts, got {shown(content)}")
-    texts = []
-    for j, part in enumerate(content):
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind != "text":
-            what = f"a {shown(kind)} part" if kind else shown(part)
-            raise unsupported(f"{where}.content[{j}]", f"{where}.content[{j}] is {what}: only text parts are supported")
-        text = part.get("text")
-        if not isinstance(text, str):
-            raise invalid(f"{where}.content[{j}].text", f"{where}.content[{j}].text must be a string, got {shown(text)}")
-        texts.append(text)
-    return "\n".join(texts)
 
 
 def flag(fields: dict[str, Any], name: str) -> bool:
@@ -265,10 +245,14 @@ def frame_error_chunk(error: UpstreamError) -> bytes:
     return b"data: " + dumps({"error": upstream_error_fields(error)}) + b"\n\n"
 
 
-def openai_usage(usage: dict[str, Any] | None) -> dict[str, int]:
-    """The three counts OpenAI sends (ours may add `estimated` and the like)."""
+def openai_usage(usage: dict[str, Any] | None) -> dict[str, Any]:
+    """The three counts OpenAI sends (ours may add `estimated` and the like),
+    and the reasoning tokens among the completion's when the provider said."""
     names = ("prompt_tokens", "completion_tokens", "total_tokens")
-    return {name: int((usage or {}).get(name) or 0) for name in names}
+    counts: dict[str, Any] = {name: int((usage or {}).get(name) or 0) for name in names}
+    if isinstance(reasoning := (usage or {}).get("reasoning_tokens"), int):
+        counts["completion_tokens_details"] = {"reasoning_tokens": reasoning}
+    return counts
 
 
 class CompletionFramer:
@@ -288,14 +272,44 @@ class CompletionFramer:
     def encode(data: str) -> bytes:
         return data.encode("utf-8", "surrogatepass")  # decoded back as is: a lone surrogate stays one until written
 
+    @staticmethod
+    def decode(encoded: bytes | bytearray) -> str:
+        return encoded.decode("utf-8", "surrogatepass")
+
     def frame(self, record: StreamRecord, position: int) -> bytes:
         frames = []
         for name, _, data in record.log.entries(position) or ():
             if name == b"token":
-                frames.append(frame_completion_chunk(self.head, {"content": data.decode("utf-8", "surrogatepass")}, None))
+                frames.append(frame_completion_chunk(self.head, {"content": self.decode(data)}, None))
             elif name == b"done":
                 frames.append(self.ending(record))
+            elif delta := self.delta(name, data):
+                frames.append(frame_completion_chunk(self.head, delta, None))
         return b"".join(frames)
+
+    def delta(self, name: bytes, data: bytes | bytearray) -> dict[str, Any] | None:
+        """Reasoning as `reasoning_content`; a tool call's pieces as `tool_calls`;
+        the turn's message adds what only it knows: signed reasoning as
+        `reasoning_details`, a call's signature as its `extra_content`."""
+        if name == b"reasoning":
+            return {"reasoning_content": self.decode(data)}
+        if name == b"tool_call":
+            piece = orjson.loads(data)
+            if "id" not in piece:
+                return {"tool_calls": [{"index": piece["index"], "function": {"arguments": piece["arguments"]}}]}
+            function = {"name": piece["name"], "arguments": piece["arguments"]}
+            return {"tool_calls": [{"index": piece["index"], "id": piece["id"], "type": "function", "function": function}]}
+        if name == b"message":
+            message = orjson.loads(data)
+            delta: dict[str, Any] = {}
+            if message.get("reasoning_details"):
+                delta["reasoning_details"] = message["reasoning_details"]
+            extras = [{"index": i, "extra_content": c["extra_content"]}
+                      for i, c in enumerate(message.get("tool_calls") or ()) if "extra_content" in c]  # fmt: skip
+            if extras:
+                delta["tool_calls"] = extras
+            return delta or None
+        return None
 
     def opening(self, record: StreamRecord) -> bytes:
         return frame_completion_chunk(self.head, {"role": "assistant", "content": ""}, None)
@@ -309,9 +323,10 @@ class CompletionFramer:
 
     def completion_object(self, record: StreamRecord) -> dict[str, Any]:
         """The whole answer, for a request that did not ask to stream."""
-        tokens = [data for name, _, data in record.log.entries(0) or () if name == b"token"]
-        content = b"".join(tokens).decode("utf-8", "surrogatepass")
-        message = {"role": "assistant", "content": content, "refusal": None}
+        message: dict[str, Any] = {"role": "assistant", "content": record.text(), "refusal": None}
+        turn = next((orjson.loads(data) for name, _, data in record.log.entries(0) or () if name == b"message"), None)
+        if turn is not None:  # reasoning, tool calls and what carries them back
+            message.update({k: v for k, v in turn.items() if k != "role"})
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": record.finish_reason}
         return {**self.head, "object": "chat.completion", "choices": [choice], "usage": openai_usage(record.usage)}
 

@@ -25,6 +25,7 @@ class Framer(Protocol):
     resumable: bool
 
     def encode(self, data: str) -> bytes: ...
+    def decode(self, encoded: bytes | bytearray) -> str: ...
     def frame(self, record: StreamRecord, position: int) -> bytes | None: ...
     def opening(self, record: StreamRecord) -> bytes: ...
 
@@ -37,6 +38,11 @@ class SSEFramer:
     @staticmethod
     def encode(data: str) -> bytes:
         return frame_data(data)
+
+    @staticmethod
+    def decode(encoded: bytes | bytearray) -> str:
+        """The text frame_data was given, as a client reads it (line breaks as LF)."""
+        return bytes(encoded).replace(b"\ndata: ", b"\n").decode("utf-8", "replace")
 
     @staticmethod
     def frame(record: StreamRecord, position: int) -> bytes | None:
@@ -119,6 +125,11 @@ class StreamRecord:
         would move the browser's Last-Event-ID back."""
         return FIRST_CHUNK
 
+    def text(self) -> str:
+        """The answer text held (every `token`): what a turn's message carries."""
+        tokens = [data for name, _, data in self.log.entries(self.log.first) or () if name == b"token"]
+        return "".join(map(self.framer.decode, tokens))
+
     def events(self, position: int) -> list[tuple[str, str]] | None:
         """The held events after `position` as (name, encoded data); None if some were dropped."""
         entries = self.log.entries(position)
@@ -148,11 +159,14 @@ class StreamRecord:
             self.generation.cancel()
         return True
 
-    def finish(self, finish_reason: str, usage: dict[str, Any] | None, error: UpstreamError | None) -> None:
-        """Append the closing events: usage?, error?, done; exactly once."""
+    def finish(self, finish_reason: str, usage: dict[str, Any] | None, error: UpstreamError | None,
+               message: dict[str, Any] | None = None) -> None:  # fmt: skip
+        """Append the closing events: message?, usage?, error?, done; exactly once."""
         if self.finished:
             return
         self.finish_reason, self.usage, self.error = finish_reason, usage, error
+        if message is not None:
+            self.append("message", orjson.dumps(message).decode())
         if usage is not None:
             self.append("usage", orjson.dumps(usage).decode())
         if error is not None:

@@ -3,14 +3,16 @@ the error it raises, and the one place where an upstream request is opened
 (with retries before the first token).
 
 A provider is an async generator `stream(http, upstream, request)` that
-yields `str` tokens and ends with exactly one `Final`; every failure is an
-`UpstreamError` raised from inside it.
+yields `str` tokens (answer text), `Reasoning` and `ToolCallDelta` pieces in
+the order the model produced them, and ends with exactly one `Final`; every
+failure is an `UpstreamError` raised from inside it.
 """
 
 from __future__ import annotations
 
 import math
 import random
+import secrets
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import aclosing, asynccontextmanager
@@ -27,15 +29,27 @@ import orjson
 
 @dataclass(frozen=True, slots=True)
 class ChatRequest:
-    """A validated request, as every provider receives it."""
+    """A validated request, as every provider receives it.
 
-    messages: list[dict[str, str]]  # each exactly {"role", "content"}
+    `messages` are in OpenAI's chat shape: `role` (system, user, assistant,
+    tool) and `content` (a string, or a list of `text` / `image_url` parts;
+    None on an assistant turn that only called tools); an assistant turn may
+    carry `tool_calls`, `reasoning_content` and `reasoning_details`; a tool
+    turn carries `tool_call_id`. A plain text conversation is exactly
+    `{"role", "content": str}` each, as before."""
+
+    messages: list[dict[str, Any]]
     backend: str
     model: str
     max_tokens: int
     temperature: float | None = None
     top_p: float | None = None
     stop: list[str] | None = None  # stop sequences; each backend names the field its own way
+    tools: list[dict[str, Any]] | None = None  # OpenAI function tools: {"type": "function", "function": {name, ...}}
+    tool_choice: Any = None  # "auto", "none", "required" or {"type": "function", "function": {"name"}}
+    parallel_tool_calls: bool | None = None
+    reasoning_effort: str | None = None  # none, low, medium, high
+    response_format: dict[str, Any] | None = None  # {"type": "json_object"} or {"type": "json_schema", ...}
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,10 +67,40 @@ class Final:
 
     finish_reason: str  # normalized: stop, length, content_filter, tool_calls, error or cancelled
     usage: dict[str, Any] | None = None
+    # What the next request must send back for the turn to continue, beside the
+    # text and the calls: OpenRouter-style `reasoning_details` (signed or
+    # encrypted reasoning) and, per tool call index, its `extra_content`.
+    round_trip: RoundTrip | None = None
 
 
-# A chunk is a token (plain `str`: no allocation per token) or the Final.
-Chunk = str | Final
+@dataclass(frozen=True, slots=True)
+class RoundTrip:
+    reasoning_details: list[dict[str, Any]] = field(default_factory=list)
+    call_extras: dict[int, dict[str, Any]] = field(default_factory=dict)  # index -> extra_content
+
+
+@dataclass(frozen=True, slots=True)
+class Reasoning:
+    """A piece of what the model thinks, never part of the answer text."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallDelta:
+    """A piece of one tool call. The first piece of a call (by `index`) has
+    its `id` and `name`; every piece may have a fragment of its JSON
+    arguments, which joined are the arguments exactly as the model wrote them."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
+# A chunk is a token (plain `str`: no allocation per token), a piece of
+# reasoning or of a tool call, or the Final.
+Chunk = str | Reasoning | ToolCallDelta | Final
 
 
 @dataclass(slots=True)
@@ -92,6 +136,27 @@ class UpstreamError(Exception):
             if value is not None:
                 data[name] = value
         return data
+
+
+class Unsupported(Exception):
+    """A request field a backend cannot honour: refused (400, naming the field
+    and the backend) before any upstream call, never dropped silently."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field, self.message = field, message
+
+
+def refuse_beyond_text(request: ChatRequest, backend: str) -> None:
+    """The check of a backend that carries text alone."""
+    for name in ("tools", "response_format"):
+        if getattr(request, name):
+            raise Unsupported(name, f"{name} is not supported by the {backend} backend")
+    if request.reasoning_effort not in (None, "none"):
+        raise Unsupported("reasoning_effort", f"reasoning_effort is not supported by the {backend} backend")
+    for i, message in enumerate(request.messages):
+        if not isinstance(message.get("content"), str) or message["role"] == "tool" or "tool_calls" in message:
+            raise Unsupported(f"messages[{i}]", f"messages[{i}]: the {backend} backend takes text messages only")
 
 
 class Provider(Protocol):
@@ -131,6 +196,20 @@ def make_usage(prompt: Any, completion: Any, total: Any = None, **extras: Any) -
     usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": total}
     usage.update({k: v for k, v in extras.items() if v is not None})
     return usage
+
+
+def text_of(content: Any) -> str:
+    """A message's content as text: a string as is, text parts joined with newlines."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(p["text"] for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return ""
+
+
+def new_call_id() -> str:
+    """An id for a tool call from a provider that gives none (Gemini, Ollama)."""
+    return "call_" + secrets.token_urlsafe(12)
 
 
 def split_system(messages: list[dict[str, str]]) -> tuple[str, list[dict[str, str]]]:

@@ -270,17 +270,17 @@ def test_models_lists_each_configured_backends_default_model(rig: Rig) -> None:
 # --- refusals, as the SDK's exceptions ---------------------------------------------------
 
 REFUSED: list[tuple[dict[str, Any], str, str]] = [
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools", "tools is not supported"),
-    ({"tool_choice": "auto"}, "tool_choice", "tool_choice is not supported"),
-    ({"functions": [{"name": "f", "parameters": {}}]}, "functions", "functions is not supported"),
-    ({"response_format": {"type": "json_object"}}, "response_format", "response_format"),
+    ({"tools": [{"type": "function", "function": {"parameters": {}}}]}, "tools[0]", "must be {type: function"),
+    ({"tool_choice": "required"}, "tool_choice", "'required' needs tools"),
+    ({"functions": [{"name": "f", "parameters": {}}]}, "functions", "legacy shape) is not supported"),
+    ({"response_format": {"type": "xml"}}, "response_format", "response_format must be"),
     ({"n": 2}, "n", "n=2 is not supported"),
     ({"logprobs": True}, "logprobs", "logprobs is not supported"),
-    ({"messages": [{"role": "tool", "content": "42", "tool_call_id": "c1"}]}, "messages[0]", "role 'tool'"),
+    ({"messages": [{"role": "tool", "content": "42"}]}, "messages[0].tool_call_id", "must name the call"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]},
-     "messages[0].content[0]", '"image_url" part'),
+     "messages[0].content[0].image_url", "data:image/... or an https URL"),
     ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]}]},
-     "messages[0].content[0]", "only text parts"),
+     "messages[0].content[0]", "parts are text or image_url"),
     ({"messages": [{"role": "critic", "content": "x"}]}, "messages[0].role", "must be one of system, developer, user, assistant"),
     ({"messages": []}, "messages", "non-empty array"),
     ({"max_tokens": 0}, "max_tokens", "from 1 to 4096"),
@@ -560,7 +560,7 @@ def test_node_sdk_streams_completes_and_uses_the_helper_on_every_backend(rig: Ri
 
 def test_node_sdk_raises_its_own_error_classes(rig: Rig) -> None:
     cases = [
-        {"request": {"model": "echo/echo", "messages": HI, "tools": [{"type": "function", "function": {"name": "f"}}]}},
+        {"request": {"model": "echo/echo", "messages": HI, "tools": [{"type": "function"}]}},
         {"request": {"model": "nope/x", "messages": HI}},
         {"request": {"model": "gemini/m", "messages": HI, "stream": True}},  # upstream 429
         {"request": {"model": "ollama/m", "messages": HI, "stream": True}},  # fails after tokens
@@ -568,7 +568,7 @@ def test_node_sdk_raises_its_own_error_classes(rig: Rig) -> None:
     with answering(rig, lambda b: http_error(429, "quota", "0") if b == "gemini" else failing_reply(b, ["so ", "far"], "broke")):
         tools, unknown, limited, broken = run_node(rig.gw.url, "gw-alice", cases)
         (unauthorized,) = run_node(rig.gw.url, "wrong", cases[:1])
-    assert (tools["error"]["class"], tools["error"]["status"], tools["error"]["param"]) == ("BadRequestError", 400, "tools")
+    assert (tools["error"]["class"], tools["error"]["status"], tools["error"]["param"]) == ("BadRequestError", 400, "tools[0]")
     assert (unknown["error"]["class"], unknown["error"]["code"]) == ("NotFoundError", "model_not_found")
     assert (limited["error"]["class"], limited["error"]["status"]) == ("RateLimitError", 429) and "quota" in limited["error"]["message"]
     assert broken["text"] == "so far" and broken["error"]["class"] == "APIError" and "broke" in broken["error"]["message"]

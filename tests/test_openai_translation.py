@@ -58,7 +58,7 @@ def test_defaults_and_include_usage_only_with_stream() -> None:
     ({"messages": [{"role": "user", "content": None}]}, "messages[0].content", 400),
     ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "messages[0].content[0].text", 400),
     ({"messages": [{"role": "user", "content": ["bare string part"]}]}, "messages[0].content[0]", 400),
-    ({"messages": [{"role": "assistant", "content": "", "tool_calls": [{"id": "c"}]}]}, "messages[0].tool_calls", 400),
+    ({"messages": [{"role": "assistant", "content": "", "tool_calls": [{"id": "c"}]}]}, "messages[0].tool_calls[0]", 400),
     ({"messages": [{"role": "function", "content": "1", "name": "f"}]}, "messages[0]", 400),
     ({"stream_options": 1}, "stream_options", 400), ({"stream": True, "stream_options": {"include_usage": 1}}, "include_usage", 400),
     ({"n": 0}, "n", 400), ({"n": True}, "n", 400), ({"n": 1.5}, "n", 400), ({"top_logprobs": 2}, "top_logprobs", 400),

@@ -135,10 +135,18 @@ def test_each_message_must_be_an_object(item: Any) -> None:
     assert refusal(lambda: post({"messages": [*HI, item]})).startswith("messages[1] must be an object")
 
 
-@pytest.mark.parametrize("role", [None, "tool", "User", "", 1, "developer"])
+@pytest.mark.parametrize("role", [None, "User", "", 1, "critic"])
 def test_roles_are_system_user_assistant(role: Any) -> None:
     message = refusal(lambda: post({"messages": [{"role": role, "content": "x"}]}))
     assert message.startswith("messages[0].role must be one of system, user, assistant")
+
+
+def test_a_tool_result_names_its_call_and_developer_is_system() -> None:
+    message = refusal(lambda: post({"messages": [{"role": "tool", "content": "42"}]}))
+    assert message.startswith("messages[0].tool_call_id must name the call")
+    tool = {"role": "tool", "content": "42", "tool_call_id": "call_1"}
+    assert post({"messages": [tool]}).messages == [tool]
+    assert post({"messages": [{"role": "developer", "content": "be brief"}]}).messages == [{"role": "system", "content": "be brief"}]
 
 
 @pytest.mark.parametrize("role", ["system", "user", "assistant"])
@@ -146,7 +154,7 @@ def test_every_role_is_accepted(role: str) -> None:
     assert post({"messages": [{"role": role, "content": ""}]}).messages == [{"role": role, "content": ""}]
 
 
-@pytest.mark.parametrize("content", [None, 5, ["a"], {"text": "a"}, True])
+@pytest.mark.parametrize("content", [None, 5, {"text": "a"}, True])
 def test_content_must_be_a_string(content: Any) -> None:
     message = refusal(lambda: post({"messages": [{"role": "user", "content": content}]}))
     assert message.startswith("messages[0].content must be a string")
