@@ -112,6 +112,20 @@ def test_the_page_streams_the_echo_of_a_typed_prompt(page: Any, gateway: Served)
     assert len(streams) == 1, streams  # the page closed its EventSource on done
 
 
+def test_the_page_shows_reasoning_collapsed_and_apart_from_the_answer(page: Any, gateway: Served) -> None:
+    page.goto(gateway.url + "/")
+    assert page.is_hidden("#thinking")  # nothing to show until a turn reasons
+    page.fill("#prompt", "Think it over")
+    page.select_option("#backend", "echo")
+    page.select_option("#effort", "low")
+    page.click("#send")
+    page.wait_for_function("document.getElementById('finish').textContent === 'stop'")
+    assert page.text_content("#output") == "Think it over"  # the answer alone
+    assert page.text_content("#reasoning") == "The user said 3 words; I answer in kind."
+    assert page.is_visible("#thinking") and not page.evaluate("document.getElementById('thinking').open")
+    assert page.is_hidden("#calls")
+
+
 def test_stop_ends_the_generation_with_cancelled(page: Any, gateway: Served) -> None:
     prompt = " ".join(f"word{i}" for i in range(300))  # 15 s at 0.05 s a token
     page.goto(gateway.url + "/")
