@@ -32,6 +32,7 @@ COLUMN_TYPES = {
     # every stream before this column came through /chat/stream: the default fills the old rows
     "route": "TEXT DEFAULT 'chat/stream'",
     "replica": "TEXT",  # host:pid of the process that wrote the row; NULL in rows older than the column
+    "reasoning_tokens": "BIGINT",  # of completion_tokens, when the provider reported them; else NULL
 }  # fmt: skip
 LEDGER_COLUMNS = tuple(COLUMN_TYPES)
 ADDED_COLUMNS = LEDGER_COLUMNS[14:]

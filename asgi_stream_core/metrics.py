@@ -97,6 +97,7 @@ def stream_facts(record: StreamRecord, ended_clock: float) -> dict[str, Any]:
         "prompt_tokens": usage.get("prompt_tokens", 0),
         "completion_tokens": usage.get("completion_tokens", 0),
         "total_tokens": usage.get("total_tokens", 0),
+        "reasoning_tokens": usage.get("reasoning_tokens"),
         "estimated": int(bool(usage.get("estimated"))),
         "finish_reason": record.finish_reason,
         "error_type": record.error.type if record.error else None,

@@ -7,6 +7,7 @@ appended with a tool result -> the answer. Resume replays the new events."""
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -85,3 +86,13 @@ def test_a_tool_choice_naming_an_unknown_tool_is_a_400_naming_the_field(url: str
     bad = {"messages": [{"role": "user", "content": "x"}], "tools": TOOLS, "tool_choice": choice}
     answer = httpx.post(url + "/chat/stream", json=bad, headers={"authorization": "Bearer k1"})
     assert answer.status_code == 400 and "tool_choice" in answer.json()["error"]["message"]
+
+
+def test_the_ledger_row_records_the_reasoning_tokens(tmp_path: Path) -> None:
+    db = tmp_path / "usage.db"
+    with serve({"USAGE_DB": str(db)}) as served:
+        body = {"messages": [{"role": "user", "content": "a b c"}], "reasoning_effort": "high"}
+        assert stream("POST", served.url + "/chat/stream", json=body).of("done") == ["stop"]
+        stream("POST", served.url + "/chat/stream", json={"messages": [{"role": "user", "content": "a b c"}]})
+    rows = sqlite3.connect(db).execute("SELECT completion_tokens, reasoning_tokens FROM usage ORDER BY started_at, rowid").fetchall()
+    assert sorted(rows, key=str) == sorted([(12, 9), (3, None)], key=str)  # 9 pieces of reasoning, then 3 words
