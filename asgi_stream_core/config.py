@@ -42,7 +42,7 @@ BACKENDS: dict[str, Backend] = {
     "anthropic": Backend(anthropic.stream_anthropic, anthropic.DEFAULT_MODEL, "ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL",
                          "https://api.anthropic.com", check=text_only("anthropic")),
     "ollama": Backend(ollama.stream_ollama, ollama.DEFAULT_MODEL, None, "OLLAMA_BASE_URL", "http://localhost:11434",
-                      check=text_only("ollama")),
+                      check=ollama.check),
     "gemini": Backend(gemini.stream_gemini, gemini.DEFAULT_MODEL, "GEMINI_API_KEY", "GEMINI_BASE_URL",
                       "https://generativelanguage.googleapis.com", re.compile(gemini.MODEL_PATTERN), text_only("gemini")),
 }  # fmt: skip
