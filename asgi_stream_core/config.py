@@ -40,7 +40,7 @@ BACKENDS: dict[str, Backend] = {
     "openai": Backend(openai.stream_openai, openai.DEFAULT_MODEL, "OPENAI_API_KEY", "OPENAI_BASE_URL",
                       "https://api.openai.com/v1", check=text_only("openai")),
     "anthropic": Backend(anthropic.stream_anthropic, anthropic.DEFAULT_MODEL, "ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL",
-                         "https://api.anthropic.com", check=text_only("anthropic")),
+                         "https://api.anthropic.com", check=anthropic.check),
     "ollama": Backend(ollama.stream_ollama, ollama.DEFAULT_MODEL, None, "OLLAMA_BASE_URL", "http://localhost:11434",
                       check=ollama.check),
     "gemini": Backend(gemini.stream_gemini, gemini.DEFAULT_MODEL, "GEMINI_API_KEY", "GEMINI_BASE_URL",
