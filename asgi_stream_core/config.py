@@ -44,7 +44,7 @@ BACKENDS: dict[str, Backend] = {
     "ollama": Backend(ollama.stream_ollama, ollama.DEFAULT_MODEL, None, "OLLAMA_BASE_URL", "http://localhost:11434",
                       check=ollama.check),
     "gemini": Backend(gemini.stream_gemini, gemini.DEFAULT_MODEL, "GEMINI_API_KEY", "GEMINI_BASE_URL",
-                      "https://generativelanguage.googleapis.com", re.compile(gemini.MODEL_PATTERN), text_only("gemini")),
+                      "https://generativelanguage.googleapis.com", re.compile(gemini.MODEL_PATTERN), gemini.check),
 }  # fmt: skip
 def check_request(request: ChatRequest) -> ChatRequest:
     """The request, once its backend says it can honour every field (else a 400 naming it)."""
