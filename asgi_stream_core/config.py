@@ -38,7 +38,7 @@ class Backend:
 BACKENDS: dict[str, Backend] = {
     "echo": Backend(echo.stream_echo, echo.DEFAULT_MODEL, None, None, "", check=echo.check),
     "openai": Backend(openai.stream_openai, openai.DEFAULT_MODEL, "OPENAI_API_KEY", "OPENAI_BASE_URL",
-                      "https://api.openai.com/v1", check=text_only("openai")),
+                      "https://api.openai.com/v1", check=openai.check),
     "anthropic": Backend(anthropic.stream_anthropic, anthropic.DEFAULT_MODEL, "ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL",
                          "https://api.anthropic.com", check=anthropic.check),
     "ollama": Backend(ollama.stream_ollama, ollama.DEFAULT_MODEL, None, "OLLAMA_BASE_URL", "http://localhost:11434",
