@@ -454,7 +454,8 @@ def test_gemini_thought_parts_are_not_tokens_and_thought_tokens_count_as_complet
     rig.reset(gemini_stream(chunk))
     result = rig.chat("gemini")
     assert result.of("token") == ["Answer"]
-    assert json.loads(result.of("usage")[0]) == {"prompt_tokens": 3, "completion_tokens": 12, "total_tokens": 15}
+    assert json.loads(result.of("usage")[0]) == {"prompt_tokens": 3, "completion_tokens": 12, "total_tokens": 15, "reasoning_tokens": 10}
+    assert result.of("reasoning") == ["thinking..."]  # reasoning now streams as its own event
 
 
 def test_gemini_function_call_then_stop_is_tool_calls(rig: Rig) -> None:
