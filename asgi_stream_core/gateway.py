@@ -137,12 +137,13 @@ class Gateway:
             return None
         auth = headers.get("authorization", "")
         offered = auth[7:].strip() if auth[:7].lower() == "bearer " else query.get("access_token", "")
+        offered = offered or headers.get("x-api-key", "").strip()  # Anthropic's SDKs send the key so (bearer: ANTHROPIC_AUTH_TOKEN)
         name = None
         for key, key_name in keys.items():  # compare with every key, in constant time
             if hmac.compare_digest(key.encode(), offered.encode("utf-8", "replace")):
                 name = key_name
         if not offered or name is None:
-            message = "a valid API key is required: Authorization: Bearer <key>"
+            message = "a valid API key is required: Authorization: Bearer <key> (or x-api-key: <key>)"
             raise Refusal(401, "unauthorized", message, [(b"www-authenticate", b"Bearer")])
         return name
 

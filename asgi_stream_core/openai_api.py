@@ -355,23 +355,34 @@ def completion_record(key_name: str | None, completion: Completion) -> StreamRec
 
 async def chat_completions(services: Services, exchange: Exchange) -> None:
     """Answer one authenticated request; refusals raise Refusal."""
-    cfg = services.config
-    completion = parse_completion_request(exchange.body, cfg)
+    completion = parse_completion_request(exchange.body, services.config)
     record = completion_record(exchange.key_name, completion)
     framer = cast(CompletionFramer, record.framer)
+    await answer(services, exchange, record, completion.stream, framer.completion_object, failure_object)
+
+
+def failure_object(error: UpstreamError) -> dict[str, Any]:
+    return {"error": upstream_error_fields(error)}
+
+
+async def answer(services: Services, exchange: Exchange, record: StreamRecord, streaming: bool,
+                 whole: Callable[[StreamRecord], Any], failure: Callable[[UpstreamError], Any]) -> None:  # fmt: skip
+    """Run the record's generation and answer its one client, as every front door
+    without resume does: only the whole answer of a request that did not ask to
+    stream (`whole`) and a failure before any output (`failure`) are the protocol's own."""
     await services.admission.hold(record)
-    backend = completion.request.backend
-    generation = Generation(services, record, BACKENDS[backend].stream, cfg.upstreams[backend])
+    backend = record.request.backend
+    generation = Generation(services, record, BACKENDS[backend].stream, services.config.upstreams[backend])
     async with anyio.create_task_group() as tasks:
         tasks.start_soon(generation.run)
-        await respond(services, record, framer, exchange)
-        record.cancel("client gone")  # no resume on this route: once the client is gone, so is the generation
+        await respond(services, record, exchange, streaming, whole, failure)
+        record.cancel("client gone")  # no resume on these routes: once the client is gone, so is the generation
 
 
-async def respond(services: Services, record: StreamRecord, framer: CompletionFramer, exchange: Exchange) -> None:
-    """The status waits for the first token (or the end): a failure before it
+async def respond(services: Services, record: StreamRecord, exchange: Exchange, streaming: bool,
+                  whole: Callable[[StreamRecord], Any], failure: Callable[[UpstreamError], Any]) -> None:  # fmt: skip
+    """The status waits for the first output (or the end): a failure before it
     answers with the upstream's status, so the SDKs raise their usual exception."""
-    streaming = framer.completion.stream
     if not await until(lambda: record.finished or (streaming and bool(record.tokens)), record, exchange.receive):
         return
     error = record.error
@@ -381,9 +392,9 @@ async def respond(services: Services, record: StreamRecord, framer: CompletionFr
     try:
         with anyio.move_on_after(services.config.send_timeout):  # a client that takes no bytes is let go
             if error is not None:
-                await send_json(services, exchange, upstream_status(error), {"error": upstream_error_fields(error)}, retry_after(error))
+                await send_json(services, exchange, upstream_status(error), failure(error), retry_after(error))
             else:
-                await send_json(services, exchange, 200, framer.completion_object(record))
+                await send_json(services, exchange, 200, whole(record))
     except OSError:  # ASGI 2.4 servers raise it on a send to a gone client
         record.ever_disconnected = True
 
