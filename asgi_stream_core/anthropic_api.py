@@ -102,7 +102,7 @@ def parse_messages_request(body: bytes, config: Config, counting: bool = False) 
     tool_choice, parallel = tool_choice_of(fields.get("tool_choice"), tools)
     request = ChatRequest(messages, backend, model, max_tokens, number(fields, "temperature", 1.0), number(fields, "top_p", 1.0),
                           stop_sequences_of(fields.get("stop_sequences")), tools, tool_choice, parallel,
-                          effort_of(fields.get("thinking"), max_tokens))  # fmt: skip
+                          effort_of(fields.get("thinking"), fields.get("output_config"), max_tokens))  # fmt: skip
     return MessagesCall(request if counting else check_request(request), f"{backend}/{model}", flag(fields, "stream"))
 
 
@@ -123,10 +123,12 @@ def messages_of(value: Any) -> list[dict[str, Any]]:
     for i, message in enumerate(value):
         where = f"messages[{i}]"
         role = message.get("role") if isinstance(message, dict) else None
-        if role not in ("user", "assistant"):
-            raise invalid(f"{where}.role", f"{where}.role must be user or assistant, got {shown(role)}")
+        if role not in ("user", "assistant", "system"):  # system: Claude Code sends instructions mid-conversation so
+            raise invalid(f"{where}.role", f"{where}.role must be user, assistant or system, got {shown(role)}")
         content = message.get("content")
-        if isinstance(content, str):
+        if role == "system":
+            messages += system_of(content)
+        elif isinstance(content, str):
             messages.append({"role": role, "content": content})
         elif not isinstance(content, list) or not all(isinstance(block, dict) for block in content):
             raise invalid(f"{where}.content", f"{where}.content must be a string or an array of content blocks")
@@ -248,15 +250,17 @@ def tool_choice_of(value: Any, tools: list[dict[str, Any]] | None) -> tuple[Any,
     return chat_shape.tool_choice_of(chosen, tools), None if single is None else not single
 
 
-def effort_of(thinking: Any, max_tokens: int) -> str | None:
+def effort_of(thinking: Any, output: Any, max_tokens: int) -> str | None:
     """`thinking` as a reasoning effort: a budget by its share of max_tokens (the
     Anthropic backend takes an effort back out of max_tokens by the same shares),
-    adaptive thinking as medium, disabled as none asked."""
+    adaptive thinking by `output_config.effort` (max as high; medium if none),
+    disabled as none asked."""
     kind = thinking.get("type") if isinstance(thinking, dict) else None
     if thinking is None or kind == "disabled":
         return None
     if kind == "adaptive":
-        return "medium"
+        effort = output.get("effort") if isinstance(output, dict) else None
+        return {"low": "low", "high": "high", "max": "high"}.get(str(effort), "medium")
     budget = thinking.get("budget_tokens") if kind == "enabled" else None
     if type(budget) is not int or budget < 1:
         raise invalid("thinking", f"thinking must be {{type: enabled, budget_tokens}}, adaptive or disabled, got {shown(thinking)}")

@@ -111,6 +111,19 @@ def test_system_blocks_images_and_stop_sequences(url: str) -> None:
     assert message.content[0].type == "text" and message.content[0].text == "what is this? "
 
 
+def test_what_claude_code_sends(url: str) -> None:
+    """Claude Code 2.1 (run here against echo: it answered) sends system messages mid-conversation,
+    adaptive thinking with output_config.effort, and beta fields the gateway ignores."""
+    message = client(url).messages.create(
+        model="echo", max_tokens=100, messages=[{"role": "user", "content": PROMPT}],
+        extra_body={"messages": [{"role": "user", "content": PROMPT}, {"role": "system", "content": [{"type": "text", "text": "terse"}]}],
+                    "thinking": {"type": "adaptive", "display": "omitted"}, "output_config": {"effort": "max"},
+                    "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]}},
+        extra_headers={"anthropic-beta": "claude-code-20250219,interleaved-thinking-2025-05-14"},
+    )  # fmt: skip
+    assert [block.type for block in message.content] == ["thinking", "text"] and message.content[1].text == PROMPT  # type: ignore[union-attr]
+
+
 def test_count_tokens_is_an_estimate_and_says_so(url: str) -> None:
     counted = client(url).messages.count_tokens(model="echo", messages=[{"role": "user", "content": "x" * 400}], tools=TOOLS)
     assert counted.input_tokens > 100 and (counted.model_extra or {}).get("estimated") is True
@@ -126,7 +139,7 @@ def test_a_bearer_token_works_as_x_api_key_does(url: str) -> None:
     [{"max_tokens": 0}, {"temperature": 1.5}, {"top_k": 5}, {"stop_sequences": ["a", "b", "c", "d", "e"]},
      {"thinking": {"type": "enabled"}},
      {"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, {"tools": TOOLS, "tool_choice": {"type": "tool", "name": "nope"}},
-     {"messages": [{"role": "system", "content": "x"}]}, {"messages": [{"role": "user", "content": [{"type": "document", "source": {}}]}]}],
+     {"messages": [{"role": "tool", "content": "x"}]}, {"messages": [{"role": "user", "content": [{"type": "document", "source": {}}]}]}],
 )  # fmt: skip
 def test_a_bad_field_is_the_sdks_bad_request_error(url: str, fields: dict[str, Any]) -> None:
     with pytest.raises(anthropic.BadRequestError) as raised:  # extra_body: fields this SDK has no parameter for, or types it would refuse
