@@ -37,4 +37,8 @@ HEALTHCHECK --interval=30s --timeout=5s --start-period=5s --retries=3 \
 # streams on SIGTERM; with it, open streams get `error` (shutdown) + `done`.
 # This 5 s plus the app's wait for the last ledger rows (5 s) must stay well
 # below the orchestrator's stop grace (docker-compose.yml: 30 s; docker's default is 10 s).
-CMD ["uvicorn", "asgi_stream:app", "--host", "0.0.0.0", "--port", "8000", "--timeout-graceful-shutdown", "5", "--no-server-header"]
+# --http asgi_stream_core.connections:HttpProtocol: uvicorn's own, plus a deadline for each request head
+# (HEADER_TIMEOUT_SECONDS) and a bound on connections (MAX_CONNECTIONS): idle and slow connections cannot
+# use up the process's files (README, "Deployment"). The access log never holds the query: the app sees to it.
+CMD ["uvicorn", "asgi_stream:app", "--host", "0.0.0.0", "--port", "8000", "--timeout-graceful-shutdown", "5", "--no-server-header", \
+     "--http", "asgi_stream_core.connections:HttpProtocol"]

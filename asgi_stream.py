@@ -35,6 +35,7 @@ from asgi_stream_core.ledger import usage_report
 __all__ = ["Gateway", "app", "main"]
 
 app = Gateway()
+HTTP_PROTOCOL = "asgi_stream_core.connections:HttpProtocol"  # uvicorn's, with a head deadline and a connection bound
 
 
 def main(argv: list[str]) -> int:
@@ -51,7 +52,8 @@ def main(argv: list[str]) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     host = os.environ.get("HOST", "127.0.0.1")
-    uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=5, log_level="info")
+    # The image's CMD and the README's uvicorn line set the same: connections bounded (asgi_stream_core/connections.py)
+    uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=5, log_level="info", http=HTTP_PROTOCOL)
     return 0
 
 

@@ -14,6 +14,7 @@ from urllib.parse import parse_qsl, urlencode
 
 import anyio
 
+from asgi_stream_core import access_log
 from asgi_stream_core.config import Config, ConfigError, load_config
 from asgi_stream_core.metrics import Metrics
 from asgi_stream_core.routes import Route, route_for
@@ -47,6 +48,7 @@ class Gateway:
         self._environ = environ
         self.metrics = Metrics()
         self.services: Services | None = None  # built by start()
+        access_log.install()  # the server's access log without queries (prompts, keys), whatever started it
 
     def start(self) -> Services:
         """Read the settings and build what every exchange shares (once)."""
@@ -106,12 +108,12 @@ class Gateway:
 
     async def serve(self, route: Route, scope: Scope, receive: Receive, send: Send) -> None:
         path, method = scope["path"], scope["method"]
+        query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True))
+        if "access_token" in query:  # other servers' access logs print this scope's query: keep the key out, whatever the status
+            scope["query_string"] = urlencode({**query, "access_token": "[redacted]"}).encode()
         if sum(len(k) + len(v) for k, v in scope["headers"]) > MAX_HEADER_BYTES:  # servers' own limits vary (httptools: none)
             raise Refusal(431, "invalid_request", f"the request headers are larger than {MAX_HEADER_BYTES} bytes")
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True))
-        if "access_token" in query:  # servers' access logs print this scope's query: keep the key out of them
-            scope["query_string"] = urlencode({**query, "access_token": "[redacted]"}).encode()
         if not route.methods:
             raise Refusal(404, "not_found", f"no route for {path[:100]}")
         if method == "OPTIONS":

@@ -10,6 +10,7 @@ import math
 
 import anyio
 
+from asgi_stream_core.access_log import may_leave_response_unfinished
 from asgi_stream_core.generation import SHUTDOWN, conclude
 from asgi_stream_core.record import StreamRecord
 from asgi_stream_core.services import Services
@@ -38,6 +39,7 @@ class Reader:
     async def serve(self, receive: Receive, send: Send, opening: bytes, cors: Headers) -> None:
         record = self.record
         headers = [*SSE_HEADERS, (b"x-stream-id", record.id.encode()), *cors]
+        may_leave_response_unfinished()  # a client dropped (stalled, fell behind): uvicorn logs it as INFO, not ERROR
         record.readers += 1
         record.notify()
         try:

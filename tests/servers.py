@@ -77,17 +77,20 @@ def wait_until_serving(url: str, popen: subprocess.Popen[bytes], log: Path, time
 
 
 @contextmanager
-def run_server(name: str, env: dict[str, str], tmp: Path, command: list[str] | None = None) -> Iterator[Process]:
+def run_server(
+    name: str, env: dict[str, str], tmp: Path, command: list[str] | None = None, preexec_fn: Callable[[], None] | None = None
+) -> Iterator[Process]:
     """Start `name` (or `command`, argv after the interpreter) and stop it
     with SIGTERM, then SIGKILL if it will not go. `{port}` in the argv or in
-    an env value is the port chosen."""
+    an env value is the port chosen; `preexec_fn` runs in the child before
+    the server starts (a lower open-file limit, say)."""
     port = free_port()
     argv = [sys.executable, *[a.replace("{port}", str(port)) for a in (command or SERVERS[name])]]
     env = {k: v.replace("{port}", str(port)) for k, v in env.items()}
     log = tmp / f"{name}-{port}.log"
     with log.open("wb") as out:
         popen = subprocess.Popen(
-            argv, cwd=ROOT, env=server_env(env), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            argv, cwd=ROOT, env=server_env(env), stdout=out, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=preexec_fn
         )
     process = Process(name, f"http://127.0.0.1:{port}", port, popen, log)
     try:

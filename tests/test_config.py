@@ -254,4 +254,5 @@ def test_main_serves_the_app_with_uvicorn_on_host_and_port(monkeypatch: pytest.M
     monkeypatch.setenv("HOST", "127.0.0.1")
     monkeypatch.setenv("PORT", "8123")
     assert asgi_stream.main(["asgi_stream"]) == 0
-    assert calls == [(asgi_stream.app, {"host": "127.0.0.1", "port": 8123, "timeout_graceful_shutdown": 5, "log_level": "info"})]
+    options = {"host": "127.0.0.1", "port": 8123, "timeout_graceful_shutdown": 5, "log_level": "info", "http": asgi_stream.HTTP_PROTOCOL}
+    assert calls == [(asgi_stream.app, options)] and asgi_stream.HTTP_PROTOCOL == "asgi_stream_core.connections:HttpProtocol"
