@@ -85,6 +85,7 @@ NUMBERS: dict[str, tuple[str, float, float]] = {
     "stream_buffer_bytes": ("STREAM_BUFFER_BYTES", 1_048_576, 1024),  # events held per stream for resume
     "echo_delay": ("ECHO_DELAY_SECONDS", 0.05, 0),  # paced for people; tests set 0
     "owner_lease": ("OWNER_LEASE_SECONDS", 10.0, 0.1),  # with REDIS_URL: a dead owner's streams end within this
+    "responses_ttl": ("RESPONSES_TTL_SECONDS", 3600.0, 0),  # /v1/responses keeps each stored response this long; 0: none
 }
 
 
@@ -113,6 +114,7 @@ class Config:
     stream_buffer_bytes: int
     echo_delay: float
     owner_lease: float
+    responses_ttl: float
     redis_url: str
     log_level: int = logging.INFO  # of the per-stream log line (LOG_LEVEL)
 

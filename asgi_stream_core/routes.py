@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from asgi_stream_core import anthropic_api, openai_api
+from asgi_stream_core import anthropic_api, openai_api, responses_api
 from asgi_stream_core.chat_stream import cancel_stream, chat_stream
 from asgi_stream_core.services import Services
 from asgi_stream_core.types import Refusal
@@ -73,6 +73,8 @@ ROUTES: dict[str, Route] = {
                                    preflight_headers=openai_api.allowed_headers),
     "/v1/models": Route(("GET", "HEAD"), openai_api.list_models, json_body=True, error_body=openai_api.error_body,
                                    preflight_headers=openai_api.allowed_headers),
+    "/v1/responses": Route(("POST",), responses_api.create_response, json_body=True, error_body=openai_api.error_body,
+                           preflight_headers=openai_api.allowed_headers),
     "/v1/messages": Route(("POST",), anthropic_api.messages, json_body=True, error_body=anthropic_api.error_body,
                           preflight_headers=openai_api.allowed_headers),  # the SDKs' own headers: anthropic-version, x-api-key, ...
     "/v1/messages/count_tokens": Route(("POST",), anthropic_api.count_tokens, json_body=True, error_body=anthropic_api.error_body,
