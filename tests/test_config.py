@@ -32,6 +32,7 @@ def test_defaults_are_those_of_the_design_table() -> None:
     assert (config.max_streams, config.max_streams_per_key) == (1000, 100)
     assert (config.connect_timeout, config.first_token_timeout, config.idle_timeout, config.total_timeout) == (10, 120, 60, 600)
     assert (config.heartbeat, config.resume_grace, config.resume_ttl) == (15, 5, 60)
+    assert config.responses_ttl == 3600  # /v1/responses: an hour to continue a conversation
     assert config.usage_db == "usage.db"
     assert config.echo_delay == config.upstreams["echo"].token_delay == 0.05  # paced so a newcomer sees streaming
 
@@ -44,14 +45,14 @@ def test_every_setting_is_read() -> None:
         "TOTAL_TIMEOUT_SECONDS": "4", "HEARTBEAT_SECONDS": " 0.5 ", "RESUME_GRACE_SECONDS": "0", "RESUME_TTL_SECONDS": "0",
         "USAGE_DB": " /tmp/x.db ", "BODY_TIMEOUT_SECONDS": "11", "SEND_TIMEOUT_SECONDS": "12", "STREAM_BUFFER_BYTES": "1024",
         "ECHO_DELAY_SECONDS": "0.25", "LOG_LEVEL": " warning ",
-        "OWNER_LEASE_SECONDS": "3", "REDIS_URL": " redis://:pw@h:1/2 ",
+        "OWNER_LEASE_SECONDS": "3", "REDIS_URL": " redis://:pw@h:1/2 ", "RESPONSES_TTL_SECONDS": "13",
     })  # fmt: skip
     assert config == Config(
         upstreams=config.upstreams, default_backend="echo", default_model="m", max_tokens=5, max_tokens_limit=6,
         api_keys={"k1": "alice", "k:2": "bob"}, cors_origins=frozenset({"https://a.example", "*"}), max_body_bytes=7,
         max_streams=8, max_streams_per_key=9, connect_timeout=1.5, first_token_timeout=2, idle_timeout=3, total_timeout=4,
         heartbeat=0.5, resume_grace=0, resume_ttl=0, usage_db="/tmp/x.db", body_timeout=11, send_timeout=12,
-        stream_buffer_bytes=1024, echo_delay=0.25, log_level=logging.WARNING, owner_lease=3,
+        stream_buffer_bytes=1024, echo_delay=0.25, log_level=logging.WARNING, owner_lease=3, responses_ttl=13,
         redis_url="redis://:pw@h:1/2",
     )  # fmt: skip
     assert config.upstreams["echo"].token_delay == 0.25

@@ -17,7 +17,7 @@ from weakref import WeakKeyDictionary
 import orjson
 
 from asgi_stream_core.services import Services
-from asgi_stream_core.types import store_unavailable
+from asgi_stream_core.types import Refusal, store_unavailable
 
 if TYPE_CHECKING:
     from asgi_stream_core.stores.redis import RedisStore
@@ -90,16 +90,20 @@ class RedisResponseItems:
     async def keep(self, response_id: str, key_name: str | None, input_items: Items, output_items: Items) -> None:
         if self.ttl_ms <= 0:
             return
+        import coredis.exceptions
+
         try:
             await self.client().set(REDIS_PREFIX + response_id, stored(key_name, input_items, output_items), px=self.ttl_ms)
-        except Exception as exc:  # the answer is out already: its later references will be refused, naming it
+        except (coredis.exceptions.RedisError, OSError, Refusal) as exc:  # its later references are refused, naming it
             log.warning("response %s was not stored in Redis: %s", response_id, type(exc).__name__)
 
     async def find(self, response_id: str, key_name: str | None) -> tuple[Items, Items] | None:
+        import coredis.exceptions
+
         client = self.client()
         try:
             value = await client.get(REDIS_PREFIX + response_id)
-        except Exception:
+        except (coredis.exceptions.RedisError, OSError):
             raise store_unavailable() from None
         return None if value is None else of_key(value, key_name)
 
