@@ -25,6 +25,7 @@ from asgi_stream_core.openai_api import (
     dumps,
     flag,
     invalid,
+    json_object_body,
     number,
     route_model,
     send_json,
@@ -82,12 +83,7 @@ def parse_messages_request(body: bytes, config: Config, counting: bool = False) 
     cannot carry to every backend. Fields it does not know (`metadata`,
     `cache_control` on blocks, ...) are ignored, as they change no answer.
     `counting`: for count_tokens, where max_tokens is not required."""
-    try:
-        fields = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise invalid(None, f"the request body is not valid JSON: {exc}") from None
-    if not isinstance(fields, dict):
-        raise invalid(None, "the request body must be a JSON object")
+    fields = json_object_body(body)
     if fields.get("top_k") is not None:
         raise unsupported("top_k", "top_k is not supported: not every backend could honour it")
     backend, model = route_model(fields.get("model"), config)

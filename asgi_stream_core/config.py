@@ -12,11 +12,7 @@ from dataclasses import dataclass
 
 from asgi_stream_core.ledger import target_problem
 from asgi_stream_core.types import Refusal
-from providers import ChatRequest, Provider, Unsupported, Upstream, anthropic, echo, gemini, ollama, openai, refuse_beyond_text
-
-
-def text_only(backend: str) -> Callable[[ChatRequest], None]:
-    return lambda request: refuse_beyond_text(request, backend)
+from providers import ChatRequest, Provider, Unsupported, Upstream, anthropic, echo, gemini, ollama, openai
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import re
 import secrets
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -23,7 +23,7 @@ from asgi_stream_core.generation import Generation
 from asgi_stream_core.reader import Reader
 from asgi_stream_core.record import StreamRecord
 from asgi_stream_core.services import Services
-from asgi_stream_core.types import Headers, Receive, Refusal, shown
+from asgi_stream_core.types import Headers, Message, Receive, Refusal, Send, shown
 from asgi_stream_core.web import Exchange, cors_headers, send_response
 from providers import ChatRequest, UpstreamError
 
@@ -102,12 +102,7 @@ def parse_completion_request(body: bytes, config: Config) -> Completion:
     """Validate an OpenAI request body strictly; refuse, naming it, any field
     whose meaning the gateway cannot carry to every backend. Fields it does not
     know are ignored, as OpenAI-compatible servers commonly do."""
-    try:
-        fields = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise invalid(None, f"the request body is not valid JSON: {exc}") from None
-    if not isinstance(fields, dict):
-        raise invalid(None, "the request body must be a JSON object")
+    fields = json_object_body(body)
     refuse_unsupported(fields)
     backend, model = route_model(fields.get("model"), config)
     messages = parse_messages(fields.get("messages"))
@@ -366,21 +361,25 @@ def failure_object(error: UpstreamError) -> dict[str, Any]:
 
 
 async def answer(services: Services, exchange: Exchange, record: StreamRecord, streaming: bool,
-                 whole: Callable[[StreamRecord], Any], failure: Callable[[UpstreamError], Any]) -> None:  # fmt: skip
+                 whole: Callable[[StreamRecord], Any], failure: Callable[[UpstreamError], Any],
+                 before_ending: Callable[[], Awaitable[None]] | None = None) -> None:  # fmt: skip
     """Run the record's generation and answer its one client, as every front door
     without resume does: only the whole answer of a request that did not ask to
-    stream (`whole`) and a failure before any output (`failure`) are the protocol's own."""
+    stream (`whole`) and a failure before any output (`failure`) are the protocol's own.
+    `before_ending` runs before the client can read the ending (the Responses API
+    stores a response's items then, so the client's next request finds them)."""
     await services.admission.hold(record)
     backend = record.request.backend
     generation = Generation(services, record, BACKENDS[backend].stream, services.config.upstreams[backend])
     async with anyio.create_task_group() as tasks:
         tasks.start_soon(generation.run)
-        await respond(services, record, exchange, streaming, whole, failure)
+        await respond(services, record, exchange, streaming, whole, failure, before_ending)
         record.cancel("client gone")  # no resume on these routes: once the client is gone, so is the generation
 
 
 async def respond(services: Services, record: StreamRecord, exchange: Exchange, streaming: bool,
-                  whole: Callable[[StreamRecord], Any], failure: Callable[[UpstreamError], Any]) -> None:  # fmt: skip
+                  whole: Callable[[StreamRecord], Any], failure: Callable[[UpstreamError], Any],
+                  before_ending: Callable[[], Awaitable[None]] | None = None) -> None:  # fmt: skip
     """The status waits for the first output (or the end): a failure before it
     answers with the upstream's status, so the SDKs raise their usual exception."""
     if not await until(lambda: record.finished or (streaming and bool(record.tokens)), record, exchange.receive):
@@ -388,15 +387,44 @@ async def respond(services: Services, record: StreamRecord, exchange: Exchange, 
     error = record.error
     if streaming and (record.tokens or error is None):
         cors = cors_headers(services.config, exchange.scope)
-        return await Reader(services, record, 0).serve(exchange.receive, exchange.send, record.opening(), cors)
+        send = exchange.send if before_ending is None else waiting_before_the_end(exchange.send, record, before_ending)
+        return await Reader(services, record, 0).serve(exchange.receive, send, record.opening(), cors)
     try:
         with anyio.move_on_after(services.config.send_timeout):  # a client that takes no bytes is let go
             if error is not None:
                 await send_json(services, exchange, upstream_status(error), failure(error), retry_after(error))
             else:
+                if before_ending is not None:
+                    await before_ending()
                 await send_json(services, exchange, 200, whole(record))
     except OSError:  # ASGI 2.4 servers raise it on a send to a gone client
         record.ever_disconnected = True
+
+
+def waiting_before_the_end(send: Send, record: StreamRecord, before_ending: Callable[[], Awaitable[None]]) -> Send:
+    """`send`, but the first body sent once the record is finished (it may hold
+    the ending) waits for `before_ending`."""
+    done = False
+
+    async def send_after(message: Message) -> None:
+        nonlocal done
+        if not done and record.finished and message["type"] == "http.response.body":
+            done = True
+            await before_ending()
+        await send(message)
+
+    return send_after
+
+
+def json_object_body(body: bytes) -> dict[str, Any]:
+    """A request body that must be one JSON object (every front door's first check)."""
+    try:
+        fields = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise invalid(None, f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(fields, dict):
+        raise invalid(None, "the request body must be a JSON object")
+    return fields
 
 
 async def until(ready: Callable[[], bool], record: StreamRecord, receive: Receive) -> bool:

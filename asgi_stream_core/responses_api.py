@@ -14,36 +14,31 @@ import binascii
 import secrets
 import sys
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
-import anyio
 import orjson
 
 from asgi_stream_core import chat_shape
-from asgi_stream_core.config import BACKENDS, Config, check_request
-from asgi_stream_core.generation import Generation
+from asgi_stream_core.config import Config, check_request
 from asgi_stream_core.openai_api import (
     CompletionFramer,
+    answer,
     dumps,
+    failure_object,
     flag,
     invalid,
+    json_object_body,
     number,
-    retry_after,
     route_model,
-    send_json,
-    unsupported,  # fmt: skip
-    until,
+    unsupported,
     upstream_error_fields,
-    upstream_status,
 )
-from asgi_stream_core.reader import Reader
 from asgi_stream_core.record import StreamRecord
 from asgi_stream_core.services import Services
 from asgi_stream_core.stores.responses import Items, ResponseItems, response_items
-from asgi_stream_core.types import Message, Send, shown
-from asgi_stream_core.web import Exchange, cors_headers
+from asgi_stream_core.types import shown
+from asgi_stream_core.web import Exchange
 from providers import ChatRequest
 
 ROLES = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
@@ -72,12 +67,7 @@ async def parse_response_request(body: bytes, config: Config, state: ResponseIte
     """Validate a Responses body strictly, resolve its references to stored
     items of this key, and refuse, naming it, whatever the gateway cannot
     carry. Fields it does not know are ignored, as on /v1/chat/completions."""
-    try:
-        fields = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise invalid(None, f"the request body is not valid JSON: {exc}") from None
-    if not isinstance(fields, dict):
-        raise invalid(None, "the request body must be a JSON object")
+    fields = json_object_body(body)
     refuse_unsupported(fields)
     backend, model = route_model(fields.get("model"), config)
     items = await resolved(input_items(fields.get("input")), fields.get("previous_response_id"), state, key_name)
@@ -514,13 +504,7 @@ async def create_response(services: Services, exchange: Exchange) -> None:
     call = await parse_response_request(exchange.body, services.config, state, exchange.key_name)
     record = response_record(exchange.key_name, call)
     framer = cast(ResponseFramer, record.framer)
-    await services.admission.hold(record)
-    backend = call.request.backend
-    generation = Generation(services, record, BACKENDS[backend].stream, services.config.upstreams[backend])
-    async with anyio.create_task_group() as tasks:
-        tasks.start_soon(generation.run)
-        await respond(services, record, framer, exchange, lambda: keep(state, record, framer))
-        record.cancel("client gone")  # no resume on this route: once the client is gone, so is the generation
+    await answer(services, exchange, record, call.stream, framer.whole, failure_object, lambda: keep(state, record, framer))
 
 
 async def keep(state: ResponseItems, record: StreamRecord, framer: ResponseFramer) -> None:
@@ -529,40 +513,3 @@ async def keep(state: ResponseItems, record: StreamRecord, framer: ResponseFrame
         await state.keep(framer.id, record.key_name, framer.call.items, framer.output_items(record))
 
 
-async def respond(services: Services, record: StreamRecord, framer: ResponseFramer, exchange: Exchange,
-                  kept: Callable[[], Awaitable[None]]) -> None:  # fmt: skip
-    """As openai_api.respond: the status waits for the first output (or the
-    end), so a failure before it keeps the upstream's status. The items are
-    stored before the client can read the ending, so its next request finds them."""
-    streaming = framer.call.stream
-    if not await until(lambda: record.finished or (streaming and bool(record.tokens)), record, exchange.receive):
-        return
-    error = record.error
-    if streaming and (record.tokens or error is None):
-        cors = cors_headers(services.config, exchange.scope)
-        send = keeping_before_the_end(exchange.send, record, kept)
-        return await Reader(services, record, 0).serve(exchange.receive, send, record.opening(), cors)
-    try:
-        with anyio.move_on_after(services.config.send_timeout):  # a client that takes no bytes is let go
-            if error is not None:
-                await send_json(services, exchange, upstream_status(error), {"error": upstream_error_fields(error)}, retry_after(error))
-            else:
-                await kept()
-                await send_json(services, exchange, 200, framer.whole(record))
-    except OSError:  # ASGI 2.4 servers raise it on a send to a gone client
-        record.ever_disconnected = True
-
-
-def keeping_before_the_end(send: Send, record: StreamRecord, kept: Callable[[], Awaitable[None]]) -> Send:
-    """`send`, but the first body sent once the record is finished (it may hold
-    the ending) waits until the items are stored."""
-    stored = False
-
-    async def send_after_storing(message: Message) -> None:
-        nonlocal stored
-        if not stored and record.finished and message["type"] == "http.response.body":
-            stored = True
-            await kept()
-        await send(message)
-
-    return send_after_storing

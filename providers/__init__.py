@@ -147,18 +147,6 @@ class Unsupported(Exception):
         self.field, self.message = field, message
 
 
-def refuse_beyond_text(request: ChatRequest, backend: str) -> None:
-    """The check of a backend that carries text alone."""
-    for name in ("tools", "response_format"):
-        if getattr(request, name):
-            raise Unsupported(name, f"{name} is not supported by the {backend} backend")
-    if request.reasoning_effort not in (None, "none"):
-        raise Unsupported("reasoning_effort", f"reasoning_effort is not supported by the {backend} backend")
-    for i, message in enumerate(request.messages):
-        if not isinstance(message.get("content"), str) or message["role"] == "tool" or "tool_calls" in message:
-            raise Unsupported(f"messages[{i}]", f"messages[{i}]: the {backend} backend takes text messages only")
-
-
 class Provider(Protocol):
     def __call__(self, http: httpx.AsyncClient, upstream: Upstream, request: ChatRequest) -> AsyncGenerator[Chunk, None]: ...
 
