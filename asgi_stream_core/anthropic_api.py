@@ -99,7 +99,7 @@ def parse_messages_request(body: bytes, config: Config, counting: bool = False) 
     request = ChatRequest(messages, backend, model, max_tokens, number(fields, "temperature", 1.0), number(fields, "top_p", 1.0),
                           stop_sequences_of(fields.get("stop_sequences")), tools, tool_choice, parallel,
                           effort_of(fields.get("thinking"), fields.get("output_config"), max_tokens))  # fmt: skip
-    return MessagesCall(request if counting else check_request(request), f"{backend}/{model}", flag(fields, "stream"))
+    return MessagesCall(request if counting else check_request(request, config), config.model_name(backend, model), flag(fields, "stream"))
 
 
 def system_of(value: Any) -> list[dict[str, Any]]:

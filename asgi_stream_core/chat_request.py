@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 
 from asgi_stream_core import chat_shape
-from asgi_stream_core.config import BACKENDS, Config, check_request
+from asgi_stream_core.config import Config, check_request
 from asgi_stream_core.types import invalid, shown
 from providers import ChatRequest
 
@@ -93,17 +93,7 @@ def request_messages(method: str, query: dict[str, str], body: bytes) -> tuple[l
 def parse_chat_request(method: str, query: dict[str, str], body: bytes, config: Config) -> ChatRequest:
     """Validate a start-stream request (any of the three forms) strictly."""
     messages, fields = request_messages(method, query, body)
-    backend = field(fields, query, "backend", str)
-    backend = config.default_backend if backend is None else backend
-    if backend not in BACKENDS:
-        raise invalid(f"backend must be one of {', '.join(BACKENDS)}, got {shown(backend)}")
-    spec = BACKENDS[backend]
-    if backend not in config.upstreams:
-        raise invalid(f"backend {backend!r} is not configured here ({spec.setting} is not set)")
-    model = field(fields, query, "model", str)
-    model = config.model_for(backend) if model is None else model
-    if not spec.model_pattern.fullmatch(model):
-        raise invalid(f"model {shown(model)} is not a valid model name for {backend}")
+    backend, model = chosen_backend(field(fields, query, "backend", str), field(fields, query, "model", str), config)
     max_tokens = field(fields, query, "max_tokens", int)
     if max_tokens is None:
         max_tokens = config.max_tokens
@@ -117,4 +107,23 @@ def parse_chat_request(method: str, query: dict[str, str], body: bytes, config: 
     return check_request(ChatRequest(messages, backend, model, max_tokens, temperature, None, None, tools,
                        chat_shape.tool_choice_of(fields.get("tool_choice"), tools),
                        chat_shape.flag_of(fields.get("parallel_tool_calls"), "parallel_tool_calls"), effort,
-                       chat_shape.response_format_of(fields.get("response_format"))))  # fmt: skip
+                       chat_shape.response_format_of(fields.get("response_format"))), config)  # fmt: skip
+
+
+def chosen_backend(backend: str | None, model: str | None, config: Config) -> tuple[str, str]:
+    """The backend and model asked for: an alias (a `model`, with no `backend`) is its own
+    backend and model (config.routing); else the backend (DEFAULT_BACKEND when none) and its model."""
+    if model is not None and model in config.routing.aliases:
+        if backend is not None:
+            raise invalid(f"model {shown(model)} is an alias, which chooses its backends: give no backend")
+        return model, model
+    backend = config.default_backend if backend is None else backend
+    if backend not in config.backend_names:
+        raise invalid(f"backend must be one of {', '.join(config.backend_names)}, got {shown(backend)}")
+    spec = config.backend(backend)
+    if backend not in config.upstreams:
+        raise invalid(f"backend {backend!r} is not configured here ({spec.setting} is not set)")
+    model = config.model_for(backend) if model is None else model
+    if not spec.model_pattern.fullmatch(model):
+        raise invalid(f"model {shown(model)} is not a valid model name for {backend}")
+    return backend, model

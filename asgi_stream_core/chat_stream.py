@@ -9,8 +9,7 @@ import secrets
 import anyio
 
 from asgi_stream_core.chat_request import parse_chat_request
-from asgi_stream_core.config import BACKENDS
-from asgi_stream_core.generation import Generation
+from asgi_stream_core.generation import generation_for
 from asgi_stream_core.reader import Reader
 from asgi_stream_core.record import StreamRecord
 from asgi_stream_core.services import Services
@@ -34,7 +33,7 @@ async def start_stream(services: Services, exchange: Exchange) -> None:
     request = parse_chat_request(exchange.method, exchange.query, body, cfg)
     record = StreamRecord(secrets.token_urlsafe(16), exchange.key_name, request, cfg.stream_buffer_bytes)
     await services.admission.hold(record)
-    generation = Generation(services, record, BACKENDS[request.backend].stream, cfg.upstreams[request.backend])
+    generation = generation_for(services, record)
     # Spawned tasks always run to their first checkpoint (even when cancelled at
     # once), and the generation takes ownership of the stream's ending before that.
     async with anyio.create_task_group() as tasks:

@@ -8,9 +8,10 @@ import logging
 import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from asgi_stream_core.ledger import target_problem
+from asgi_stream_core.routing import Routing, RoutingError, read_routing
 from asgi_stream_core.types import Refusal
 from providers import ChatRequest, Provider, Unsupported, Upstream, anthropic, echo, gemini, ollama, openai
 
@@ -42,12 +43,15 @@ BACKENDS: dict[str, Backend] = {
     "gemini": Backend(gemini.stream_gemini, gemini.DEFAULT_MODEL, "GEMINI_API_KEY", "GEMINI_BASE_URL",
                       "https://generativelanguage.googleapis.com", re.compile(gemini.MODEL_PATTERN), gemini.check),
 }  # fmt: skip
-def check_request(request: ChatRequest) -> ChatRequest:
-    """The request, once its backend says it can honour every field (else a 400 naming it)."""
-    check = BACKENDS[request.backend].check
+def check_request(request: ChatRequest, config: Config) -> ChatRequest:
+    """The request, once its backend (through an alias: every target) says it
+    can honour every field (else a 400 naming it)."""
+    targets = config.routing.aliases.get(request.backend)
+    asked = [replace(request, backend=t.upstream, model=t.model) for t in targets] if targets else [request]
     try:
-        if check is not None:
-            check(request)
+        for each in asked:
+            if (check := config.backend(each.backend).check) is not None:
+                check(each)
     except Unsupported as refused:
         raise Refusal(400, "unsupported_parameter", refused.message, param=refused.field) from None
     return request
@@ -113,13 +117,32 @@ class Config:
     responses_ttl: float
     redis_url: str
     log_level: int = logging.INFO  # of the per-stream log line (LOG_LEVEL)
+    routing: Routing = field(default_factory=Routing)  # CONFIG_FILE's named upstreams and aliases
+
+    def backend(self, name: str) -> Backend:
+        return backend_of(self.routing, name)
+
+    @property
+    def backend_names(self) -> list[str]:
+        """Every backend a request may name, configured or not: the environment's, then the file's upstreams."""
+        return [*BACKENDS, *self.routing.upstreams]
+
+    def model_name(self, backend: str, model: str) -> str:
+        """How a door shows a request's model: `<backend>/<model>`, or an alias by its name."""
+        return backend if backend in self.routing.aliases else f"{backend}/{model}"
+
+    def first_token_timeout_of(self, upstream: str) -> float:
+        """An alias target's own first-token deadline (its file entry's), within the request's."""
+        named = self.routing.upstreams.get(upstream)
+        return named.first_token_timeout if named and named.first_token_timeout else math.inf
 
     def model_for(self, backend: str) -> str:
         """The model a request to `backend` that names none gets: DEFAULT_MODEL
         for the default backend when set, else the backend's own default."""
         if backend == self.default_backend and self.default_model:
             return self.default_model
-        return BACKENDS[backend].default_model
+        named = self.routing.upstreams.get(backend)
+        return named.default_model if named else BACKENDS[backend].default_model
 
 
 def number(env: Mapping[str, str], name: str, default: float, low: float) -> float:
@@ -143,6 +166,9 @@ def load_config(env: Mapping[str, str]) -> Config:
     if numbers["max_tokens"] > numbers["max_tokens_limit"]:
         raise ConfigError(f"MAX_TOKENS={numbers['max_tokens']} is above MAX_TOKENS_LIMIT={numbers['max_tokens_limit']}")
     upstreams = configured_upstreams(env, numbers["echo_delay"])
+    routing = routing_of(env, upstreams)
+    upstreams.update({name: Upstream(named.base_url, named.keys[0][1] if named.keys else "")
+                      for name, named in routing.upstreams.items()})  # fmt: skip
     level = env.get("LOG_LEVEL", "").strip().upper() or "INFO"
     if level not in LOG_LEVELS:
         raise ConfigError(f"LOG_LEVEL={env['LOG_LEVEL']!r} is not one of {', '.join(LOG_LEVELS)}")
@@ -156,7 +182,29 @@ def load_config(env: Mapping[str, str]) -> Config:
     origins = frozenset(o.strip() for o in env.get("CORS_ORIGINS", "").split(",") if o.strip())
     default_model = env.get("DEFAULT_MODEL", "").strip() or None
     return Config(upstreams, default_backend(env, upstreams), default_model, api_keys(env), origins, usage_db,
-                  **numbers, redis_url=redis_url, log_level=logging.getLevelName(level))  # type: ignore[arg-type]
+                  **numbers, redis_url=redis_url, log_level=logging.getLevelName(level), routing=routing)  # type: ignore[arg-type]
+
+
+def backend_of(routing: Routing, name: str) -> Backend:
+    """The wire format's row of a backend: an environment backend's own, a named upstream's `format`."""
+    named = routing.upstreams.get(name)
+    return BACKENDS[named.format if named else name]
+
+
+def routing_of(env: Mapping[str, str], upstreams: Mapping[str, Upstream]) -> Routing:
+    """CONFIG_FILE's upstreams and aliases, each alias target's model checked by its wire format."""
+    path = env.get("CONFIG_FILE", "").strip()
+    if not path:
+        return Routing()
+    try:
+        routing = read_routing(path, env, BACKENDS, upstreams)
+    except RoutingError as exc:
+        raise ConfigError(f"CONFIG_FILE {path}: {exc}") from None
+    for alias, targets in routing.aliases.items():
+        for target in targets:
+            if not backend_of(routing, target.upstream).model_pattern.fullmatch(target.model):
+                raise ConfigError(f"CONFIG_FILE {path}: [aliases] {alias}: {str(target)!r} is not a valid model name")
+    return routing
 
 
 def configured_upstreams(env: Mapping[str, str], echo_delay: float) -> dict[str, Upstream]:
@@ -175,8 +223,8 @@ def configured_upstreams(env: Mapping[str, str], echo_delay: float) -> dict[str,
 
 def default_backend(env: Mapping[str, str], upstreams: Mapping[str, Upstream]) -> str:
     default = env.get("DEFAULT_BACKEND", "").strip()
-    if default and default not in BACKENDS:
-        raise ConfigError(f"DEFAULT_BACKEND={default!r} is not one of {', '.join(BACKENDS)}")
+    if default and default not in BACKENDS and default not in upstreams:
+        raise ConfigError(f"DEFAULT_BACKEND={default!r} is not one of {', '.join(dict.fromkeys([*BACKENDS, *upstreams]))}")
     if default and default not in upstreams:
         raise ConfigError(f"DEFAULT_BACKEND={default!r} is not configured (its key is not set)")
     return default or next(name for name in PREFERRED_DEFAULTS if name in upstreams)

@@ -20,7 +20,18 @@ from asgi_stream_core.metrics import estimated_usage, prompt_chars, stream_facts
 from asgi_stream_core.record import StreamRecord
 from asgi_stream_core.services import Services
 from asgi_stream_core.turn import Turn
-from providers import Final, Provider, Reasoning, ToolCallDelta, Upstream, UpstreamError, retried
+from providers import (
+    SERVED,
+    Attempt,
+    Final,
+    Provider,
+    Reasoning,
+    ToolCallDelta,
+    Upstream,
+    UpstreamError,
+    fallback,
+    retried,
+)
 from providers.idle import UPSTREAM_IDLE, IdleDeadline
 from providers.lines import LineTooLong
 
@@ -30,6 +41,8 @@ SHUTDOWN = UpstreamError("shutdown", "the server is shutting down")
 
 
 class Generation:
+    """`provider` is the request's whole plan: a backend with its retries, or an alias's chain."""
+
     def __init__(self, services: Services, record: StreamRecord, provider: Provider, upstream: Upstream):
         self.services, self.record, self.provider, self.upstream = services, record, provider, upstream
         self.turn = Turn()  # reasoning and tool calls: the turn's message beside its text
@@ -70,7 +83,7 @@ class Generation:
             with scope:
                 if record.cancel_reason:  # cancelled before it started: the client left at once
                     scope.cancel()
-                async with aclosing(retried(self.provider)(self.services.http, self.upstream, record.request)) as chunks:
+                async with aclosing(self.provider(self.services.http, self.upstream, record.request)) as chunks:
                     async for chunk in chunks:
                         if record.cancel_reason is not None:  # a read ready at every loop turn never lets the cancel land
                             await anyio.lowlevel.checkpoint_if_cancelled()
@@ -143,6 +156,34 @@ class Generation:
             if not readers(record):
                 record.cancel("client gone")
                 return
+
+
+def generation_for(services: Services, record: StreamRecord) -> Generation:
+    """The request's generation: a backend's provider with its retries, or, for an
+    alias, one attempt per target in order (providers.fallback)."""
+    cfg, backend = services.config, record.request.backend
+    targets = cfg.routing.aliases.get(backend)
+    if targets is None:
+        return Generation(services, record, retried(cfg.backend(backend).stream), cfg.upstreams[backend])
+    attempts = [Attempt(t.upstream, cfg.backend(t.upstream).stream, cfg.upstreams[t.upstream], t.model,
+                        cfg.first_token_timeout_of(t.upstream)) for t in targets]  # fmt: skip
+    chain = fallback(attempts, lambda attempt, outcome: count_attempt(services, record, attempt, outcome))
+    return Generation(services, record, chain, NO_UPSTREAM)
+
+
+NO_UPSTREAM = Upstream("")  # what an alias's chain is given: each of its attempts carries its own
+
+
+def count_attempt(services: Services, record: StreamRecord, attempt: Attempt, outcome: str) -> None:
+    """One attempt of an alias's chain: counted per upstream and outcome; the one that
+    serves is written down (the ledger, /v1's `model`) and told to the client as a
+    `route` event, before its first output."""
+    record.attempts += 1
+    services.metrics.attempts[attempt.backend, outcome] += 1
+    if outcome == SERVED:
+        record.served = (attempt.backend, attempt.model)
+        route = {"backend": attempt.backend, "model": attempt.model, "attempts": record.attempts}
+        record.append("route", orjson.dumps(route).decode())
 
 
 def conclude(services: Services, record: StreamRecord, outcome: Final | UpstreamError | None,

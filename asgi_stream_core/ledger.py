@@ -33,6 +33,8 @@ COLUMN_TYPES = {
     "route": "TEXT DEFAULT 'chat/stream'",
     "replica": "TEXT",  # host:pid of the process that wrote the row; NULL in rows older than the column
     "reasoning_tokens": "BIGINT",  # of completion_tokens, when the provider reported them; else NULL
+    # through a model alias (CONFIG_FILE): the target that served and the targets tried; NULL otherwise
+    "served_upstream": "TEXT", "served_model": "TEXT", "attempts": "INTEGER",
 }  # fmt: skip
 LEDGER_COLUMNS = tuple(COLUMN_TYPES)
 ADDED_COLUMNS = LEDGER_COLUMNS[14:]

@@ -42,6 +42,7 @@ class Metrics:
         self.tokens: Counter[str] = Counter()  # by backend
         self.upstream_errors: Counter[str] = Counter()  # by error type
         self.rejected: Counter[str] = Counter()  # by error type
+        self.attempts: Counter[tuple[str, str]] = Counter()  # an alias's attempts, by (upstream, outcome)
         self.time_to_first_token = Histogram()
         self.stream_duration = Histogram()
 
@@ -73,6 +74,8 @@ class Metrics:
             *counter("streams_total", "Finished streams.", ("backend", "finish_reason"), self.streams),
             *counter("tokens_total", "Token events sent.", ("backend",), self.tokens),
             *counter("upstream_errors_total", "Streams that ended in an error.", ("type",), self.upstream_errors),
+            *counter("attempts_total", "Attempts of alias targets, by upstream and outcome (served, an HTTP status, "
+                     "an error type, cancelled).", ("upstream", "outcome"), self.attempts),
             *counter("rejected_total", "Requests refused before a stream.", ("type",), self.rejected),
             *family("time_to_first_token_seconds", "histogram", "From admission to the first token.",
                     self.time_to_first_token.samples("asgi_stream_time_to_first_token_seconds")),
@@ -103,6 +106,9 @@ def stream_facts(record: StreamRecord, ended_clock: float) -> dict[str, Any]:
         "error_type": record.error.type if record.error else None,
         "client_disconnected": int(record.ever_disconnected),
         "route": record.route,
+        "served_upstream": record.served[0] if record.served else None,  # through an alias: which target served
+        "served_model": record.served[1] if record.served else None,
+        "attempts": record.attempts or None,  # through an alias: the targets tried; NULL for a plain backend
     }
 
 

@@ -18,8 +18,8 @@ import anyio
 import orjson
 
 from asgi_stream_core import chat_shape
-from asgi_stream_core.config import BACKENDS, Config, check_request
-from asgi_stream_core.generation import Generation
+from asgi_stream_core.config import Config, check_request
+from asgi_stream_core.generation import generation_for
 from asgi_stream_core.reader import Reader
 from asgi_stream_core.record import StreamRecord
 from asgi_stream_core.services import Services
@@ -122,7 +122,8 @@ def parse_completion_request(body: bytes, config: Config) -> Completion:
                           chat_shape.flag_of(fields.get("parallel_tool_calls"), "parallel_tool_calls"),
                           chat_shape.effort_of(fields.get("reasoning_effort")),
                           chat_shape.response_format_of(fields.get("response_format")))  # fmt: skip
-    return Completion(check_request(request), f"{backend}/{model}", stream, stream and flag(options or {}, "include_usage"))
+    include_usage = stream and flag(options or {}, "include_usage")
+    return Completion(check_request(request, config), config.model_name(backend, model), stream, include_usage)
 
 
 def refuse_unsupported(fields: dict[str, Any]) -> None:
@@ -142,21 +143,25 @@ def refuse_unsupported(fields: dict[str, Any]) -> None:
 
 
 def route_model(value: Any, config: Config) -> tuple[str, str]:
-    """`<backend>/<model>` names its backend; a bare name goes to DEFAULT_BACKEND."""
+    """`<backend>/<model>` names its backend; an alias is its own backend and model
+    (config.routing); another bare name goes to DEFAULT_BACKEND."""
     if not isinstance(value, str) or not value:
         raise invalid("model", f"model must be '<backend>/<model>' (see GET /v1/models) or a model name, got {shown(value)}")
+    if value in config.routing.aliases:
+        return value, value
     prefix, slash, rest = value.partition("/")
+    names = config.backend_names
     if not slash:
         backend, model = config.default_backend, value
-    elif prefix in BACKENDS:
+    elif prefix in names:
         backend, model = prefix, rest
     else:
-        message = f"model {shown(value)}: no backend {prefix!r} (backends: {', '.join(BACKENDS)})"
+        message = f"model {shown(value)}: no backend {prefix!r} (backends: {', '.join(names)})"
         raise Refusal(404, "model_not_found", message, param="model")
     if backend not in config.upstreams:
-        message = f"model {shown(value)}: backend {backend!r} is not configured here ({BACKENDS[backend].setting} is not set)"
+        message = f"model {shown(value)}: backend {backend!r} is not configured here ({config.backend(backend).setting} is not set)"
         raise Refusal(404, "model_not_found", message, param="model")
-    if not BACKENDS[backend].model_pattern.fullmatch(model):
+    if not config.backend(backend).model_pattern.fullmatch(model):
         raise invalid("model", f"model {shown(model)} is not a valid model name for {backend}")
     return backend, model
 
@@ -307,6 +312,9 @@ class CompletionFramer:
         return None
 
     def opening(self, record: StreamRecord) -> bytes:
+        """Written once the first output is in (`respond` holds the status until then), so
+        that through an alias the chunks name the target that serves."""
+        self.head["model"] = served_model(record, self.completion.model)
         return frame_completion_chunk(self.head, {"role": "assistant", "content": ""}, None)
 
     def ending(self, record: StreamRecord) -> bytes:
@@ -323,14 +331,21 @@ class CompletionFramer:
         if turn is not None:  # reasoning, tool calls and what carries them back
             message.update({k: v for k, v in turn.items() if k != "role"})
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": record.finish_reason}
-        return {**self.head, "object": "chat.completion", "choices": [choice], "usage": openai_usage(record.usage)}
+        head = {**self.head, "model": served_model(record, self.completion.model)}
+        return {**head, "object": "chat.completion", "choices": [choice], "usage": openai_usage(record.usage)}
+
+
+def served_model(record: StreamRecord, asked: str) -> str:
+    """The model as a response names it: through an alias, the `<upstream>/<model>` that served."""
+    return f"{record.served[0]}/{record.served[1]}" if record.served else asked
 
 
 def models_list(config: Config) -> dict[str, Any]:
-    """One model per configured backend: its default one, as `<backend>/<model>`."""
+    """One model per configured backend: its default one, as `<backend>/<model>`; then each alias by its name."""
     models = [{"id": f"{name}/{config.model_for(name)}", "object": "model", "created": 0, "owned_by": name}
-              for name in BACKENDS if name in config.upstreams]  # fmt: skip
-    return {"object": "list", "data": models}
+              for name in config.backend_names if name in config.upstreams]  # fmt: skip
+    aliases = [{"id": name, "object": "model", "created": 0, "owned_by": "asgi-stream"} for name in config.routing.aliases]
+    return {"object": "list", "data": models + aliases}
 
 
 # --- serving ---------------------------------------------------------------------------
@@ -369,8 +384,7 @@ async def answer(services: Services, exchange: Exchange, record: StreamRecord, s
     `before_ending` runs before the client can read the ending (the Responses API
     stores a response's items then, so the client's next request finds them)."""
     await services.admission.hold(record)
-    backend = record.request.backend
-    generation = Generation(services, record, BACKENDS[backend].stream, services.config.upstreams[backend])
+    generation = generation_for(services, record)
     async with anyio.create_task_group() as tasks:
         tasks.start_soon(generation.run)
         await respond(services, record, exchange, streaming, whole, failure, before_ending)

@@ -74,6 +74,8 @@ class StreamRecord:
         self.started_clock = anyio.current_time()
         self.first_token_after: float | None = None
         self.tokens = 0
+        self.attempts = 0  # through an alias: the targets tried (0 for a plain backend, whose retries are its own)
+        self.served: tuple[str, str] | None = None  # through an alias: the (upstream, model) that served
         self.readers = 0
         self.ever_disconnected = False
         self.finished = False

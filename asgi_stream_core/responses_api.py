@@ -93,7 +93,7 @@ async def parse_response_request(body: bytes, config: Config, state: ResponseIte
               "parallel_tool_calls": request.parallel_tool_calls is not False, "reasoning": {"effort": effort, "summary": None},
               "text": {"format": text_format or {"type": "text"}}, "store": store,
               "previous_response_id": fields.get("previous_response_id"), "metadata": fields.get("metadata") or {}}  # fmt: skip
-    return ResponseCall(check_request(request), f"{backend}/{model}", flag(fields, "stream"), store, items, echoed)
+    return ResponseCall(check_request(request, config), config.model_name(backend, model), flag(fields, "stream"), store, items, echoed)
 
 
 def refuse_unsupported(fields: dict[str, Any]) -> None:

@@ -54,10 +54,12 @@ async def metrics(services: Services, exchange: Exchange) -> None:
 
 
 async def backends(services: Services, exchange: Exchange) -> None:
-    """The backends this server can serve, each with the model a request naming none gets."""
+    """The backends this server can serve, each with the model a request naming none gets,
+    and the model aliases (`model=<alias>`), each with its targets in order."""
     cfg = services.config
     listed = [{"name": name, "default_model": cfg.model_for(name)} for name in cfg.upstreams]
-    body = orjson.dumps({"default_backend": cfg.default_backend, "backends": listed})
+    aliases = [{"name": name, "targets": [str(t) for t in targets]} for name, targets in cfg.routing.aliases.items()]
+    body = orjson.dumps({"default_backend": cfg.default_backend, "backends": listed, **({"aliases": aliases} if aliases else {})})
     await send_response(exchange.send, 200, body, b"application/json")
 
 

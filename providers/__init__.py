@@ -14,9 +14,9 @@ import math
 import random
 import secrets
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from contextlib import aclosing, asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from email.utils import parsedate_to_datetime
 from functools import lru_cache
 from itertools import count
@@ -366,6 +366,78 @@ def retried(provider: Provider) -> Provider:
                 await anyio.sleep(delay)
 
     return stream
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One target of a fallback chain: the backend (by name), its provider and upstream, the model."""
+
+    backend: str
+    provider: Provider
+    upstream: Upstream
+    model: str
+    first_token_timeout: float = math.inf  # the target's own deadline for its first chunk, within the request's
+
+
+SERVED = "served"  # an attempt's outcome when its first chunk came: it serves the request
+CANCELLED = "cancelled"
+Tried = Callable[[Attempt, str], None]  # told of each attempt's outcome: SERVED, CANCELLED or outcome_of(failure)
+
+
+def outcome_of(failure: UpstreamError) -> str:
+    """A failed attempt's label, from a small set: the HTTP status, else the error type."""
+    return str(failure.status) if failure.status is not None else failure.type
+
+
+def fallback(attempts: Sequence[Attempt], tried: Tried) -> Provider:
+    """One attempt per target, in order (no retries of a target: the chain is the
+    retry). A target that fails retryably before its first chunk hands the request
+    to the next; its first chunk commits the request to it, so nothing is switched
+    and no text repeated after. A failure that is not retryable ends the chain at
+    once; the last target's failure is reported. A cancel (DELETE, the client gone,
+    the request's own deadline) ends the running attempt and starts no other.
+    `tried` hears every attempt's outcome, SERVED before the first chunk is yielded."""
+
+    async def stream(http: httpx.AsyncClient, upstream: Upstream, request: ChatRequest) -> AsyncGenerator[Chunk, None]:
+        for number, attempt in enumerate(attempts):  # `upstream` is unused: each attempt carries its own
+            if number:
+                # A cancel called as the failure arrived has not landed yet: let it, so no next attempt starts.
+                await anyio.lowlevel.checkpoint_if_cancelled()
+            asked = replace(request, backend=attempt.backend, model=attempt.model)
+            async with aclosing(attempt.provider(http, attempt.upstream, asked)) as chunks:
+                try:
+                    first = await first_chunk(chunks, attempt)
+                except UpstreamError as exc:
+                    tried(attempt, outcome_of(exc))
+                    if not exc.retryable or number == len(attempts) - 1:
+                        raise
+                    continue
+                except anyio.get_cancelled_exc_class():
+                    tried(attempt, CANCELLED)
+                    raise
+                tried(attempt, SERVED)
+                yield first
+                async for chunk in chunks:
+                    yield chunk
+                return
+
+    return stream
+
+
+async def first_chunk(chunks: AsyncGenerator[Chunk, None], attempt: Attempt) -> Chunk:
+    """The attempt's first chunk within its own first-token deadline. Before it nothing
+    was sent, so a connection cut or a silence is worth the next target (a stream that
+    ends well-formed but empty is malformed, as it would be without an alias)."""
+    with anyio.move_on_after(attempt.first_token_timeout):
+        try:
+            return await anext(chunks)
+        except StopAsyncIteration:
+            raise UpstreamError("protocol_error", "the upstream stream ended without a final chunk") from None
+        except httpx.HTTPError as exc:
+            message = f"the upstream stream broke before any output: {str(exc) or type(exc).__name__}"
+            raise UpstreamError("protocol_error", message, retryable=True) from None
+    message = f"first-token deadline of {attempt.backend}: no output within {attempt.first_token_timeout:g} s"
+    raise UpstreamError("timeout", message, retryable=True)
 
 
 async def read_at_most(response: httpx.Response, limit: int) -> bytes:
