@@ -8,12 +8,14 @@ import itertools
 import time
 from bisect import bisect_left
 from collections import Counter
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
 
 from asgi_stream_core.record import StreamRecord
 from providers import make_usage
+from providers.pools import KeyPool
 
 
 class Histogram:
@@ -56,7 +58,7 @@ class Metrics:
             self.time_to_first_token.observe(record.first_token_after)
         self.stream_duration.observe(duration)
 
-    def render(self, held: int) -> bytes:
+    def render(self, held: int, key_pools: Mapping[str, KeyPool] | None = None) -> bytes:
         def family(name: str, kind: str, help: str, samples: list[str]) -> list[str]:
             return [f"# HELP asgi_stream_{name} {help}", f"# TYPE asgi_stream_{name} {kind}", *samples]
 
@@ -68,6 +70,10 @@ class Metrics:
                 samples.append(f"asgi_stream_{name}{{{pairs}}} {value}")
             return family(name, "counter", help, samples)
 
+        pools = sorted((key_pools or {}).items())
+        pool_samples = [f'asgi_stream_keys_in_service{{upstream="{name}"}} {pool.in_service()}' for name, pool in pools]
+        pool_help = "Keys of a CONFIG_FILE upstream's pool neither resting (429) nor refused (401, 403)."
+        pool_lines = family("keys_in_service", "gauge", pool_help, pool_samples) if pools else []  # none: not listed
         lines = [
             *family("active_streams", "gauge", "Streams admitted and not yet done.", [f"asgi_stream_active_streams {self.active}"]),
             *family("held_streams", "gauge", "Streams held for resume (running or finished).", [f"asgi_stream_held_streams {held}"]),
@@ -77,6 +83,7 @@ class Metrics:
             *counter("attempts_total", "Attempts of alias targets, by upstream and outcome (served, an HTTP status, "
                      "an error type, cancelled).", ("upstream", "outcome"), self.attempts),
             *counter("rejected_total", "Requests refused before a stream.", ("type",), self.rejected),
+            *pool_lines,
             *family("time_to_first_token_seconds", "histogram", "From admission to the first token.",
                     self.time_to_first_token.samples("asgi_stream_time_to_first_token_seconds")),
             *family("duration_seconds", "histogram", "From admission to done.",

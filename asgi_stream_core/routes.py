@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 
@@ -43,13 +44,24 @@ async def index_page(services: Services, exchange: Exchange) -> None:
 
 
 async def health(services: Services, exchange: Exchange) -> None:
-    body = orjson.dumps({"status": "ok", **services.store.health()})
+    body = orjson.dumps({"status": "ok", **services.store.health(), **upstream_health(services)})
     await send_response(exchange.send, 200, body, b"application/json")
+
+
+def upstream_health(services: Services) -> dict[str, Any]:
+    """With CONFIG_FILE: each key pool's keys in service, and the circuits not closed (none: nothing is added)."""
+    health: dict[str, Any] = {}
+    if services.key_pools:
+        health["keys_in_service"] = {name: pool.in_service() for name, pool in services.key_pools.items()}
+    circuits = {name: breaker.state for name, breaker in services.breakers.items() if breaker.state != "closed"}
+    if circuits:
+        health["circuits"] = circuits
+    return health
 
 
 async def metrics(services: Services, exchange: Exchange) -> None:
     ledger = services.ledger.metrics() if services.ledger is not None else b""
-    body = services.metrics.render(len(services.registry)) + ledger
+    body = services.metrics.render(len(services.registry), services.key_pools) + ledger
     await send_response(exchange.send, 200, body, b"text/plain; version=0.0.4")
 
 

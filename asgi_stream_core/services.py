@@ -4,7 +4,7 @@ the metrics, and admission (the stream limits)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -17,6 +17,8 @@ from asgi_stream_core.stores import Store
 from asgi_stream_core.stores.memory import MemoryStore, StreamRegistry
 from asgi_stream_core.types import RETRY_SOON, Refusal
 from asgi_stream_core.upstream_client import open_client
+from providers.breaker import CircuitBreaker
+from providers.pools import KeyPool
 
 INDEX_FILE = Path(__file__).resolve().parent.parent / "index.html"
 
@@ -69,6 +71,8 @@ class Services:
     ledger: UsageLedger | None
     admission: Admission
     index_page: bytes
+    key_pools: dict[str, KeyPool] = field(default_factory=dict)  # CONFIG_FILE's upstreams that have keys
+    breakers: dict[str, CircuitBreaker] = field(default_factory=dict)  # every backend an alias may try
 
 
 def build_services(config: Config, metrics: Metrics) -> Services:
@@ -82,4 +86,7 @@ def build_services(config: Config, metrics: Metrics) -> Services:
             raise ConfigError(f"REDIS_URL is set but its client is missing ({exc}): pip install 'asgi-stream[redis]'") from None
         store = RedisStore(config, registry, ledger)
     page = INDEX_FILE.read_bytes() if INDEX_FILE.exists() else b"<!doctype html><title>asgi-stream</title>"
-    return Services(config, open_client(config), metrics, registry, store, ledger, Admission(config, metrics, store), page)
+    pools = {name: KeyPool(name, named.keys) for name, named in config.routing.upstreams.items() if named.keys}
+    breakers = {name: CircuitBreaker(name) for name in config.upstreams}
+    return Services(config, open_client(config), metrics, registry, store, ledger, Admission(config, metrics, store), page,
+                    pools, breakers)  # fmt: skip

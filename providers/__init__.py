@@ -384,8 +384,15 @@ CANCELLED = "cancelled"
 Tried = Callable[[Attempt, str], None]  # told of each attempt's outcome: SERVED, CANCELLED or outcome_of(failure)
 
 
+CIRCUIT_OPEN = "circuit_open"  # the code of an attempt skipped by its upstream's circuit breaker (providers/breaker.py)
+NO_KEY = "no_key_in_service"  # the code of an attempt whose key pool had no key to give (providers/pools.py)
+
+
 def outcome_of(failure: UpstreamError) -> str:
-    """A failed attempt's label, from a small set: the HTTP status, else the error type."""
+    """A failed attempt's label, from a small set: the gateway's own reason for not
+    asking the upstream, else the HTTP status, else the error type."""
+    if failure.code in (CIRCUIT_OPEN, NO_KEY):
+        return str(failure.code)
     return str(failure.status) if failure.status is not None else failure.type
 
 

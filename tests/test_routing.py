@@ -398,3 +398,123 @@ def test_an_alias_may_name_an_environment_backend(tmp_path: Path) -> None:
     assert [str(t) for t in config.routing.aliases["s"]] == ["openai/gpt-4o-mini", "x/m"]
     assert "no upstream 'openai'" in refusal(tmp_path, UPSTREAM + '[aliases]\ns = ["openai/gpt-4o-mini"]\n')
 
+
+
+# --- key pools -------------------------------------------------------------------------------
+
+POOL_KEYS = {"P1": "sk-p1-SECRET", "P2": "sk-p2-SECRET", "P3": "sk-p3-SECRET"}
+
+
+def pool_gateway(tmp_path: Path, url: str) -> Gateway:
+    path = tmp_path / "pool.toml"
+    path.write_text(f'[upstreams.p]\nformat = "openai"\nbase_url = "{url}/v1"\ndefault_model = "m"\nkeys = ["P1", "P2", "P3"]\n')
+    return Gateway({**ENV, **POOL_KEYS, "CONFIG_FILE": str(path)})
+
+
+def key_of(seen: Seen) -> str:
+    return next(name for name, value in POOL_KEYS.items() if seen.headers["authorization"] == f"Bearer {value}")
+
+
+async def keys_in_service(app: Gateway) -> int:
+    return int(orjson.loads((await request(app, "GET", "/healthz")).body)["keys_in_service"]["p"])
+
+
+async def test_a_pool_spreads_requests_over_its_keys_in_turn(tmp_path: Path, anyio_backend: str) -> None:
+    with FakeUpstream(lambda seen: sse_tokens(["ok"])) as upstream:
+        app = pool_gateway(tmp_path, upstream.url)
+        for _ in range(6):
+            events, _ = await chat(app, backend="p")
+            assert of(events, "token") == ["ok"]
+        assert [key_of(seen) for seen in upstream.seen] == ["P1", "P2", "P3", "P1", "P2", "P3"]
+        assert await keys_in_service(app) == 3
+        await app.aclose()
+
+
+async def test_a_key_that_gets_429_rests_while_the_others_serve_then_returns(tmp_path: Path, anyio_backend: str) -> None:
+    busy = {"P1"}
+
+    def respond(seen: Seen) -> Reply:
+        return Reply(429, "application/json", [b'{"error": {"message": "slow down"}}'], {"retry-after": "0.5"}) \
+            if key_of(seen) in busy else sse_tokens(["ok"])  # fmt: skip
+
+    with FakeUpstream(respond) as upstream:
+        app = pool_gateway(tmp_path, upstream.url)
+        for _ in range(4):  # a burst: P1's 429 moves the request to P2 at once, and P1 rests
+            events, _ = await chat(app, backend="p")
+            assert of(events, "token") == ["ok"]
+        assert [key_of(seen) for seen in upstream.seen] == ["P1", "P2", "P3", "P2", "P3"]
+        assert await keys_in_service(app) == 2
+        metrics = (await request(app, "GET", "/metrics")).body.decode()
+        assert 'asgi_stream_keys_in_service{upstream="p"} 2' in metrics
+        busy.clear()
+        await anyio.sleep(0.6)  # its Retry-After is over
+        assert await keys_in_service(app) == 3
+        await chat(app, backend="p")
+        await chat(app, backend="p")
+        assert "P1" in [key_of(seen) for seen in upstream.seen[-2:]]
+        await app.aclose()
+
+
+async def test_a_refused_key_is_taken_out_and_logged_by_name(tmp_path: Path, anyio_backend: str,
+                                                             caplog: pytest.LogCaptureFixture) -> None:  # fmt: skip
+    def respond(seen: Seen) -> Reply:
+        return error_reply(401, "bad key") if key_of(seen) == "P1" else sse_tokens(["ok"])
+
+    with FakeUpstream(respond) as upstream, caplog.at_level(logging.INFO, "asgi_stream"):
+        app = pool_gateway(tmp_path, upstream.url)
+        for _ in range(3):
+            events, _ = await chat(app, backend="p")
+            assert of(events, "token") == ["ok"]
+        assert [key_of(seen) for seen in upstream.seen] == ["P1", "P2", "P3", "P2"]  # P1 once, then never again
+        assert await keys_in_service(app) == 2
+        refused = [orjson.loads(r.getMessage()) for r in caplog.records if '"key_refused"' in r.getMessage()]
+        assert refused == [{"event": "key_refused", "upstream": "p", "variable": "P1", "status": 401, "keys_in_service": 2}]
+        assert not any("sk-p1-SECRET" in r.getMessage() for r in caplog.records)
+        await app.aclose()
+
+
+async def test_when_every_key_is_refused_the_last_refusal_is_the_answer(tmp_path: Path, anyio_backend: str) -> None:
+    with FakeUpstream(lambda seen: error_reply(403, "forbidden")) as upstream:
+        app = pool_gateway(tmp_path, upstream.url)
+        events, _ = await chat(app, backend="p")
+        assert orjson.loads(of(events, "error")[0])["status"] == 403 and len(upstream.seen) == 3
+        events, _ = await chat(app, backend="p")  # none left: no upstream request at all
+        assert orjson.loads(of(events, "error")[0])["code"] == "no_key_in_service" and len(upstream.seen) == 3
+        await app.aclose()
+
+
+# --- circuit breaker -------------------------------------------------------------------------
+
+
+async def test_an_upstream_that_keeps_failing_is_skipped_then_probed_by_one_request(ups: Upstreams, anyio_backend: str) -> None:
+    ups.script("a", error_reply(503))
+    app = ups.gateway()
+    breaker = app.start().breakers["a"]
+    breaker.cool_down = 0.3
+    for _ in range(breaker.failures_to_open + 2):
+        events, _ = await chat(app, model="smart")
+        assert "".join(of(events, "token")) == "".join(B_TOKENS)  # b serves every one
+    assert len(ups.seen("a")) == breaker.failures_to_open  # then a is skipped: no request reaches it
+    assert app.metrics.attempts[("a", "circuit_open")] == 2
+    assert orjson.loads((await request(app, "GET", "/healthz")).body)["circuits"] == {"a": "open"}
+    await anyio.sleep(0.35)
+    ups.script("a", sse_tokens(A_TOKENS))  # a is back
+    events, _ = await chat(app, model="smart")  # the probe
+    assert "".join(of(events, "token")) == "".join(A_TOKENS) and breaker.state == "closed"
+    assert "circuits" not in orjson.loads((await request(app, "GET", "/healthz")).body)
+    await app.aclose()
+
+
+async def test_a_failed_probe_opens_the_circuit_again(ups: Upstreams, anyio_backend: str) -> None:
+    ups.script("a", error_reply(503))
+    app = ups.gateway()
+    breaker = app.start().breakers["a"]
+    breaker.cool_down = 0.2
+    for _ in range(breaker.failures_to_open):
+        await chat(app, model="smart")
+    await anyio.sleep(0.25)
+    await chat(app, model="smart")  # the probe fails
+    assert len(ups.seen("a")) == breaker.failures_to_open + 1 and breaker.state == "open"
+    await chat(app, model="smart")
+    assert len(ups.seen("a")) == breaker.failures_to_open + 1
+    await app.aclose()
