@@ -336,9 +336,12 @@ class MessageFramer:
         self.tool_blocks: dict[int, int] = {}  # tool call index -> its block's index
         self.thinking_blocks: list[int] = []  # the thinking blocks' indexes, in order
 
-    def frame(self, record: StreamRecord, position: int) -> bytes:
+    def frame(self, record: StreamRecord, position: int) -> bytes | None:
+        entries = record.log.entries(position)
+        if entries is None:  # dropped past the bound before this client read them: it is let go (openai_api.answer)
+            return None
         frames = []
-        for name, _, data in record.log.entries(position) or ():
+        for name, _, data in entries:
             if name == b"token":
                 frames.append(self.text_delta("text", {"type": "text", "text": ""}, {"type": "text_delta", "text": self.decode(data)}))
             elif name == b"reasoning":
@@ -431,8 +434,7 @@ class MessageFramer:
 
 
 def message_record(key_name: str | None, call: MessagesCall) -> StreamRecord:
-    """A record read as Anthropic's stream; it holds the whole answer, which the
-    non-streaming response needs anyway."""
+    """A record read as Anthropic's stream; `openai_api.answer` bounds what it holds."""
     stream_id = secrets.token_urlsafe(16)
     return StreamRecord(stream_id, key_name, call.request, sys.maxsize, MessageFramer(call, stream_id), "v1/messages")
 

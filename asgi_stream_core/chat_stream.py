@@ -13,7 +13,7 @@ from asgi_stream_core.generation import generation_for
 from asgi_stream_core.reader import Reader
 from asgi_stream_core.record import StreamRecord
 from asgi_stream_core.services import Services
-from asgi_stream_core.types import Refusal
+from asgi_stream_core.types import RETRY_SOON, Refusal
 from asgi_stream_core.web import Exchange, cors_headers, read_body, require_json, send_response
 
 
@@ -52,6 +52,9 @@ async def resume_stream(services: Services, exchange: Exchange, last_event_id: s
     cors = cors_headers(services.config, exchange.scope)
     if record is None or not record.holds_position(int(position)) or (record.finished and int(position) >= record.count):
         return await send_response(exchange.send, 204, b"", None, cors)
+    limit = services.config.max_readers_per_stream
+    if services.store.readers(record) >= limit:  # checked and counted with no await between: one reader past it, never two
+        raise Refusal(429, "rate_limited", f"this stream is at its limit of {limit} readers", RETRY_SOON)
     await Reader(services, record, int(position)).serve(exchange.receive, exchange.send, record.resumed_opening(), cors)
 
 

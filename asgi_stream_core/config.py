@@ -73,6 +73,7 @@ NUMBERS: dict[str, tuple[str, float, float]] = {
     "max_body_bytes": ("MAX_BODY_BYTES", 1_048_576, 1),
     "max_streams": ("MAX_STREAMS", 1000, 1),
     "max_streams_per_key": ("MAX_STREAMS_PER_KEY", 100, 1),
+    "max_readers_per_stream": ("MAX_READERS_PER_STREAM", 100, 1),  # clients reading one stream at once; past it a resume gets 429
     "connect_timeout": ("CONNECT_TIMEOUT_SECONDS", 10.0, 0.001),
     "first_token_timeout": ("FIRST_TOKEN_TIMEOUT_SECONDS", 120.0, 0.001),
     "idle_timeout": ("IDLE_TIMEOUT_SECONDS", 60.0, 0.001),
@@ -102,6 +103,7 @@ class Config:
     max_body_bytes: int
     max_streams: int
     max_streams_per_key: int
+    max_readers_per_stream: int
     connect_timeout: float
     first_token_timeout: float
     idle_timeout: float
@@ -130,12 +132,6 @@ class Config:
     def model_name(self, backend: str, model: str) -> str:
         """How a door shows a request's model: `<backend>/<model>`, or an alias by its name."""
         return backend if backend in self.routing.aliases else f"{backend}/{model}"
-
-    @property
-    def secrets(self) -> list[str]:
-        """Every provider key this process holds (each of a pool's): what no error may show."""
-        pooled = [value for named in self.routing.upstreams.values() for _, value in named.keys]
-        return [key for key in (*(u.api_key for u in self.upstreams.values()), *pooled) if key]
 
     def first_token_timeout_of(self, upstream: str) -> float:
         """An alias target's own first-token deadline (its file entry's), within the request's."""

@@ -13,7 +13,7 @@ never the last, down to half the bound, so that drops come in batches."""
 from __future__ import annotations
 
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from asgi_stream_core.sse import FRAME_OVERHEAD, frame_event
 
@@ -32,7 +32,7 @@ def name_index(event: str) -> int:
 class EventLog:
     """Numbered events with their data, oldest dropped past `max_bytes`."""
 
-    __slots__ = ("_data", "_ends", "_first", "_held", "_id_size", "_names", "max_bytes")
+    __slots__ = ("_data", "_ends", "_first", "_held", "_id_size", "_names", "max_bytes", "on_full")
 
     def __init__(self, max_bytes: int, id_prefix_size: int):
         self.max_bytes = max_bytes
@@ -42,6 +42,7 @@ class EventLog:
         self._names = bytearray()  # each held event's index in EVENT_NAMES
         self._first = 0  # events up to this number were dropped
         self._held = 0  # bytes the held events take framed
+        self.on_full: Callable[[], None] | None = None  # set: past the bound nothing is dropped, this is called instead
 
     @property
     def count(self) -> int:
@@ -108,6 +109,8 @@ class EventLog:
 
     def _drop_oldest(self) -> None:
         """Drop the oldest events (never the last) until at most half the bound is held."""
+        if self.on_full is not None:
+            return self.on_full()
         excess, dropped, freed, cut = self._held - self.max_bytes // 2, 0, 0, 0
         while dropped < len(self._ends) - 1:
             size = self._framed_size(self._names[dropped], self._first + dropped + 1, self._ends[dropped] - cut)

@@ -32,14 +32,13 @@ from providers import (
     fallback,
     retried,
 )
-from providers.breaker import guarded
 from providers.idle import UPSTREAM_IDLE, IdleDeadline
 from providers.lines import LineTooLong
-from providers.pools import pooled
 
 log = logging.getLogger("asgi_stream")
 
 SHUTDOWN = UpstreamError("shutdown", "the server is shutting down")
+CUT = Final("length")  # the usage is then estimated from the tokens it holds
 
 
 class Generation:
@@ -80,6 +79,10 @@ class Generation:
         scope = record.generation = anyio.CancelScope(deadline=min(start + cfg.first_token_timeout, total))
         idle = IdleDeadline(scope, cfg.idle_timeout, cap=total)
         final: Final | None = None
+        # max_tokens by our count: a text token past it (or reasoning and tool-call pieces past it
+        # again) cuts the stream `length`: the scope's cancel lands inside the upstream read and closes it
+        limit = cut_at = record.request.max_tokens
+        cut = False
         UPSTREAM_IDLE.set(idle)  # this task's own context: told of every upstream read
         try:
             with scope:
@@ -96,6 +99,10 @@ class Generation:
                             if first:
                                 idle.arm()
                                 record.first_token_after = anyio.current_time() - start
+                            if record.tokens >= cut_at or record.cut:  # record.cut: past the bound of a record that drops nothing
+                                cut = True
+                                scope.cancel()
+                                continue
                             record.tokens += 1
                             record.append("token", chunk)
                             if first:  # let the writer send it before we parse the rest of this read
@@ -103,7 +110,12 @@ class Generation:
                         elif isinstance(chunk, Final):
                             final = chunk
                         elif isinstance(chunk, Reasoning | ToolCallDelta):
+                            pieces = record.tokens
                             self.append_piece(chunk, start, idle)
+                            cut_at += record.tokens - pieces  # pieces do not count against the text's limit
+                            if cut_at - limit > limit:  # but past it on their own they are cut too
+                                cut = True
+                                scope.cancel()
         except httpx.ConnectTimeout:
             raise UpstreamError("timeout", f"connect deadline: no connection within {cfg.connect_timeout:g} s") from None
         except httpx.TimeoutException as exc:
@@ -111,6 +123,8 @@ class Generation:
         except (httpx.HTTPError, LineTooLong) as exc:
             raise UpstreamError("protocol_error", f"the upstream stream broke: {str(exc) or type(exc).__name__}") from None
         if scope.cancelled_caught:
+            if cut or record.cut:  # past max_tokens, or past the bound of a record that drops nothing
+                return CUT
             self.raise_for_early_stop(total)
             return None  # cancelled by record.cancel
         if final is None:
@@ -149,12 +163,12 @@ class Generation:
         grace, readers = self.services.config.resume_grace, self.services.store.readers  # readers on every replica
         while not record.finished:
             if readers(record):
-                await record.wait()
+                await record.wait_readers()
                 continue
             deadline = anyio.current_time() + grace
             while not readers(record) and not record.finished and anyio.current_time() < deadline:  # grace 0: no wait
                 with anyio.move_on_after(deadline - anyio.current_time()):
-                    await record.wait()
+                    await record.wait_readers()
             if not readers(record):
                 record.cancel("client gone")
                 return
@@ -166,18 +180,11 @@ def generation_for(services: Services, record: StreamRecord) -> Generation:
     cfg, backend = services.config, record.request.backend
     targets = cfg.routing.aliases.get(backend)
     if targets is None:
-        return Generation(services, record, retried(provider_of(services, backend)), cfg.upstreams[backend])
-    attempts = [Attempt(t.upstream, guarded(provider_of(services, t.upstream), services.breakers[t.upstream]),
-                        cfg.upstreams[t.upstream], t.model, cfg.first_token_timeout_of(t.upstream)) for t in targets]  # fmt: skip
+        return Generation(services, record, retried(cfg.backend(backend).stream), cfg.upstreams[backend])
+    attempts = [Attempt(t.upstream, cfg.backend(t.upstream).stream, cfg.upstreams[t.upstream], t.model,
+                        cfg.first_token_timeout_of(t.upstream)) for t in targets]  # fmt: skip
     chain = fallback(attempts, lambda attempt, outcome: count_attempt(services, record, attempt, outcome))
     return Generation(services, record, chain, NO_UPSTREAM)
-
-
-def provider_of(services: Services, backend: str) -> Provider:
-    """The backend's provider, taking a key from its pool for each request when it has one."""
-    stream = services.config.backend(backend).stream
-    pool = services.key_pools.get(backend)
-    return stream if pool is None else pooled(stream, pool)
 
 
 NO_UPSTREAM = Upstream("")  # what an alias's chain is given: each of its attempts carries its own
@@ -219,7 +226,7 @@ REDACTION_DEPTH = 16  # a deeper JSON value in an upstream's error is not forwar
 def redacted(error: UpstreamError, services: Services) -> UpstreamError:
     """The error without any provider key in it: upstreams sometimes echo the key they
     were given, in any case, anywhere in their JSON (a `code` may be an object)."""
-    keys = [re.escape(key) for key in services.config.secrets]
+    keys = [re.escape(upstream.api_key) for upstream in services.config.upstreams.values() if upstream.api_key]
     if not keys:
         return error
     pattern = re.compile("|".join(keys), re.IGNORECASE)

@@ -276,9 +276,12 @@ class CompletionFramer:
     def decode(encoded: bytes | bytearray) -> str:
         return encoded.decode("utf-8", "surrogatepass")
 
-    def frame(self, record: StreamRecord, position: int) -> bytes:
+    def frame(self, record: StreamRecord, position: int) -> bytes | None:
+        entries = record.log.entries(position)
+        if entries is None:  # dropped past the bound before this client read them: it is let go (openai_api.answer)
+            return None
         frames = []
-        for name, _, data in record.log.entries(position) or ():
+        for name, _, data in entries:
             if name == b"token":
                 frames.append(frame_completion_chunk(self.head, {"content": self.decode(data)}, None))
             elif name == b"done":
@@ -356,8 +359,7 @@ async def list_models(services: Services, exchange: Exchange) -> None:
 
 
 def completion_record(key_name: str | None, completion: Completion) -> StreamRecord:
-    """A record read as Chat Completions; it holds the whole answer, which the
-    non-streaming response needs anyway."""
+    """A record read as Chat Completions; `answer` bounds what it holds."""
     stream_id = secrets.token_urlsafe(16)
     framer = CompletionFramer(completion, stream_id)
     return StreamRecord(stream_id, key_name, completion.request, sys.maxsize, framer, "v1/chat/completions")
@@ -382,7 +384,12 @@ async def answer(services: Services, exchange: Exchange, record: StreamRecord, s
     without resume does: only the whole answer of a request that did not ask to
     stream (`whole`) and a failure before any output (`failure`) are the protocol's own.
     `before_ending` runs before the client can read the ending (the Responses API
-    stores a response's items then, so the client's next request finds them)."""
+    stores a response's items then, so the client's next request finds them).
+    The record holds at most STREAM_BUFFER_BYTES: for a streaming client the oldest
+    events are dropped past it (and a client that fell behind them is let go, as on
+    /chat/stream); a whole answer (not streamed, or whose items are stored) is cut
+    there instead, ending `length`."""
+    record.bound(services.config.stream_buffer_bytes, whole=not streaming or before_ending is not None)
     await services.admission.hold(record)
     generation = generation_for(services, record)
     async with anyio.create_task_group() as tasks:

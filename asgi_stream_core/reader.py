@@ -41,7 +41,7 @@ class Reader:
         headers = [*SSE_HEADERS, (b"x-stream-id", record.id.encode()), *cors]
         may_leave_response_unfinished()  # a client dropped (stalled, fell behind): uvicorn logs it as INFO, not ERROR
         record.readers += 1
-        record.notify()
+        record.readers_changed()  # O(1): only the resume grace and a replica's announcer wait on it, no other reader
         try:
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             await send({"type": "http.response.body", "body": opening, "more_body": True})
@@ -65,7 +65,7 @@ class Reader:
             raise
         finally:
             record.readers -= 1
-            record.notify()
+            record.readers_changed()
 
     async def write(self, send: Send) -> None:
         """Send everything pending in one body message per wake-up, heartbeat

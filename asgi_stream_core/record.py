@@ -83,8 +83,10 @@ class StreamRecord:
         self.usage: dict[str, Any] | None = None
         self.error: UpstreamError | None = None
         self.cancel_reason: str | UpstreamError | None = None  # an error: the stream ends with it, not as cancelled
+        self.cut = False  # past its bound, a record that drops nothing stops its generation (bound): it ends `length`
         self.generation: anyio.CancelScope | None = None
         self._changed: anyio.Event | None = None
+        self._readers_changed: anyio.Event | None = None  # its own event: a reader coming or going wakes no writer
         self._encode, self._frame = framer.encode, framer.frame  # looked up once: used at every token
         self.on_append: Callable[[StreamRecord], None] | None = None  # a shared store's write-behind hears of appends
 
@@ -141,7 +143,7 @@ class StreamRecord:
         self.log.skip_to(position)
 
     async def wait(self) -> None:
-        """Until something is appended, a reader comes or goes, or it ends."""
+        """Until something is appended, or it ends (or a reader's heartbeat is due)."""
         if self._changed is None:
             self._changed = anyio.Event()
         await self._changed.wait()
@@ -150,6 +152,34 @@ class StreamRecord:
         if self._changed is not None:
             self._changed.set()
             self._changed = None
+
+    async def wait_readers(self) -> None:
+        """Until a reader comes or goes (on any replica), or it ends: what the
+        resume grace and a replica's reader announcements wait on. Readers
+        themselves never wait on it, so attaching or detaching one is O(1)."""
+        if self._readers_changed is None:
+            self._readers_changed = anyio.Event()
+        await self._readers_changed.wait()
+
+    def readers_changed(self) -> None:
+        if self._readers_changed is not None:
+            self._readers_changed.set()
+            self._readers_changed = None
+
+    def bound(self, max_bytes: int, *, whole: bool) -> None:
+        """Hold at most `max_bytes` of events (framed as SSE). Past it the oldest
+        are dropped, and a reader behind them ends; or, for a record whose whole
+        text is needed (a non-streaming answer, the Responses API's stored items),
+        nothing is dropped and the generation is cut there, ending `length`."""
+        self.log.max_bytes = max_bytes
+        self.log.on_full = self._cut if whole else None
+
+    def _cut(self) -> None:
+        """Stop the generation, to end `length`. Not a cancel reason: the generation's
+        scope is cancelled and lands inside the upstream read, which closes it cleanly."""
+        if not self.cut and not self.finished and self.generation is not None:
+            self.cut = True
+            self.generation.cancel()
 
     def cancel(self, reason: str | UpstreamError) -> bool:
         """Stop the generation (DELETE, or no reader after the grace), even one not started yet;
@@ -176,3 +206,4 @@ class StreamRecord:
         self.append("done", finish_reason)
         self.finished = True
         self.notify()
+        self.readers_changed()

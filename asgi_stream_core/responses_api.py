@@ -492,8 +492,8 @@ class ResponseFramer:
 
 
 def response_record(key_name: str | None, call: ResponseCall) -> StreamRecord:
-    """A record read as the Responses API's events; it holds the whole answer,
-    which the stored items and the non-streaming response need anyway."""
+    """A record read as the Responses API's events; `openai_api.answer` bounds what
+    it holds (the whole answer, which the stored items need: cut `length` past the bound)."""
     stream_hex = secrets.token_hex(16)
     return StreamRecord(stream_hex, key_name, call.request, sys.maxsize, ResponseFramer(call, stream_hex), "v1/responses")
 

@@ -29,7 +29,7 @@ def test_defaults_are_those_of_the_design_table() -> None:
     assert (config.max_tokens, config.max_tokens_limit) == (1024, 8192)
     assert config.api_keys == {} and config.cors_origins == frozenset()
     assert config.max_body_bytes == 1_048_576
-    assert (config.max_streams, config.max_streams_per_key) == (1000, 100)
+    assert (config.max_streams, config.max_streams_per_key, config.max_readers_per_stream) == (1000, 100, 100)
     assert (config.connect_timeout, config.first_token_timeout, config.idle_timeout, config.total_timeout) == (10, 120, 60, 600)
     assert (config.heartbeat, config.resume_grace, config.resume_ttl) == (15, 5, 60)
     assert config.responses_ttl == 3600  # /v1/responses: an hour to continue a conversation
@@ -41,6 +41,7 @@ def test_every_setting_is_read() -> None:
     config = load_config({
         "DEFAULT_MODEL": " m ", "MAX_TOKENS": "5", "MAX_TOKENS_LIMIT": "6", "API_KEYS": " alice:k1 , bob:k:2 ,",
         "CORS_ORIGINS": "https://a.example, *,", "MAX_BODY_BYTES": "7", "MAX_STREAMS": "8", "MAX_STREAMS_PER_KEY": "9",
+        "MAX_READERS_PER_STREAM": "14",
         "CONNECT_TIMEOUT_SECONDS": "1.5", "FIRST_TOKEN_TIMEOUT_SECONDS": "2", "IDLE_TIMEOUT_SECONDS": "3",
         "TOTAL_TIMEOUT_SECONDS": "4", "HEARTBEAT_SECONDS": " 0.5 ", "RESUME_GRACE_SECONDS": "0", "RESUME_TTL_SECONDS": "0",
         "USAGE_DB": " /tmp/x.db ", "BODY_TIMEOUT_SECONDS": "11", "SEND_TIMEOUT_SECONDS": "12", "STREAM_BUFFER_BYTES": "1024",
@@ -50,7 +51,8 @@ def test_every_setting_is_read() -> None:
     assert config == Config(
         upstreams=config.upstreams, default_backend="echo", default_model="m", max_tokens=5, max_tokens_limit=6,
         api_keys={"k1": "alice", "k:2": "bob"}, cors_origins=frozenset({"https://a.example", "*"}), max_body_bytes=7,
-        max_streams=8, max_streams_per_key=9, connect_timeout=1.5, first_token_timeout=2, idle_timeout=3, total_timeout=4,
+        max_streams=8, max_streams_per_key=9, max_readers_per_stream=14, connect_timeout=1.5, first_token_timeout=2,
+        idle_timeout=3, total_timeout=4,
         heartbeat=0.5, resume_grace=0, resume_ttl=0, usage_db="/tmp/x.db", body_timeout=11, send_timeout=12,
         stream_buffer_bytes=1024, echo_delay=0.25, log_level=logging.WARNING, owner_lease=3, responses_ttl=13,
         redis_url="redis://:pw@h:1/2",

@@ -151,12 +151,13 @@ def unpack(entry_id: bytes, value: bytes) -> tuple[int, list[tuple[str, str]]]:
 class Owned:
     """What the write-behind knows of a stream this process owns."""
 
-    __slots__ = ("first", "flushed", "remote")
+    __slots__ = ("first", "flushed", "readers", "remote")
 
     def __init__(self) -> None:
         self.flushed = 0  # events up to this position are in Redis
         self.first = 0  # the owner dropped events up to here; Redis too
         self.remote: dict[str, tuple[int, float]] = {}  # process -> (its readers of this stream, until)
+        self.readers = 0  # its readers on every replica, as its meta last said
 
 
 class RedisStore:
@@ -183,6 +184,7 @@ class RedisStore:
         self.flushes = 0  # write-behind pipelines sent (bench/redis_costs.py counts them per token)
         self.renewed = 0.0  # when a renewal round last succeeded (anyio clock)
         self._owner_channel: dict[str, str] = {}  # stream id -> its owner's channel, for copies followed here
+        self.copies: dict[str, int] = {}  # stream id -> copies of it read here (one a resume) until their reader leaves
 
     # --- lifetime
 
@@ -389,15 +391,21 @@ class RedisStore:
         round trip, end those that lost their slot, and the streams of dead owners."""
         held: list[str] = []  # triples for RENEW
         kept: list[str] = []  # the keys of their meta, and of their events if resumable
-        for stream_id, (record, _) in self.owned.items():
+        readers: list[tuple[str, int]] = []  # what every replica's resume checks against MAX_READERS_PER_STREAM
+        for stream_id, (record, owned) in self.owned.items():
             if not record.finished:
                 held += [stream_id, key_slots(record.key_name), ended_by_key(stream_id)]
                 kept += [meta_key(stream_id), events_key(stream_id)] if record.resumable else [meta_key(stream_id)]
+                if record.resumable and self.readers(record) != owned.readers:
+                    owned.readers = self.readers(record)
+                    readers.append((stream_id, owned.readers))
         try:
             async with client.pipeline(transaction=False) as pipe:
                 renewed = pipe.eval(RENEW, [SLOTS, ORPHANS], [self.lease_ms, *self._limits(), *held])
                 for key in kept:
                     pipe.pexpire(key, self.lease_ms * 3 + self.ttl * 1000)
+                for stream_id, count in readers:
+                    pipe.hset(meta_key(stream_id), {"readers": count})
                 self._announce_readers(pipe)
             self.ok = True  # this round doubles as the health check: service resumes by itself when Redis is back
             ended, lost, retaken, orphans = cast("list[list[bytes]]", await renewed)
@@ -417,7 +425,7 @@ class RedisStore:
         for record, owned in self.owned.values():  # remote readers that stopped saying so are gone
             if any(until < now for _, until in owned.remote.values()):
                 owned.remote = {p: v for p, v in owned.remote.items() if v[1] >= now}
-                record.notify()
+                record.readers_changed()
 
     async def _describe_again(self, client: coredis.Redis[bytes], stream_ids: list[str]) -> None:
         """Streams whose slots were taken back may have lost their meta with it
@@ -501,6 +509,9 @@ class RedisStore:
                     count, first = int(meta.get(b"count", 0)), int(meta.get(b"first", 0))
             if not first <= position <= count or (b"finished" in meta and position >= count):
                 return None
+            limit = self.config.max_readers_per_stream  # its readers on every replica, as of the owner's last renewal, or here now
+            if max(int(meta.get(b"readers", 0)), self.copies.get(stream_id, 0)) >= limit:
+                raise Refusal(429, "rate_limited", f"this stream is at its limit of {limit} readers", RETRY_SOON)
             entries = await client.xrange(events_key(stream_id), f"({position}-0", "+")
         except (coredis.exceptions.RedisError, OSError) as exc:
             self._lost(exc)
@@ -516,6 +527,7 @@ class RedisStore:
             await self._wake_follower()
         owner = meta[b"owner"].decode()
         assert self.tasks is not None
+        self.copies[stream_id] = self.copies.get(stream_id, 0) + 1
         self.tasks.start_soon(self._watch_copy, mirror, owner)
         return mirror
 
@@ -588,10 +600,13 @@ class RedisStore:
                 await self._tell(owner, f"readers {mirror.id} {self.process} {id(mirror)} {said}")
             if not mirror.readers:
                 self.followed.pop(mirror, None)
+                left = self.copies.pop(mirror.id, 1) - 1
+                if left:
+                    self.copies[mirror.id] = left
                 if not any(copy.id == mirror.id for copy in self.followed):
                     self._owner_channel.pop(mirror.id, None)
                 return
-            await mirror.wait()
+            await mirror.wait_readers()
 
     def _announce_readers(self, pipe: Any) -> None:
         for mirror in self.followed:
@@ -658,5 +673,5 @@ class RedisStore:
                 owned.remote[copy] = (count, anyio.current_time() + self.lease_ms / 1000)
             else:
                 owned.remote.pop(copy, None)
-            record.notify()
+            record.readers_changed()
 
