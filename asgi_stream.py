@@ -7,6 +7,7 @@ This module is what a server loads (`uvicorn asgi_stream:app`) and what
 a job; read it in the order a request walks through it:
 
     types.py, config.py       below everything: ASGI aliases, the one Refusal, the settings and the backend table
+    routing.py                CONFIG_FILE's named upstreams and model aliases, read for config.py
     gateway.py, routes.py     the ASGI callable: lifespan, routing table, API keys, CORS, refusals
     web.py                    the I/O every route shares: body, JSON check, CORS headers, one response writer
     chat_stream.py            our front door: parse (chat_request.py), admit, start / resume / cancel

@@ -78,7 +78,8 @@ def read_routing(path: str, env: Mapping[str, str], reserved: Collection[str], c
     for name in raw_aliases:
         checked_name(name, f"[aliases] {name}", [*reserved, *upstreams])
     targets = [*configured, *upstreams]
-    aliases = {name: expanded(name, raw_aliases, targets, ()) for name in raw_aliases}
+    # a target named twice (through two aliases) keeps its first place: each target gets one attempt
+    aliases = {name: tuple(dict.fromkeys(expanded(name, raw_aliases, targets, ()))) for name in raw_aliases}
     return Routing(upstreams, aliases)
 
 

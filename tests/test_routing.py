@@ -518,3 +518,14 @@ async def test_a_failed_probe_opens_the_circuit_again(ups: Upstreams, anyio_back
     await chat(app, model="smart")
     assert len(ups.seen("a")) == breaker.failures_to_open + 1
     await app.aclose()
+
+
+def test_the_readmes_example_file_loads_and_its_aliases_expand_in_order(tmp_path: Path) -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    path = tmp_path / "routing.toml"
+    path.write_text("# routing.toml" + readme.split("```toml\n# routing.toml", 1)[1].split("```", 1)[0])
+    config = load_config({"CONFIG_FILE": str(path), "OPENAI_KEY_1": "a", "OPENAI_KEY_2": "b", "ANTHROPIC_KEY": "c"})
+    assert set(config.upstreams) == {"echo", "openai-main", "local", "claude"}
+    assert config.backend("local").stream is config.backend("openai-main").stream  # vLLM: OpenAI's wire format
+    assert [str(t) for t in config.routing.aliases["any"]] == [  # cheap, then smart, each target once
+        "local/Qwen/Qwen2.5-7B-Instruct", "openai-main/gpt-4o-mini", "claude/claude-sonnet-4-20250514", "openai-main/gpt-4o"]
