@@ -133,6 +133,12 @@ class Config:
         """How a door shows a request's model: `<backend>/<model>`, or an alias by its name."""
         return backend if backend in self.routing.aliases else f"{backend}/{model}"
 
+    @property
+    def secrets(self) -> list[str]:
+        """Every provider key this process holds (each of a pool's): what no error may show."""
+        pooled = [value for named in self.routing.upstreams.values() for _, value in named.keys]
+        return [key for key in (*(u.api_key for u in self.upstreams.values()), *pooled) if key]
+
     def first_token_timeout_of(self, upstream: str) -> float:
         """An alias target's own first-token deadline (its file entry's), within the request's."""
         named = self.routing.upstreams.get(upstream)

@@ -32,8 +32,10 @@ from providers import (
     fallback,
     retried,
 )
+from providers.breaker import guarded
 from providers.idle import UPSTREAM_IDLE, IdleDeadline
 from providers.lines import LineTooLong
+from providers.pools import pooled
 
 log = logging.getLogger("asgi_stream")
 
@@ -180,11 +182,18 @@ def generation_for(services: Services, record: StreamRecord) -> Generation:
     cfg, backend = services.config, record.request.backend
     targets = cfg.routing.aliases.get(backend)
     if targets is None:
-        return Generation(services, record, retried(cfg.backend(backend).stream), cfg.upstreams[backend])
-    attempts = [Attempt(t.upstream, cfg.backend(t.upstream).stream, cfg.upstreams[t.upstream], t.model,
-                        cfg.first_token_timeout_of(t.upstream)) for t in targets]  # fmt: skip
+        return Generation(services, record, retried(provider_of(services, backend)), cfg.upstreams[backend])
+    attempts = [Attempt(t.upstream, guarded(provider_of(services, t.upstream), services.breakers[t.upstream]),
+                        cfg.upstreams[t.upstream], t.model, cfg.first_token_timeout_of(t.upstream)) for t in targets]  # fmt: skip
     chain = fallback(attempts, lambda attempt, outcome: count_attempt(services, record, attempt, outcome))
     return Generation(services, record, chain, NO_UPSTREAM)
+
+
+def provider_of(services: Services, backend: str) -> Provider:
+    """The backend's provider, taking a key from its pool for each request when it has one."""
+    stream = services.config.backend(backend).stream
+    pool = services.key_pools.get(backend)
+    return stream if pool is None else pooled(stream, pool)
 
 
 NO_UPSTREAM = Upstream("")  # what an alias's chain is given: each of its attempts carries its own
@@ -226,7 +235,7 @@ REDACTION_DEPTH = 16  # a deeper JSON value in an upstream's error is not forwar
 def redacted(error: UpstreamError, services: Services) -> UpstreamError:
     """The error without any provider key in it: upstreams sometimes echo the key they
     were given, in any case, anywhere in their JSON (a `code` may be an object)."""
-    keys = [re.escape(upstream.api_key) for upstream in services.config.upstreams.values() if upstream.api_key]
+    keys = [re.escape(key) for key in services.config.secrets]
     if not keys:
         return error
     pattern = re.compile("|".join(keys), re.IGNORECASE)
