@@ -29,6 +29,7 @@ from asgi_stream_core.openai_api import (
     number,
     route_model,
     send_json,
+    served_model,
     unsupported,
     upstream_status,
 )
@@ -399,7 +400,7 @@ class MessageFramer:
         return b"".join(frames)
 
     def head(self, record: StreamRecord) -> dict[str, Any]:
-        return {"id": self.id, "type": "message", "role": "assistant", "model": self.call.model, "content": [],
+        return {"id": self.id, "type": "message", "role": "assistant", "model": served_model(record, self.call.model), "content": [],
                 "stop_reason": None, "stop_sequence": None, "usage": message_usage(record.usage)}  # fmt: skip
 
     def opening(self, record: StreamRecord) -> bytes:

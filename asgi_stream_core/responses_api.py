@@ -31,6 +31,7 @@ from asgi_stream_core.openai_api import (
     json_object_body,
     number,
     route_model,
+    served_model,
     unsupported,
     upstream_error_fields,
 )
@@ -478,7 +479,8 @@ class ResponseFramer:
         failed = None if error is None else {"code": str(upstream_error_fields(error)["code"]), "message": error.message}
         incomplete = {"reason": INCOMPLETE.get(record.finish_reason or "", "interrupted")} if status == "incomplete" else None
         text = "".join(part["text"] for item in output if item["type"] == "message" for part in item["content"])
-        return {"id": self.id, "object": "response", "created_at": self.created_at, "status": status, "model": self.call.model,
+        model = served_model(record, self.call.model)  # through an alias: the target that serves, once known
+        return {"id": self.id, "object": "response", "created_at": self.created_at, "status": status, "model": model,
                 "error": failed, "incomplete_details": incomplete, "output": output, "output_text": text,
                 "usage": None if status == "in_progress" else response_usage(record.usage), "truncation": "disabled",
                 **self.call.echoed}  # fmt: skip

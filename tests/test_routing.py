@@ -272,7 +272,7 @@ async def test_a_cancel_during_an_attempt_closes_it_and_starts_no_other(ups: Ups
 # --- seen everywhere -----------------------------------------------------------------------
 
 
-async def test_the_v1_chunks_name_the_target_that_served(ups: Upstreams, anyio_backend: str) -> None:
+async def test_the_v1_doors_name_the_target_that_served(ups: Upstreams, anyio_backend: str) -> None:
     ups.script("a", error_reply(503))
     app = ups.gateway()
     body = {"model": "smart", "messages": [{"role": "user", "content": "hi"}], "stream": True}
@@ -282,6 +282,10 @@ async def test_the_v1_chunks_name_the_target_that_served(ups: Upstreams, anyio_b
     assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == "".join(B_TOKENS)
     whole = await request(app, "POST", "/v1/chat/completions", **post_json({**body, "stream": False}))
     assert orjson.loads(whole.body)["model"] == "b/model-b"
+    message = await request(app, "POST", "/v1/messages", **post_json({**body, "stream": False, "max_tokens": 50}))
+    assert orjson.loads(message.body)["model"] == "b/model-b"
+    response = await request(app, "POST", "/v1/responses", **post_json({"model": "smart", "input": "hi", "store": False}))
+    assert orjson.loads(response.body)["model"] == "b/model-b" and orjson.loads(response.body)["output_text"] == "".join(B_TOKENS)
     await app.aclose()
 
 
