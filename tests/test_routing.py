@@ -3,8 +3,10 @@ the file's refusals stop startup naming the entry; every named upstream is a
 backend; through an alias each target gets one attempt, a retryable failure
 before any output hands the request to the next target, anything else (and
 anything after the first output) is final; the client, the log line, the
-ledger and /metrics say which target served. The gateway runs in-process on
-asyncio and trio; each upstream is a FakeUpstream on a real socket."""
+ledger and /metrics say which target served. Key pools take their keys in
+turn, rest a key after a 429 and take one out after a 401 or 403; a circuit
+breaker skips a failing alias target, then probes it. The gateway runs
+in-process on asyncio and trio; each upstream is a FakeUpstream on a real socket."""
 
 from __future__ import annotations
 
@@ -42,13 +44,13 @@ def error_reply(status: int, message: str = "busy", code: Any = None) -> Reply:
 class Scripted:
     """An upstream's replies by request number (the last repeats)."""
 
-    def __init__(self, *replies: Reply):
-        self.replies = list(replies)
+    def __init__(self) -> None:
+        self.replies: list[Reply] = []
+        self.count = 0
 
     def __call__(self, seen: Seen) -> Reply:
-        return self.replies[min(self.count, len(self.replies) - 1)]
-
-    count = 0
+        self.count += 1
+        return self.replies[min(self.count, len(self.replies)) - 1]
 
 
 def file_text(urls: dict[str, str], aliases: str = 'smart = ["a/model-a", "b/model-b"]\nwide = ["smart", "c/claude-c"]') -> str:
@@ -92,11 +94,7 @@ class Upstreams:
         script = self.scripts.setdefault(name, Scripted())
         script.replies = list(replies)
         if name not in self.fakes:
-            def respond(seen: Seen, script: Scripted = script, name: str = name) -> Reply:
-                reply = script(seen)
-                script.count += 1
-                return reply
-            self.fakes[name] = self.stack.enter_context(FakeUpstream(respond))
+            self.fakes[name] = self.stack.enter_context(FakeUpstream(script))
 
     def seen(self, name: str) -> list[Seen]:
         return self.fakes[name].seen
