@@ -243,15 +243,19 @@ async def test_the_chain_stays_within_the_requests_first_token_deadline(ups: Ups
 # --- cancel ------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("during", ["a", "b"])  # the first attempt, or the second after a's 503
 @pytest.mark.parametrize("how", ["client leaves", "DELETE"])
-async def test_a_cancel_during_an_attempt_closes_it_and_starts_no_other(ups: Upstreams, anyio_backend: str, how: str) -> None:
-    ups.script("a", Reply(delay_headers=3600))  # accepts, never answers: the attempt is running
-    body = post_json({"messages": [{"role": "user", "content": "hi"}], "model": "smart"})
+async def test_a_cancel_during_an_attempt_closes_it_and_starts_no_other(ups: Upstreams, anyio_backend: str, how: str,
+                                                                        during: str) -> None:  # fmt: skip
+    if during == "b":
+        ups.script("a", error_reply(503))
+    ups.script(during, Reply(delay_headers=3600))  # accepts, never answers: the attempt is running
+    body = post_json({"messages": [{"role": "user", "content": "hi"}], "model": "wide"})  # a, b, then c
     app = ups.gateway(FIRST_TOKEN_TIMEOUT_SECONDS="30")
-    a = ups.fakes["a"]
+    running = ups.fakes[during]
     async with exchange(app, "POST", "/chat/stream", **body) as ex:
         with anyio.fail_after(5):
-            while not a.seen:
+            while not running.seen:
                 await anyio.sleep(0.01)
         if how == "DELETE":
             await ex.next()  # the response's start, with the stream's id
@@ -261,9 +265,12 @@ async def test_a_cancel_during_an_attempt_closes_it_and_starts_no_other(ups: Ups
             ex.disconnect()
         with anyio.fail_after(5):
             await ex.done.wait()
-    assert a.wait_for(lambda: a.seen[0].closed_by_client is not None, 5)  # the attempt's upstream request was closed
+    assert running.wait_for(lambda: running.seen[0].closed_by_client is not None, 5)  # that attempt's request was closed
     await anyio.sleep(0.1)
-    assert len(ups.seen("b")) == 0 and app.metrics.attempts == {("a", "cancelled"): 1}
+    later = "bc" if during == "a" else "c"
+    assert [len(ups.seen(n)) for n in later] == [0] * len(later)  # and no later attempt started
+    before = {("a", "503"): 1} if during == "b" else {}
+    assert app.metrics.attempts == {**before, (during, "cancelled"): 1}
     await app.aclose()
 
 
