@@ -64,7 +64,7 @@ class Generation:
             if isinstance(outcome, Final):
                 for event, data in self.turn.close():
                     self.record.append(event, data)
-                message = self.turn.message(self.record.text(), outcome.round_trip)
+                message = self.turn.message(self.record.text, outcome.round_trip)
             conclude(self.services, self.record, outcome, message)
             with anyio.CancelScope(shield=True):
                 await account(self.services, self.record)

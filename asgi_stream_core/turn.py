@@ -10,6 +10,7 @@ of one index, joined, are exactly what the model wrote."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -58,13 +59,16 @@ class Turn:
         """At the end: the first events of calls whose name never came (named "")."""
         return [self.open(index, call) for index, call in sorted(self.calls.items()) if not call.opened]
 
-    def message(self, content: str, round_trip: RoundTrip | None) -> dict[str, Any] | None:
+    def message(self, content: Callable[[], str], round_trip: RoundTrip | None) -> dict[str, Any] | None:
         """The assistant message of this turn in the request's own shape; None
-        for a turn of text alone (its `message` event is not sent)."""
+        for a turn of text alone (its `message` event is not sent). `content`
+        is asked for only then: reading the text back from the record costs
+        about 1,000 instructions a token (bench/instructions.py, burst)."""
         details = round_trip.reasoning_details if round_trip else []
         if not self.reasoning and not self.calls and not details:
             return None
-        message: dict[str, Any] = {"role": "assistant", "content": content or (None if self.calls else "")}
+        text = content()
+        message: dict[str, Any] = {"role": "assistant", "content": text or (None if self.calls else "")}
         if self.calls:
             message["tool_calls"] = [self.tool_call(index, call, round_trip) for index, call in sorted(self.calls.items())]
         if self.reasoning:

@@ -37,7 +37,7 @@ def test_any_split_and_interleaving_of_parallel_calls_joins_to_each_calls_argume
         mine = [p for p in pieces if p["index"] == i]
         assert (mine[0]["id"], mine[0]["name"]) == (f"call_{i}", f"tool_{i}") and all("id" not in p for p in mine[1:])
         assert "".join(p["arguments"] for p in mine) == expected
-    message = turn.message("", None)
+    message = turn.message(lambda: "", None)
     assert message is not None and [c["function"]["arguments"] for c in message["tool_calls"]] == arguments
 
 
@@ -51,11 +51,11 @@ def test_a_call_whose_name_comes_later_is_held_until_then_with_nothing_lost() ->
 
 
 def test_reasoning_is_its_own_event_and_a_text_only_turn_has_no_message() -> None:
-    assert Turn().message("just text", None) is None
+    assert Turn().message(lambda: "just text", None) is None
     turn = Turn()
     assert turn.add(Reasoning("think ")) == [("reasoning", "think ")] and turn.add(Reasoning("")) == []
     signed = {"type": "reasoning.text", "text": "think ", "signature": "sig", "index": 0}
-    assert turn.message("answer", RoundTrip([signed])) == {
+    assert turn.message(lambda: "answer", RoundTrip([signed])) == {
         "role": "assistant", "content": "answer", "reasoning_content": "think ", "reasoning_details": [signed]}
 
 
