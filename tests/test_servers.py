@@ -60,6 +60,8 @@ def served(request: pytest.FixtureRequest, upstream: FakeUpstream, tmp_path_fact
         # holds the whole 8 MB "flood": a client that falls behind the held events is dropped
         # (by design, whatever the server), which would blur what the send timeout does
         "STREAM_BUFFER_BYTES": str(16 << 20),
+        # and its 2,048 tokens stay under max_tokens: the cut at max_tokens would end it (and its upstream) too
+        "MAX_TOKENS": "4096",
     }
     with run_server(request.param, env, tmp_path_factory.mktemp(request.param)) as process:
         yield process
