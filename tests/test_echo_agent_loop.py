@@ -96,3 +96,25 @@ def test_the_ledger_row_records_the_reasoning_tokens(tmp_path: Path) -> None:
         stream("POST", served.url + "/chat/stream", json={"messages": [{"role": "user", "content": "a b c"}]})
     rows = sqlite3.connect(db).execute("SELECT completion_tokens, reasoning_tokens FROM usage ORDER BY started_at, rowid").fetchall()
     assert sorted(rows, key=str) == sorted([(12, 9), (3, None)], key=str)  # 9 pieces of reasoning, then 3 words
+
+
+def test_langchain_runs_a_two_turn_tool_loop_on_v1(url: str) -> None:
+    """An agent framework in Python: langchain-openai's ChatOpenAI with a bound
+    tool, streamed, then the tool's result as a ToolMessage."""
+    from langchain_core.messages import HumanMessage, ToolMessage
+    from langchain_openai import ChatOpenAI
+
+    def lookup(text: str) -> str:
+        """Look the text up."""
+        return f"looked up: {text}"
+
+    model = ChatOpenAI(base_url=url + "/v1", api_key="k1", model="echo", max_retries=0, streaming=True).bind_tools([lookup])
+    history: list[Any] = [HumanMessage(PROMPT)]
+    chunks = list(model.stream(history))
+    turn = chunks[0]
+    for chunk in chunks[1:]:
+        turn = turn + chunk  # LangChain joins the streamed tool-call fragments by index
+    (call,) = turn.tool_calls
+    assert (call["name"], call["args"]) == ("lookup", {"text": PROMPT})
+    history += [turn, ToolMessage(lookup(**call["args"]), tool_call_id=call["id"])]
+    assert model.invoke(history).content == f"looked up: {PROMPT}"
