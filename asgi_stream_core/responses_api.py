@@ -37,7 +37,7 @@ from asgi_stream_core.openai_api import (
 )
 from asgi_stream_core.record import StreamRecord
 from asgi_stream_core.services import Services
-from asgi_stream_core.stores.responses import Items, ResponseItems, response_items
+from asgi_stream_core.stores.responses import Items, ResponseItems
 from asgi_stream_core.types import shown
 from asgi_stream_core.web import Exchange
 from providers import ChatRequest
@@ -502,7 +502,7 @@ def response_record(key_name: str | None, call: ResponseCall) -> StreamRecord:
 
 async def create_response(services: Services, exchange: Exchange) -> None:
     """Answer one authenticated request; refusals raise Refusal."""
-    state = response_items(services)
+    state = services.responses
     call = await parse_response_request(exchange.body, services.config, state, exchange.key_name)
     record = response_record(exchange.key_name, call)
     framer = cast(ResponseFramer, record.framer)

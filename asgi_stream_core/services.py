@@ -15,6 +15,7 @@ from asgi_stream_core.metrics import Metrics
 from asgi_stream_core.record import StreamRecord
 from asgi_stream_core.stores import Store
 from asgi_stream_core.stores.memory import MemoryStore, StreamRegistry
+from asgi_stream_core.stores.responses import ResponseItems, response_items
 from asgi_stream_core.types import RETRY_SOON, Refusal
 from asgi_stream_core.upstream_client import open_client
 from providers.breaker import CircuitBreaker
@@ -71,6 +72,7 @@ class Services:
     ledger: UsageLedger | None
     admission: Admission
     index_page: bytes
+    responses: ResponseItems  # /v1/responses' stored items
     key_pools: dict[str, KeyPool] = field(default_factory=dict)  # CONFIG_FILE's upstreams that have keys
     breakers: dict[str, CircuitBreaker] = field(default_factory=dict)  # every backend an alias may try
 
@@ -89,4 +91,4 @@ def build_services(config: Config, metrics: Metrics) -> Services:
     pools = {name: KeyPool(name, named.keys) for name, named in config.routing.upstreams.items() if named.keys}
     breakers = {name: CircuitBreaker(name) for name in config.upstreams}
     return Services(config, open_client(config), metrics, registry, store, ledger, Admission(config, metrics, store), page,
-                    pools, breakers)  # fmt: skip
+                    response_items(config, store), pools, breakers)  # fmt: skip

@@ -12,11 +12,11 @@ import logging
 import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Protocol
-from weakref import WeakKeyDictionary
 
 import orjson
 
-from asgi_stream_core.services import Services
+from asgi_stream_core.config import Config
+from asgi_stream_core.stores import Store
 from asgi_stream_core.types import Refusal, store_unavailable
 
 if TYPE_CHECKING:
@@ -108,18 +108,11 @@ class RedisResponseItems:
         return None if value is None else of_key(value, key_name)
 
 
-STATES: WeakKeyDictionary[object, ResponseItems] = WeakKeyDictionary()  # one per app's store: Services has no slot for it
+def response_items(config: Config, store: Store) -> ResponseItems:
+    """An app's stored responses: beside its stream store, in Redis when that is Redis."""
+    if config.redis_url:  # imported only then, as services.py does: coredis is an optional extra
+        from asgi_stream_core.stores.redis import RedisStore
 
-
-def response_items(services: Services) -> ResponseItems:
-    """The stored responses of this app: beside its stream store, in Redis when that is Redis."""
-    state = STATES.get(services.store)
-    if state is None:
-        ttl = services.config.responses_ttl
-        if services.config.redis_url:  # imported only then, as services.py does: coredis is an optional extra
-            from asgi_stream_core.stores.redis import RedisStore
-
-            if isinstance(services.store, RedisStore):
-                state = RedisResponseItems(services.store, ttl)
-        state = STATES[services.store] = state or MemoryResponseItems(ttl)
-    return state
+        if isinstance(store, RedisStore):
+            return RedisResponseItems(store, config.responses_ttl)
+    return MemoryResponseItems(config.responses_ttl)
