@@ -11,15 +11,22 @@ a job; read it in the order a request walks through it:
     gateway.py, routes.py     the ASGI callable: lifespan, routing table, API keys, CORS, refusals
     web.py                    the I/O every route shares: body, JSON check, CORS headers, one response writer
     chat_stream.py            our front door: parse (chat_request.py), admit, start / resume / cancel
-    openai_api.py             OpenAI's front door over the same generation and record
+    openai_api.py             OpenAI's front door over the same generation and record; the answer
+                              path of every door without resume (the status waits for the first output)
+    anthropic_api.py          Anthropic's Messages API as a front door (/v1/messages)
+    responses_api.py          OpenAI's Responses API (/v1/responses), its state in stores/responses.py
+    chat_shape.py             the chat shape beyond text (parts, tool calls, tools, effort, JSON output), validated once
     services.py               what every exchange shares, and admission (the stream limits)
     generation.py             provider chunks -> the stream record, under the deadlines; the ending; the accounting
+    turn.py                   reasoning and tool-call pieces -> events, and the turn's message (pure)
     record.py, event_log.py   the stream record over a pure event log; framers turn its events into bytes
     sse.py                    SSE framing (pure)
     reader.py                 one client: the writer (record -> send) and the watcher (disconnect, heartbeat, send timeout)
     metrics.py, ledger.py     what is counted of every stream; the usage ledger
     stores/                   where records live: this process (memory) or every replica (redis)
     upstream_client.py        the one shared httpx client
+    connections.py            uvicorn's HTTP protocol with a head deadline and a connection bound
+    access_log.py             uvicorn's access log without the query (no prompt, no key)
     ../providers/             one module per upstream wire format
 """
 
