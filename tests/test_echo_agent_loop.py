@@ -28,8 +28,9 @@ def url() -> Any:
         yield served.url
 
 
-def test_openai_python_runs_a_two_turn_tool_loop_on_v1(url: str) -> None:
+def test_openai_python_runs_a_two_turn_tool_loop_on_v1(url: str, request: pytest.FixtureRequest) -> None:
     client = openai.OpenAI(base_url=url + "/v1", api_key="k1", max_retries=0)
+    request.addfinalizer(client.close)  # its connections closed now, not when collected (a ResourceWarning then)
     messages: list[Any] = [{"role": "user", "content": PROMPT}]
     with client.chat.completions.stream(model="echo", messages=messages, tools=TOOLS, reasoning_effort="low",
                                         stream_options={"include_usage": True}) as events:  # fmt: skip
@@ -98,7 +99,7 @@ def test_the_ledger_row_records_the_reasoning_tokens(tmp_path: Path) -> None:
     assert sorted(rows, key=str) == sorted([(12, 9), (3, None)], key=str)  # 9 pieces of reasoning, then 3 words
 
 
-def test_langchain_runs_a_two_turn_tool_loop_on_v1(url: str) -> None:
+def test_langchain_runs_a_two_turn_tool_loop_on_v1(url: str, request: pytest.FixtureRequest) -> None:
     """An agent framework in Python: langchain-openai's ChatOpenAI with a bound
     tool, streamed, then the tool's result as a ToolMessage."""
     from langchain_core.messages import HumanMessage, ToolMessage
@@ -108,7 +109,10 @@ def test_langchain_runs_a_two_turn_tool_loop_on_v1(url: str) -> None:
         """Look the text up."""
         return f"looked up: {text}"
 
-    model = ChatOpenAI(base_url=url + "/v1", api_key="k1", model="echo", max_retries=0, streaming=True).bind_tools([lookup])
+    http = httpx.Client()  # ours, to close: ChatOpenAI's own would be left to the collector
+    request.addfinalizer(http.close)
+    chat = ChatOpenAI(base_url=url + "/v1", api_key="k1", model="echo", max_retries=0, streaming=True, http_client=http)
+    model = chat.bind_tools([lookup])
     history: list[Any] = [HumanMessage(PROMPT)]
     chunks = list(model.stream(history))
     turn = chunks[0]
