@@ -7,6 +7,7 @@ the resume grace, then stops, and with it the upstream request."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import re
 from contextlib import aclosing
@@ -232,13 +233,18 @@ def conclude(services: Services, record: StreamRecord, outcome: Final | Upstream
 REDACTION_DEPTH = 16  # a deeper JSON value in an upstream's error is not forwarded at all
 
 
+@functools.cache  # one pattern per set of keys: the process holds one configuration
+def secrets_pattern(keys: tuple[str, ...]) -> re.Pattern[str] | None:
+    """Any of the keys, in any case; None when there are none."""
+    return re.compile("|".join(map(re.escape, keys)), re.IGNORECASE) if keys else None
+
+
 def redacted(error: UpstreamError, services: Services) -> UpstreamError:
     """The error without any provider key in it: upstreams sometimes echo the key they
     were given, in any case, anywhere in their JSON (a `code` may be an object)."""
-    keys = [re.escape(key) for key in services.config.secrets]
-    if not keys:
+    pattern = secrets_pattern(tuple(services.config.secrets))
+    if pattern is None:
         return error
-    pattern = re.compile("|".join(keys), re.IGNORECASE)
 
     def clean(value: Any, depth: int = 0) -> Any:
         if isinstance(value, str):
