@@ -24,18 +24,16 @@ from asgi_stream_core.openai_api import (
     answer,
     dumps,
     flag,
-    invalid,
     json_object_body,
     number,
     route_model,
     send_json,
     served_model,
-    unsupported,
     upstream_status,
 )
 from asgi_stream_core.record import StreamRecord
 from asgi_stream_core.services import Services
-from asgi_stream_core.types import Refusal, shown
+from asgi_stream_core.types import Refusal, invalid, shown, unsupported
 from asgi_stream_core.web import Exchange
 from providers import ChatRequest, UpstreamError
 
@@ -86,15 +84,15 @@ def parse_messages_request(body: bytes, config: Config, counting: bool = False) 
     `counting`: for count_tokens, where max_tokens is not required."""
     fields = json_object_body(body)
     if fields.get("top_k") is not None:
-        raise unsupported("top_k", "top_k is not supported: not every backend could honour it")
+        raise unsupported("top_k is not supported: not every backend could honour it", "top_k")
     backend, model = route_model(fields.get("model"), config)
     messages = [*system_of(fields.get("system")), *messages_of(fields.get("messages"))]
     max_tokens = fields.get("max_tokens")
     if max_tokens is None and counting:
         max_tokens = config.max_tokens
     elif type(max_tokens) is not int or not 1 <= max_tokens <= config.max_tokens_limit:
-        raise invalid("max_tokens", f"max_tokens is required: an integer from 1 to {config.max_tokens_limit} "
-                      f"(the gateway's MAX_TOKENS_LIMIT), got {shown(max_tokens)}")  # fmt: skip
+        raise invalid(f"max_tokens is required: an integer from 1 to {config.max_tokens_limit} "
+                      f"(the gateway's MAX_TOKENS_LIMIT), got {shown(max_tokens)}", "max_tokens")  # fmt: skip
     tools = chat_shape.tools_of(function_tools(fields.get("tools")))
     tool_choice, parallel = tool_choice_of(fields.get("tool_choice"), tools)
     request = ChatRequest(messages, backend, model, max_tokens, number(fields, "temperature", 1.0), number(fields, "top_p", 1.0),
@@ -108,27 +106,27 @@ def system_of(value: Any) -> list[dict[str, Any]]:
     if value is None or isinstance(value, str):
         return [{"role": "system", "content": value}] if value else []
     if not isinstance(value, list) or not all(isinstance(b, dict) and b.get("type") == "text" for b in value):
-        raise invalid("system", f"system must be a string or an array of text blocks, got {shown(value)}")
+        raise invalid(f"system must be a string or an array of text blocks, got {shown(value)}", "system")
     text = chat_shape.text_parts(value, "system")
     return [{"role": "system", "content": text}] if text else []
 
 
 def messages_of(value: Any) -> list[dict[str, Any]]:
     if not isinstance(value, list) or not value:
-        raise invalid("messages", "messages must be a non-empty array of {role, content} objects")
+        raise invalid("messages must be a non-empty array of {role, content} objects", "messages")
     messages: list[dict[str, Any]] = []
     for i, message in enumerate(value):
         where = f"messages[{i}]"
         role = message.get("role") if isinstance(message, dict) else None
         if role not in ("user", "assistant", "system"):  # system: Claude Code sends instructions mid-conversation so
-            raise invalid(f"{where}.role", f"{where}.role must be user, assistant or system, got {shown(role)}")
+            raise invalid(f"{where}.role must be user, assistant or system, got {shown(role)}", f"{where}.role")
         content = message.get("content")
         if role == "system":
             messages += system_of(content)
         elif isinstance(content, str):
             messages.append({"role": role, "content": content})
         elif not isinstance(content, list) or not all(isinstance(block, dict) for block in content):
-            raise invalid(f"{where}.content", f"{where}.content must be a string or an array of content blocks")
+            raise invalid(f"{where}.content must be a string or an array of content blocks", f"{where}.content")
         else:
             messages += user_turn(content, where) if role == "user" else [assistant_turn(content, where)]
     return messages
@@ -156,12 +154,12 @@ def part_of(block: dict[str, Any], at: str) -> dict[str, Any]:
         return block  # text_parts checks its text
     source = block.get("source") if kind == "image" else None
     if not isinstance(source, dict):
-        raise unsupported(at, f"{at} is a {shown(kind)} block: the gateway takes text, image, tool_use, tool_result and thinking")
+        raise unsupported(f"{at} is a {shown(kind)} block: the gateway takes text, image, tool_use, tool_result and thinking", at)
     if source.get("type") == "base64" and isinstance(source.get("media_type"), str) and isinstance(source.get("data"), str):
         return {"type": "image_url", "image_url": {"url": f"data:{source['media_type']};base64,{source['data']}"}}
     if source.get("type") == "url" and isinstance(source.get("url"), str):
         return {"type": "image_url", "image_url": {"url": source["url"]}}  # text_parts takes https only
-    raise unsupported(f"{at}.source", f"{at}.source must be base64 or an https url, got {shown(source)}")
+    raise unsupported(f"{at}.source must be base64 or an https url, got {shown(source)}", f"{at}.source")
 
 
 def tool_message(block: dict[str, Any], at: str) -> dict[str, Any]:
@@ -169,11 +167,11 @@ def tool_message(block: dict[str, Any], at: str) -> dict[str, Any]:
     shape: the result's text is what says what went wrong, to every backend."""
     call_id, content = block.get("tool_use_id"), block.get("content", "")
     if not isinstance(call_id, str) or not call_id:
-        raise invalid(f"{at}.tool_use_id", f"{at}.tool_use_id must name the tool_use this answers, got {shown(call_id)}")
+        raise invalid(f"{at}.tool_use_id must name the tool_use this answers, got {shown(call_id)}", f"{at}.tool_use_id")
     if isinstance(content, list) and all(isinstance(b, dict) for b in content):
         content = chat_shape.text_parts([part_of(b, f"{at}.content[{k}]") for k, b in enumerate(content)], at)
     elif not isinstance(content, str):
-        raise invalid(f"{at}.content", f"{at}.content must be a string or an array of text and image blocks")
+        raise invalid(f"{at}.content must be a string or an array of text and image blocks", f"{at}.content")
     return {"role": "tool", "tool_call_id": call_id, "content": content}
 
 
@@ -199,7 +197,7 @@ def assistant_turn(blocks: list[dict[str, Any]], where: str) -> dict[str, Any]:
         elif kind == "redacted_thinking" and isinstance(block.get("data"), str):
             details.append({"type": "reasoning.encrypted", "data": block["data"], "index": len(details)})
         else:
-            raise invalid(at, f"{at}: an assistant turn takes text, tool_use, thinking and redacted_thinking blocks, got {shown(block)}")
+            raise invalid(f"{at}: an assistant turn takes text, tool_use, thinking and redacted_thinking blocks, got {shown(block)}", at)
     message: dict[str, Any] = {"role": "assistant", "content": "\n".join(texts) if texts or not calls else None}
     if calls:
         message["tool_calls"] = calls
@@ -213,7 +211,7 @@ def assistant_turn(blocks: list[dict[str, Any]], where: str) -> dict[str, Any]:
 def tool_call_of(block: dict[str, Any], at: str) -> dict[str, Any]:
     call_id, name, arguments = block.get("id"), block.get("name"), block.get("input")
     if not isinstance(call_id, str) or not call_id or not isinstance(name, str) or not name or not isinstance(arguments, dict):
-        raise invalid(at, f"{at}: a tool_use block needs an id, a name and an input object, got {shown(block)}")
+        raise invalid(f"{at}: a tool_use block needs an id, a name and an input object, got {shown(block)}", at)
     return {"id": call_id, "type": "function", "function": {"name": name, "arguments": dumps(arguments).decode()}}
 
 
@@ -225,8 +223,8 @@ def function_tools(value: Any) -> Any:
     tools = []
     for i, tool in enumerate(value):
         if not isinstance(tool, dict) or tool.get("type") not in (None, "custom"):
-            raise unsupported(f"tools[{i}]", f"tools[{i}]: only client tools {{name, description, input_schema}} are supported, "
-                              f"got {shown(tool)}")  # fmt: skip
+            raise unsupported(f"tools[{i}]: only client tools {{name, description, input_schema}} are supported, "
+                              f"got {shown(tool)}", f"tools[{i}]")  # fmt: skip
         function = {"name": tool.get("name"), "parameters": tool.get("input_schema")}
         if isinstance(tool.get("description"), str):
             function["description"] = tool["description"]
@@ -242,7 +240,7 @@ def tool_choice_of(value: Any, tools: list[dict[str, Any]] | None) -> tuple[Any,
     named = {"type": "function", "function": {"name": value.get("name")}} if kind == "tool" else None
     chosen: Any = named or {"auto": "auto", "any": "required", "none": "none"}.get(str(kind))
     if chosen is None:
-        raise invalid("tool_choice", f"tool_choice must be {{type: auto | any | tool | none}}, got {shown(value)}")
+        raise invalid(f"tool_choice must be {{type: auto | any | tool | none}}, got {shown(value)}", "tool_choice")
     single = chat_shape.flag_of(value.get("disable_parallel_tool_use"), "tool_choice.disable_parallel_tool_use")
     return chat_shape.tool_choice_of(chosen, tools), None if single is None else not single
 
@@ -260,7 +258,7 @@ def effort_of(thinking: Any, output: Any, max_tokens: int) -> str | None:
         return {"low": "low", "high": "high", "max": "high"}.get(str(effort), "medium")
     budget = thinking.get("budget_tokens") if kind == "enabled" else None
     if type(budget) is not int or budget < 1:
-        raise invalid("thinking", f"thinking must be {{type: enabled, budget_tokens}}, adaptive or disabled, got {shown(thinking)}")
+        raise invalid(f"thinking must be {{type: enabled, budget_tokens}}, adaptive or disabled, got {shown(thinking)}", "thinking")
     share = budget / max_tokens
     return "low" if share <= 0.25 else "medium" if share <= 0.5 else "high"
 
@@ -269,8 +267,8 @@ def stop_sequences_of(value: Any) -> list[str] | None:
     if value is None:
         return None
     if not isinstance(value, list) or len(value) > MAX_STOP_SEQUENCES or not all(isinstance(s, str) and s for s in value):
-        raise invalid("stop_sequences", f"stop_sequences must be up to {MAX_STOP_SEQUENCES} non-empty strings "
-                      f"(as many as every backend takes), got {shown(value)}")  # fmt: skip
+        raise invalid(f"stop_sequences must be up to {MAX_STOP_SEQUENCES} non-empty strings "
+                      f"(as many as every backend takes), got {shown(value)}", "stop_sequences")  # fmt: skip
     return value or None
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 
 from asgi_stream_core.ledger import target_problem
 from asgi_stream_core.routing import Routing, RoutingError, read_routing
-from asgi_stream_core.types import Refusal
+from asgi_stream_core.types import unsupported
 from providers import ChatRequest, Provider, Unsupported, Upstream, anthropic, echo, gemini, ollama, openai
 
 
@@ -53,7 +53,7 @@ def check_request(request: ChatRequest, config: Config) -> ChatRequest:
             if (check := config.backend(each.backend).check) is not None:
                 check(each)
     except Unsupported as refused:
-        raise Refusal(400, "unsupported_parameter", refused.message, param=refused.field) from None
+        raise unsupported(refused.message, refused.field) from None
     return request
 
 

@@ -23,7 +23,7 @@ from asgi_stream_core.generation import generation_for
 from asgi_stream_core.reader import Reader
 from asgi_stream_core.record import StreamRecord
 from asgi_stream_core.services import Services
-from asgi_stream_core.types import Headers, Message, Receive, Refusal, Send, shown
+from asgi_stream_core.types import Headers, Message, Receive, Refusal, Send, invalid, shown, unsupported
 from asgi_stream_core.web import Exchange, cors_headers, send_response
 from providers import ChatRequest, UpstreamError
 
@@ -90,14 +90,6 @@ class Completion:
     include_usage: bool
 
 
-def invalid(param: str | None, message: str) -> Refusal:
-    return Refusal(400, "invalid_request", message, param=param)
-
-
-def unsupported(param: str, message: str) -> Refusal:
-    return Refusal(400, "unsupported_parameter", message, param=param)
-
-
 def parse_completion_request(body: bytes, config: Config) -> Completion:
     """Validate an OpenAI request body strictly; refuse, naming it, any field
     whose meaning the gateway cannot carry to every backend. Fields it does not
@@ -111,11 +103,11 @@ def parse_completion_request(body: bytes, config: Config) -> Completion:
     if max_tokens is None:
         max_tokens = config.max_tokens
     elif type(max_tokens) is not int or not 1 <= max_tokens <= config.max_tokens_limit:
-        raise invalid(limit_name, f"{limit_name} must be an integer from 1 to {config.max_tokens_limit}, got {shown(max_tokens)}")
+        raise invalid(f"{limit_name} must be an integer from 1 to {config.max_tokens_limit}, got {shown(max_tokens)}", limit_name)
     stream = flag(fields, "stream")
     options = fields.get("stream_options")
     if options is not None and not isinstance(options, dict):
-        raise invalid("stream_options", f"stream_options must be an object, got {shown(options)}")
+        raise invalid(f"stream_options must be an object, got {shown(options)}", "stream_options")
     tools = chat_shape.tools_of(fields.get("tools"))
     request = ChatRequest(messages, backend, model, max_tokens, number(fields, "temperature", 2.0), number(fields, "top_p", 1.0),
                           stop_sequences(fields.get("stop")), tools, chat_shape.tool_choice_of(fields.get("tool_choice"), tools),
@@ -129,24 +121,24 @@ def parse_completion_request(body: bytes, config: Config) -> Completion:
 def refuse_unsupported(fields: dict[str, Any]) -> None:
     why = "not every backend could honour it"
     if fields.get("functions"):  # null and [] ask for nothing
-        raise unsupported("functions", "functions (the legacy shape) is not supported: use tools")
+        raise unsupported("functions (the legacy shape) is not supported: use tools", "functions")
     if fields.get("function_call") not in (None, "none"):
-        raise unsupported("function_call", "function_call (the legacy shape) is not supported: use tool_choice")
+        raise unsupported("function_call (the legacy shape) is not supported: use tool_choice", "function_call")
     n = fields.get("n")
     if n is not None and (type(n) is not int or n < 1):
-        raise invalid("n", f"n must be a positive integer, got {shown(n)}")
+        raise invalid(f"n must be a positive integer, got {shown(n)}", "n")
     if n is not None and n > 1:
-        raise unsupported("n", f"n={n} is not supported: one choice per request")
+        raise unsupported(f"n={n} is not supported: one choice per request", "n")
     for name in ("logprobs", "top_logprobs"):
         if fields.get(name) not in (None, False):
-            raise unsupported(name, f"{name} is not supported: {why}")
+            raise unsupported(f"{name} is not supported: {why}", name)
 
 
 def route_model(value: Any, config: Config) -> tuple[str, str]:
     """`<backend>/<model>` names its backend; an alias is its own backend and model
     (config.routing); another bare name goes to DEFAULT_BACKEND."""
     if not isinstance(value, str) or not value:
-        raise invalid("model", f"model must be '<backend>/<model>' (see GET /v1/models) or a model name, got {shown(value)}")
+        raise invalid(f"model must be '<backend>/<model>' (see GET /v1/models) or a model name, got {shown(value)}", "model")
     if value in config.routing.aliases:
         return value, value
     prefix, slash, rest = value.partition("/")
@@ -162,25 +154,25 @@ def route_model(value: Any, config: Config) -> tuple[str, str]:
         message = f"model {shown(value)}: backend {backend!r} is not configured here ({config.backend(backend).setting} is not set)"
         raise Refusal(404, "model_not_found", message, param="model")
     if not config.backend(backend).model_pattern.fullmatch(model):
-        raise invalid("model", f"model {shown(model)} is not a valid model name for {backend}")
+        raise invalid(f"model {shown(model)} is not a valid model name for {backend}", "model")
     return backend, model
 
 
 def parse_messages(value: Any) -> list[dict[str, Any]]:
     if not isinstance(value, list) or not value:
-        raise invalid("messages", "messages must be a non-empty array of {role, content} objects")
+        raise invalid("messages must be a non-empty array of {role, content} objects", "messages")
     messages = []
     for i, message in enumerate(value):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
-            raise invalid(where, f"{where} must be an object with role and content")
+            raise invalid(f"{where} must be an object with role and content", where)
         role = message.get("role")
         if role == "function" or message.get("function_call"):
-            raise unsupported(where, f"{where}: the legacy function-call shape is not supported; use tools")
+            raise unsupported(f"{where}: the legacy function-call shape is not supported; use tools", where)
         if not isinstance(role, str) or role not in ROLES:
-            raise invalid(f"{where}.role", f"{where}.role must be one of {', '.join(ROLES)}, got {shown(role)}")
+            raise invalid(f"{where}.role must be one of {', '.join(ROLES)}, got {shown(role)}", f"{where}.role")
         if message.get("audio"):
-            raise unsupported(f"{where}.audio", f"{where}.audio is not supported")
+            raise unsupported(f"{where}.audio is not supported", f"{where}.audio")
         messages.append(chat_shape.message_of(message, where, ROLES[role]))
     return messages
 
@@ -188,7 +180,7 @@ def parse_messages(value: Any) -> list[dict[str, Any]]:
 def flag(fields: dict[str, Any], name: str) -> bool:
     value = fields.get(name)
     if value is not None and not isinstance(value, bool):
-        raise invalid(name, f"{name} must be true or false, got {shown(value)}")
+        raise invalid(f"{name} must be true or false, got {shown(value)}", name)
     return bool(value)
 
 
@@ -197,7 +189,7 @@ def number(fields: dict[str, Any], name: str, high: float) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= high:
-        raise invalid(name, f"{name} must be a number from 0 to {high:g}, got {shown(value)}")
+        raise invalid(f"{name} must be a number from 0 to {high:g}, got {shown(value)}", name)
     return float(value)
 
 
@@ -206,7 +198,7 @@ def stop_sequences(value: Any) -> list[str] | None:
     if stops is None:
         return None
     if not isinstance(stops, list) or len(stops) > MAX_STOP_SEQUENCES or not all(isinstance(s, str) and s for s in stops):
-        raise invalid("stop", f"stop must be a non-empty string or up to {MAX_STOP_SEQUENCES} of them, got {shown(value)}")
+        raise invalid(f"stop must be a non-empty string or up to {MAX_STOP_SEQUENCES} of them, got {shown(value)}", "stop")
     return stops or None
 
 
@@ -442,9 +434,9 @@ def json_object_body(body: bytes) -> dict[str, Any]:
     try:
         fields = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise invalid(None, f"the request body is not valid JSON: {exc}") from None
+        raise invalid(f"the request body is not valid JSON: {exc}", None) from None
     if not isinstance(fields, dict):
-        raise invalid(None, "the request body must be a JSON object")
+        raise invalid("the request body must be a JSON object", None)
     return fields
 
 

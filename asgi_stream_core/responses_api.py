@@ -27,18 +27,16 @@ from asgi_stream_core.openai_api import (
     dumps,
     failure_object,
     flag,
-    invalid,
     json_object_body,
     number,
     route_model,
     served_model,
-    unsupported,
     upstream_error_fields,
 )
 from asgi_stream_core.record import StreamRecord
 from asgi_stream_core.services import Services
 from asgi_stream_core.stores.responses import Items, ResponseItems
-from asgi_stream_core.types import shown
+from asgi_stream_core.types import invalid, shown, unsupported
 from asgi_stream_core.web import Exchange
 from providers import ChatRequest
 
@@ -74,13 +72,13 @@ async def parse_response_request(body: bytes, config: Config, state: ResponseIte
     items = await resolved(input_items(fields.get("input")), fields.get("previous_response_id"), state, key_name)
     instructions = fields.get("instructions")
     if instructions is not None and not isinstance(instructions, str):
-        raise invalid("instructions", f"instructions must be a string, got {shown(instructions)}")
+        raise invalid(f"instructions must be a string, got {shown(instructions)}", "instructions")
     max_tokens = fields.get("max_output_tokens")
     if max_tokens is None:
         max_tokens = config.max_tokens
     elif type(max_tokens) is not int or not 1 <= max_tokens <= config.max_tokens_limit:
         limit = config.max_tokens_limit
-        raise invalid("max_output_tokens", f"max_output_tokens must be an integer from 1 to {limit}, got {shown(max_tokens)}")
+        raise invalid(f"max_output_tokens must be an integer from 1 to {limit}, got {shown(max_tokens)}", "max_output_tokens")
     tools = chat_shape.tools_of(chat_tools(fields.get("tools")))
     effort = reasoning_effort(fields.get("reasoning"))
     text_format = fields.get("text", {}).get("format") if isinstance(fields.get("text"), dict) else None
@@ -104,7 +102,7 @@ def refuse_unsupported(fields: dict[str, Any]) -> None:
                       ("prompt", "prompt templates live on OpenAI's service"),
                       ("top_logprobs", "not every backend could honour it")):  # fmt: skip
         if fields.get(name) not in (None, False, 0):
-            raise unsupported(name, f"{name} is not supported: {why}")
+            raise unsupported(f"{name} is not supported: {why}", name)
 
 
 def input_items(value: Any) -> Items:
@@ -112,13 +110,13 @@ def input_items(value: Any) -> Items:
     if isinstance(value, str):
         return [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": value}]}]
     if not isinstance(value, list) or not value:
-        raise invalid("input", f"input must be a string or a non-empty array of items, got {shown(value)}")
+        raise invalid(f"input must be a string or a non-empty array of items, got {shown(value)}", "input")
     return [input_item(item, f"input[{i}]") for i, item in enumerate(value)]
 
 
 def input_item(item: Any, where: str) -> dict[str, Any]:
     if not isinstance(item, dict):
-        raise invalid(where, f"{where} must be an item object, got {shown(item)}")
+        raise invalid(f"{where} must be an item object, got {shown(item)}", where)
     kind = item.get("type", "message" if "role" in item else None)
 
     def text(name: str) -> bool:
@@ -134,26 +132,26 @@ def input_item(item: Any, where: str) -> dict[str, Any]:
     if kind == "reasoning":
         texts = [p.get("text") for p in (item.get("summary") or []) + (item.get("content") or []) if isinstance(p, dict)]
         if not all(isinstance(t, str) for t in texts) or not (item.get("encrypted_content") is None or text("encrypted_content")):
-            raise invalid(where, f"{where}: a reasoning item has summary/content parts with text, and encrypted_content a string")
+            raise invalid(f"{where}: a reasoning item has summary/content parts with text, and encrypted_content a string", where)
         kept = {"type": kind, "summary": [{"type": "summary_text", "text": t} for t in texts]}
         return kept | {k: item[k] for k in ("id", "encrypted_content") if text(k)}
     if kind == "item_reference" and text("id"):
         return {"type": kind, "id": item["id"]}
     if kind in ("message", "function_call", "function_call_output", "item_reference"):
-        raise invalid(where, f"{where}: a {kind} item is missing a field or has one of the wrong type: {shown(item)}")
+        raise invalid(f"{where}: a {kind} item is missing a field or has one of the wrong type: {shown(item)}", where)
     accepted = "message, function_call, function_call_output, reasoning and item_reference"
-    raise unsupported(where, f"{where} is a {shown(kind)} item: accepted are {accepted}")
+    raise unsupported(f"{where} is a {shown(kind)} item: accepted are {accepted}", where)
 
 
 def message_item(item: dict[str, Any], where: str) -> dict[str, Any]:
     role = item.get("role")
     if role not in ROLES:
-        raise invalid(f"{where}.role", f"{where}.role must be one of {', '.join(ROLES)}, got {shown(role)}")
+        raise invalid(f"{where}.role must be one of {', '.join(ROLES)}, got {shown(role)}", f"{where}.role")
     content = item.get("content")
     if isinstance(content, str):
         content = [{"type": "output_text" if role == "assistant" else "input_text", "text": content}]
     if not isinstance(content, list):
-        raise invalid(f"{where}.content", f"{where}.content must be a string or an array of parts, got {shown(content)}")
+        raise invalid(f"{where}.content must be a string or an array of parts, got {shown(content)}", f"{where}.content")
     parts = []
     for j, part in enumerate(content):
         at, kind = f"{where}.content[{j}]", part.get("type") if isinstance(part, dict) else None
@@ -164,9 +162,9 @@ def message_item(item: dict[str, Any], where: str) -> dict[str, Any]:
         elif kind == "input_image" and isinstance(part.get("image_url"), str):
             parts.append({"type": kind, "image_url": part["image_url"]})  # chat_shape checks the URL
         elif kind == "input_image":
-            raise unsupported(at, f"{at}: an image is a data: or https URL in image_url (no file ids: files live on OpenAI's service)")
+            raise unsupported(f"{at}: an image is a data: or https URL in image_url (no file ids: files live on OpenAI's service)", at)
         else:
-            raise unsupported(at, f"{at} is {shown(part)}: parts are input_text, input_image or output_text")
+            raise unsupported(f"{at} is {shown(part)}: parts are input_text, input_image or output_text", at)
     return {"type": "message", "role": role, "content": parts} | ({"id": item["id"]} if isinstance(item.get("id"), str) else {})
 
 
@@ -176,7 +174,7 @@ def output_text(value: Any, where: str) -> str:
         return value
     if isinstance(value, list) and all(isinstance(p, dict) and isinstance(p.get("text"), str) for p in value):
         return "".join(p["text"] for p in value)
-    raise invalid(where, f"{where} must be a string or an array of text parts, got {shown(value)}")
+    raise invalid(f"{where} must be a string or an array of text parts, got {shown(value)}", where)
 
 
 async def resolved(items: Items, previous_id: Any, state: ResponseItems, key_name: str | None) -> Items:
@@ -194,7 +192,7 @@ async def resolved(items: Items, previous_id: Any, state: ResponseItems, key_nam
         previous = await stored(previous_id) if isinstance(previous_id, str) else None
         if previous is None:
             why = "no response with that id is stored for this key (unknown, expired, another key's, or made with store: false)"
-            raise invalid("previous_response_id", f"previous_response_id {shown(previous_id)}: {why}")
+            raise invalid(f"previous_response_id {shown(previous_id)}: {why}", "previous_response_id")
         conversation += previous[0] + previous[1]
     for i, item in enumerate(items):
         if item["type"] != "item_reference":
@@ -204,7 +202,7 @@ async def resolved(items: Items, previous_id: Any, state: ResponseItems, key_nam
         found = next((it for it in (kept[1] + kept[0] if kept else []) if it.get("id") == item["id"]), None)
         if found is None:
             why = "no item with that id is stored for this key (unknown, expired, another key's, or made with store: false)"
-            raise invalid(f"input[{i}]", f"input[{i}]: item_reference {shown(item['id'])}: {why}")
+            raise invalid(f"input[{i}]: item_reference {shown(item['id'])}: {why}", f"input[{i}]")
         conversation.append(found)
     return conversation
 
@@ -296,7 +294,7 @@ def chat_tools(value: Any) -> Any:
         if not isinstance(tool, dict) or tool.get("type") != "function":
             kind = tool.get("type") if isinstance(tool, dict) else None
             why = "only function tools are supported (hosted tools run on OpenAI's service)"
-            raise unsupported(f"tools[{i}]", f"tools[{i}] is a {shown(kind)} tool: {why}")
+            raise unsupported(f"tools[{i}] is a {shown(kind)} tool: {why}", f"tools[{i}]")
     fields = ("name", "description", "parameters", "strict")
     return [{"type": "function", "function": {k: tool[k] for k in fields if tool.get(k) is not None}} for tool in value]
 
@@ -311,7 +309,7 @@ def chat_tool_choice(value: Any, tools: list[dict[str, Any]] | None) -> Any:
 def reasoning_effort(value: Any) -> str | None:
     effort = value.get("effort") if isinstance(value, dict) else None
     if (value is not None and not isinstance(value, dict)) or (effort is not None and effort not in chat_shape.EFFORTS):
-        raise invalid("reasoning", f"reasoning must be {{effort: {' | '.join(chat_shape.EFFORTS)}}}, got {shown(value)}")
+        raise invalid(f"reasoning must be {{effort: {' | '.join(chat_shape.EFFORTS)}}}, got {shown(value)}", "reasoning")
     return cast(str | None, effort)
 
 

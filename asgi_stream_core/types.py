@@ -33,6 +33,11 @@ def invalid(message: str, param: str | None = None) -> Refusal:
     return Refusal(400, "invalid_request", message, param=param)
 
 
+def unsupported(message: str, param: str) -> Refusal:
+    """A field a front door or a backend cannot honour (never dropped silently)."""
+    return Refusal(400, "unsupported_parameter", message, param=param)
+
+
 def store_unavailable(message: str = "the shared stream store (Redis) is unreachable; try again shortly") -> Refusal:
     """The shared store (Redis) cannot be asked: limits cannot be enforced, so fail closed."""
     return Refusal(503, "store_unavailable", message, RETRY_SOON)
