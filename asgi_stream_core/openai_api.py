@@ -178,10 +178,8 @@ def parse_messages(value: Any) -> list[dict[str, Any]]:
 
 
 def flag(fields: dict[str, Any], name: str) -> bool:
-    value = fields.get(name)
-    if value is not None and not isinstance(value, bool):
-        raise invalid(f"{name} must be true or false, got {shown(value)}", name)
-    return bool(value)
+    """A boolean field, false when absent."""
+    return bool(chat_shape.flag_of(fields.get(name), name))
 
 
 def number(fields: dict[str, Any], name: str, high: float) -> float | None:
