@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -26,6 +27,27 @@ import uvicorn
 from httpx_sse import EventSource
 
 import asgi_stream
+
+SDK = TypeVar("SDK")
+SDK_CLIENTS: list[Any] = []
+
+
+def closed_after_test(client: SDK) -> SDK:
+    """`client` (an openai or anthropic SDK client), closed when the running test ends.
+    An SDK's resources point back at their client, so an unclosed client is freed only
+    by the cycle collector, and its open sockets then warn (a ResourceWarning, an error
+    here) in whichever later test the collector happens to run: on CI, two tests far
+    from the ones that left them."""
+    SDK_CLIENTS.append(client)
+    return client
+
+
+@pytest.fixture(autouse=True)
+def _close_sdk_clients() -> Iterator[None]:
+    yield
+    while SDK_CLIENTS:
+        SDK_CLIENTS.pop().close()
+
 
 BASE_ENV = {"USAGE_DB": "", "RESUME_GRACE_SECONDS": "0", "HEARTBEAT_SECONDS": "15", "ECHO_DELAY_SECONDS": "0"}
 

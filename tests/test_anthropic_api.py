@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from asgi_stream import Gateway
-from tests.conftest import BASE_ENV, serve
+from tests.conftest import BASE_ENV, closed_after_test, serve
 from tests.upstream import FakeUpstream, Reply, Seen
 
 TOOLS: list[Any] = [{"name": "lookup", "description": "Look it up", "input_schema": {"type": "object"}}]
@@ -37,7 +37,7 @@ def url() -> Iterator[str]:
 
 
 def client(url: str, **options: Any) -> anthropic.Anthropic:
-    return anthropic.Anthropic(**{"base_url": url, "api_key": "k1", "max_retries": 0, "timeout": 30, **options})
+    return closed_after_test(anthropic.Anthropic(**{"base_url": url, "api_key": "k1", "max_retries": 0, "timeout": 30, **options}))
 
 
 def history(message: Any) -> dict[str, Any]:
@@ -130,7 +130,7 @@ def test_count_tokens_is_an_estimate_and_says_so(url: str) -> None:
 
 
 def test_a_bearer_token_works_as_x_api_key_does(url: str) -> None:
-    bearer = anthropic.Anthropic(base_url=url, auth_token="k1", max_retries=0)
+    bearer = closed_after_test(anthropic.Anthropic(base_url=url, auth_token="k1", max_retries=0))
     assert bearer.messages.create(model="echo", max_tokens=5, messages=[{"role": "user", "content": "hi"}]).content[0].type == "text"
 
 

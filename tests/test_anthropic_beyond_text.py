@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from asgi_stream import Gateway
 from providers import ChatRequest, Unsupported, Upstream
 from providers import anthropic as provider
-from tests.conftest import Result
+from tests.conftest import Result, closed_after_test
 from tests.rig import Rig, rig_fixture  # noqa: F401
 from tests.test_inprocess import ENV, post_json, request, sse_events
 from tests.upstream import FakeUpstream, Reply, Seen
@@ -265,7 +265,7 @@ def test_a_tool_turn_without_anthropics_signed_thinking_continues_without_thinki
 
 
 def sdk(rig: Rig) -> openai.OpenAI:
-    return openai.OpenAI(base_url=rig.gw.url + "/v1", api_key="x", max_retries=0, timeout=30)
+    return closed_after_test(openai.OpenAI(base_url=rig.gw.url + "/v1", api_key="x", max_retries=0, timeout=30))
 
 
 def completion_of(rig: Rig, messages: list[Any], **fields: Any) -> dict[str, Any]:

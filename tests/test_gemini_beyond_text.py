@@ -21,6 +21,7 @@ from google import genai
 from google.genai import types as genai_types
 
 from providers import ChatRequest, Unsupported, gemini
+from tests.conftest import closed_after_test
 from tests.rig import Rig, cut, rig_fixture  # noqa: F401
 from tests.upstream import Reply, Seen
 
@@ -431,7 +432,7 @@ def test_the_strict_fake_refuses_a_lost_or_changed_signature(strict: Rig, signat
 
 
 def test_two_turn_loop_through_the_openai_sdk(strict: Rig) -> None:
-    api = openai.OpenAI(base_url=strict.gw.url + "/v1", api_key="none", max_retries=0, timeout=30)
+    api = closed_after_test(openai.OpenAI(base_url=strict.gw.url + "/v1", api_key="none", max_retries=0, timeout=30))
     extra = {"reasoning_effort": "low"}
     stream = api.chat.completions.create(model="gemini/gemini-3-pro-preview", messages=ASK, tools=[WEATHER], stream=True,  # type: ignore[list-item,arg-type]
                                          stream_options={"include_usage": True}, **extra)  # fmt: skip
@@ -464,7 +465,7 @@ def test_two_turn_loop_through_the_openai_sdk(strict: Rig) -> None:
 
 
 def test_the_non_streaming_v1_message_carries_everything_back(strict: Rig) -> None:
-    api = openai.OpenAI(base_url=strict.gw.url + "/v1", api_key="none", max_retries=0, timeout=30)
+    api = closed_after_test(openai.OpenAI(base_url=strict.gw.url + "/v1", api_key="none", max_retries=0, timeout=30))
     first = api.chat.completions.create(model="gemini/gemini-3-pro-preview", messages=ASK, tools=[WEATHER], reasoning_effort="low")  # type: ignore[list-item]
     message = first.choices[0].message
     assert first.choices[0].finish_reason == "tool_calls" and message.tool_calls

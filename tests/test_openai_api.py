@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from asgi_stream_core import config
-from tests.conftest import serve
+from tests.conftest import closed_after_test, serve
 from tests.rig import Rig, backend_env, rig_fixture  # noqa: F401
 from tests.upstream import Reply, Seen
 
@@ -47,7 +47,7 @@ def model_of(backend: str) -> str:
 
 
 def client(rig: Rig, key: str = "gw-alice", **options: Any) -> openai.OpenAI:
-    return openai.OpenAI(base_url=rig.gw.url + "/v1", api_key=key, **{"max_retries": 0, "timeout": 30, **options})
+    return closed_after_test(openai.OpenAI(base_url=rig.gw.url + "/v1", api_key=key, **{"max_retries": 0, "timeout": 30, **options}))
 
 
 # --- what each backend's upstream sends, for a list of tokens -------------------------
@@ -322,7 +322,7 @@ def test_an_unknown_backend_is_a_404_not_found(rig: Rig, model: str) -> None:
 
 def test_a_backend_that_is_not_configured_is_a_404(rig: Rig) -> None:
     with serve({}) as gw:  # echo only
-        api = openai.OpenAI(base_url=gw.url + "/v1", api_key="-", max_retries=0)
+        api = closed_after_test(openai.OpenAI(base_url=gw.url + "/v1", api_key="-", max_retries=0))
         with pytest.raises(openai.NotFoundError, match="ANTHROPIC_API_KEY is not set"):
             api.chat.completions.create(model="anthropic/claude-x", messages=HI)  # type: ignore[arg-type]
         assert [m.id for m in api.models.list().data] == ["echo/echo"]
@@ -372,7 +372,7 @@ def test_beyond_the_per_key_limit_is_a_rate_limit_error_with_retry_after(rig: Ri
 
 def test_beyond_the_server_limit_is_a_503_with_retry_after(rig: Rig) -> None:
     with serve({"MAX_STREAMS": "1", "ECHO_DELAY_SECONDS": "0.05"}) as gw:
-        api = openai.OpenAI(base_url=gw.url + "/v1", api_key="-", max_retries=0)
+        api = closed_after_test(openai.OpenAI(base_url=gw.url + "/v1", api_key="-", max_retries=0))
         with api.chat.completions.create(model="echo/echo", messages=[{"role": "user", "content": "a b c d e f"}], stream=True) as held:
             next(iter(held))
             with pytest.raises(openai.InternalServerError) as caught:
@@ -410,7 +410,7 @@ def test_an_upstream_http_error_keeps_its_status_except_a_refused_provider_key(
 def test_no_token_before_the_first_token_deadline_is_a_504(rig: Rig) -> None:
     with answering(rig, lambda b: Reply(200, "text/event-stream", [30.0])), \
          serve({**backend_env(rig.upstream.url), "FIRST_TOKEN_TIMEOUT_SECONDS": "0.3"}) as gw:  # fmt: skip
-        api = openai.OpenAI(base_url=gw.url + "/v1", api_key="-", max_retries=0)
+        api = closed_after_test(openai.OpenAI(base_url=gw.url + "/v1", api_key="-", max_retries=0))
         with pytest.raises(openai.APIStatusError) as caught:
             list(api.chat.completions.create(model="openai/m", messages=HI, stream=True))
     assert caught.value.status_code == 504 and "first-token deadline" in caught.value.message
@@ -503,7 +503,7 @@ def test_the_stream_has_only_data_lines_and_comment_heartbeats(rig: Rig) -> None
          serve({**backend_env(rig.upstream.url), "HEARTBEAT_SECONDS": "0.05"}) as gw:  # fmt: skip
         with httpx.stream("POST", gw.url + "/v1/chat/completions", json={"model": "openai/m", "messages": HI, "stream": True}) as response:
             raw = response.read()
-        api = openai.OpenAI(base_url=gw.url + "/v1", api_key="-", max_retries=0)
+        api = closed_after_test(openai.OpenAI(base_url=gw.url + "/v1", api_key="-", max_retries=0))
         chunks = api.chat.completions.create(model="openai/m", messages=HI, stream=True)
         python_text = "".join(c.choices[0].delta.content or "" for c in chunks)
         (node,) = run_node(gw.url, "-", [{"request": {"model": "ollama/m", "messages": HI, "stream": True}}])

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import openai
 
-from tests.conftest import Served, serve
+from tests.conftest import Served, closed_after_test, serve
 from tests.redis_server import RedisServer, redis_server  # noqa: F401 - a fixture
 from tests.test_lifecycle import BODY
 from tests.test_openai_api import endless_reply, tokens_reply
@@ -38,7 +38,7 @@ def replicas(redis: RedisServer, count: int = 2, **extra: str) -> Iterator[tuple
 
 
 def sdk(replica: Served, key: str = "-") -> openai.OpenAI:
-    return openai.OpenAI(base_url=replica.url + "/v1", api_key=key, max_retries=0, timeout=30)
+    return closed_after_test(openai.OpenAI(base_url=replica.url + "/v1", api_key=key, max_retries=0, timeout=30))
 
 
 @contextmanager
