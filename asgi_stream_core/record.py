@@ -108,6 +108,12 @@ class StreamRecord:
     """The events of one generation, for every client that reads it, and what
     the ledger row will say of it (filled in by the generation and readers)."""
 
+    # One per open stream: slots, not a __dict__ (64 B less each)
+    __slots__ = ("_changed", "_encode", "_frame", "_readers_changed", "attempts", "cancel_reason", "cut", "error",
+                 "ever_disconnected", "finish_reason", "finished", "first_token_after", "framer", "generation", "id",
+                 "id_prefix", "key_name", "log", "on_append", "readers", "request", "resumable", "route", "served",
+                 "started", "started_clock", "tokens", "usage")  # fmt: skip
+
     def __init__(self, stream_id: str, key_name: str | None, request: ChatRequest, max_bytes: int,
                  framer: Framer = SSE, route: str = "chat/stream"):  # fmt: skip
         self.id = stream_id

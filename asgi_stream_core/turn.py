@@ -29,6 +29,8 @@ class Call:
 
 
 class Turn:
+    __slots__ = ("calls", "reasoning")  # one per open stream
+
     def __init__(self) -> None:
         self.reasoning: list[str] = []
         self.calls: dict[int, Call] = {}
