@@ -5,6 +5,7 @@ one with DELETE. Its events are SSE with ids (docs/design.md)."""
 from __future__ import annotations
 
 import secrets
+from collections.abc import Awaitable
 
 import anyio
 
@@ -17,12 +18,13 @@ from asgi_stream_core.types import RETRY_SOON, Refusal
 from asgi_stream_core.web import Exchange, cors_headers, read_body, require_json, send_response
 
 
-async def chat_stream(services: Services, exchange: Exchange) -> None:
-    """GET or POST: a resume when the request carries a Last-Event-ID, else a new stream."""
+def chat_stream(services: Services, exchange: Exchange) -> Awaitable[None]:
+    """GET or POST: a resume when the request carries a Last-Event-ID, else a new stream.
+    Not a coroutine of its own but the one it chose: no frame of ours held all stream long (320 B)."""
     last_event_id = next((v for k, v in exchange.scope["headers"] if k.lower() == b"last-event-id" and v.strip()), None)
     if last_event_id is not None:
-        return await resume_stream(services, exchange, last_event_id.decode("utf-8", "replace").strip())  # browsers send UTF-8
-    await start_stream(services, exchange)
+        return resume_stream(services, exchange, last_event_id.decode("utf-8", "replace").strip())  # browsers send UTF-8
+    return start_stream(services, exchange)
 
 
 async def start_stream(services: Services, exchange: Exchange) -> None:

@@ -305,6 +305,9 @@ async def open_stream(http: httpx.AsyncClient, url: str, body: dict[str, Any], h
     # the client's timeouts are kept.
     request = httpx.Request("POST", parsed_url(url), content=content, headers={"user-agent": USER_AGENT, **headers},
                             extensions={"timeout": http.timeout.as_dict()})
+    # This frame lives as long as the stream: the request holds all it needs, so the body's
+    # dicts and the header dict we were given are let go now (~0.5 KiB per open stream).
+    del url, body, headers
     try:
         response = await http.send(request, stream=True)
     except httpx.ConnectTimeout:
