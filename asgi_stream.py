@@ -27,6 +27,7 @@ a job; read it in the order a request walks through it:
     upstream_client.py        the one shared httpx client
     connections.py            uvicorn's HTTP protocol with a head deadline and a connection bound
     access_log.py             uvicorn's access log without the query (no prompt, no key)
+    workers.py                WORKERS=N: a process per core, each with a listening socket of its own
     ../providers/             one module per upstream wire format
 """
 
@@ -35,10 +36,12 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import Any
 
 from asgi_stream_core.config import ConfigError, load_config, number
 from asgi_stream_core.gateway import Gateway
 from asgi_stream_core.ledger import usage_report
+from asgi_stream_core.workers import listening_sockets, supervise
 
 __all__ = ["Gateway", "app", "main"]
 
@@ -51,17 +54,21 @@ def main(argv: list[str]) -> int:
     try:
         config = load_config(os.environ)
         port = int(number(os.environ, "PORT", 8000, 1))
+        workers = int(number(os.environ, "WORKERS", 1, 1))
     except ConfigError as exc:
         print(f"asgi-stream: {exc}", file=sys.stderr)
         return 2
     if argv[1:2] == ["usage"]:
         return usage_report(argv[2:], config.usage_db)
+    host = os.environ.get("HOST", "127.0.0.1")
+    # The image's CMD and the README's uvicorn line set the same: connections bounded (asgi_stream_core/connections.py)
+    options: dict[str, Any] = {"timeout_graceful_shutdown": 5, "log_level": "info", "http": HTTP_PROTOCOL}
+    if workers > 1:  # a socket per worker, not uvicorn's shared one: asgi_stream_core/workers.py says why
+        return supervise(listening_sockets(host, port, workers), {"app": "asgi_stream:app", **options})
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    host = os.environ.get("HOST", "127.0.0.1")
-    # The image's CMD and the README's uvicorn line set the same: connections bounded (asgi_stream_core/connections.py)
-    uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=5, log_level="info", http=HTTP_PROTOCOL)
+    uvicorn.run(app, host=host, port=port, **options)
     return 0
 
 

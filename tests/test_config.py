@@ -191,6 +191,7 @@ def run_module(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
 @pytest.mark.parametrize(("env", "message"), [
     ({"MAX_TOKENS": "many"}, "asgi-stream: MAX_TOKENS='many' is not an integer"),
     ({"PORT": "eighty"}, "asgi-stream: PORT='eighty' is not an integer"),
+    ({"WORKERS": "0"}, "asgi-stream: WORKERS='0' must be at least 1"),
     ({"HEARTBEAT_SECONDS": "-1", "USAGE_DB": ""}, "asgi-stream: HEARTBEAT_SECONDS='-1' must be at least 0.001"),
 ])  # fmt: skip
 def test_python_m_asgi_stream_with_an_invalid_variable_exits_naming_it(env: dict[str, str], message: str) -> None:
