@@ -62,9 +62,10 @@ def fake_upstream() -> Iterator[None]:
         upstream.wait(30)
 
 
-def load_app(relay: str | None, model: str = MODEL) -> tuple[Any, bytes]:
-    """The app and the request body it takes: the gateway's, or a relay's (raw OpenAI)."""
-    messages = [{"role": "user", "content": "hi"}]
+def load_app(relay: str | None, model: str = MODEL, prompt_bytes: int = 2) -> tuple[Any, bytes]:
+    """The app and the request body it takes: the gateway's, or a relay's (raw OpenAI),
+    its one message `prompt_bytes` long."""
+    messages = [{"role": "user", "content": "hi".ljust(prompt_bytes, ".")}]
     if relay:
         spec = importlib.util.spec_from_file_location("relay_app", relay)
         assert spec is not None and spec.loader is not None
@@ -162,9 +163,10 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=15)
     parser.add_argument("--by", choices=("filename", "lineno", "traceback"), default="filename")
     parser.add_argument("--relay", help="measure this relay app file (the shared harness's) instead of the gateway")
+    parser.add_argument("--prompt-bytes", type=int, default=2, help="the length of the one message (2: \"hi\")")
     args = parser.parse_args()
     with fake_upstream():
-        app, body = load_app(args.relay)
+        app, body = load_app(args.relay, prompt_bytes=args.prompt_bytes)
         tracemalloc.start(12 if args.by == "traceback" else 1)
         anyio.run(measure, app, body, args.streams, args.by, args.top, backend_options={"use_uvloop": True})
 
