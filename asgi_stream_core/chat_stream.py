@@ -16,6 +16,7 @@ from asgi_stream_core.record import StreamRecord
 from asgi_stream_core.services import Services
 from asgi_stream_core.types import RETRY_SOON, Refusal
 from asgi_stream_core.web import Exchange, cors_headers, read_body, require_json, send_response
+from providers import ChatRequest
 
 
 def chat_stream(services: Services, exchange: Exchange) -> Awaitable[None]:
@@ -28,11 +29,8 @@ def chat_stream(services: Services, exchange: Exchange) -> Awaitable[None]:
 
 
 async def start_stream(services: Services, exchange: Exchange) -> None:
-    cfg, body = services.config, b""
-    if exchange.method == "POST":
-        require_json(exchange.headers)
-        body = await read_body(exchange.receive, exchange.headers, cfg)
-    request = parse_chat_request(exchange.method, exchange.query, body, cfg)
+    cfg = services.config
+    request = await read_chat_request(services, exchange)
     record = StreamRecord(secrets.token_urlsafe(16), exchange.key_name, request, cfg.stream_buffer_bytes)
     await services.admission.hold(record)
     generation = generation_for(services, record)
@@ -43,6 +41,16 @@ async def start_stream(services: Services, exchange: Exchange) -> None:
         reader = Reader(services, record, 0)
         await reader.serve(exchange.receive, exchange.send, record.opening(), cors_headers(cfg, exchange.scope))
         await generation.linger()
+
+
+async def read_chat_request(services: Services, exchange: Exchange) -> ChatRequest:
+    """The request, validated: the body of a POST, or the query of a GET. In a frame of its
+    own, so that the raw body (a prompt's size) is not held beside it as long as the stream."""
+    body = b""
+    if exchange.method == "POST":
+        require_json(exchange.headers)
+        body = await read_body(exchange.receive, exchange.headers, services.config)
+    return parse_chat_request(exchange.method, exchange.query, body, services.config)
 
 
 async def resume_stream(services: Services, exchange: Exchange, last_event_id: str) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hmac
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from contextlib import AsyncExitStack
 from urllib.parse import parse_qsl, urlencode
 
@@ -79,7 +79,7 @@ class Gateway:
             if scope["method"] == "HEAD":  # refusals included: a HEAD answer never has a body
                 send = without_body(send)
             try:
-                await self.serve(route, scope, receive, send)
+                await (await self.handling(route, scope, receive, send))
             except Refusal as refusal:
                 self.metrics.rejected[refusal.type] += 1
                 config = self.services.config if self.services is not None else None
@@ -106,7 +106,10 @@ class Gateway:
                     await send({"type": "lifespan.shutdown.complete"})
                     return
 
-    async def serve(self, route: Route, scope: Scope, receive: Receive, send: Send) -> None:
+    async def handling(self, route: Route, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        """The checks every route shares, and the body read when the route says so; then the
+        handler's coroutine, awaited by the caller: not in this frame, whose locals (the body among
+        them, a prompt's size) would otherwise be held as long as a stream (bench/stream_memory.py)."""
         path, method = scope["path"], scope["method"]
         query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True))
         if "access_token" in query:  # other servers' access logs print this scope's query: keep the key out, whatever the status
@@ -117,7 +120,7 @@ class Gateway:
         if not route.methods:
             raise Refusal(404, "not_found", f"no route for {path[:100]}")
         if method == "OPTIONS":
-            return await self.preflight(route, headers, send)
+            return self.preflight(route, headers, send)
         if method not in route.methods:
             allow = ", ".join(route.methods)
             raise Refusal(405, "method_not_allowed", f"{path[:100]} allows {allow}", [(b"allow", allow.encode())])
@@ -129,7 +132,7 @@ class Gateway:
                 require_json(headers)
             body = await read_body(receive, headers, services.config)
         assert route.handler is not None
-        await route.handler(services, Exchange(scope, receive, send, headers, query, key_name, body))
+        return route.handler(services, Exchange(scope, receive, send, headers, query, key_name, body))
 
     @staticmethod
     def authenticate(config: Config, headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:

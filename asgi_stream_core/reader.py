@@ -38,12 +38,13 @@ class Reader:
 
     async def serve(self, receive: Receive, send: Send, opening: bytes, cors: Headers) -> None:
         record = self.record
-        headers = [*SSE_HEADERS, (b"x-stream-id", record.id.encode()), *cors]
         may_leave_response_unfinished()  # a client dropped (stalled, fell behind): uvicorn logs it as INFO, not ERROR
         record.readers += 1
         record.readers_changed()  # O(1): only the resume grace and a replica's announcer wait on it, no other reader
         try:
-            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            # the header list built in the message, not held in this frame for as long as the stream (200 B)
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [*SSE_HEADERS, (b"x-stream-id", record.id.encode()), *cors]})  # fmt: skip
             await send({"type": "http.response.body", "body": opening, "more_body": True})
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(self.watch, receive, tasks.cancel_scope)

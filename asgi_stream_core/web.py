@@ -5,7 +5,7 @@ check, and the one writer of a whole (non-streaming) response."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import anyio
 
@@ -111,3 +111,9 @@ class Exchange:
     @property
     def method(self) -> str:
         return str(self.scope["method"])
+
+    def parsed(self) -> Exchange:
+        """This exchange without its body, for a handler that has parsed it: the raw bytes
+        are then not held beside the parsed request for as long as the stream (a prompt's
+        size per open stream, bench/stream_memory.py --prompt-bytes)."""
+        return replace(self, body=b"")
