@@ -121,8 +121,8 @@ def test_a_connection_that_dribbles_its_headers_is_closed_at_the_head_deadline(c
     """Four bytes a second never finish a request head: the server closes the
     connection once HEADER_TIMEOUT_SECONDS have passed since it opened."""
     with serve(command, {"HEADER_TIMEOUT_SECONDS": "2"}, tmp_path) as server:
+        started, closed = time.monotonic(), False  # before the connect: the server's clock starts later, never earlier
         sock = socket.create_connection(host_port(server), timeout=30)
-        started, closed = time.monotonic(), False
         request = b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-slow: " + b"a" * 1000
         try:
             for byte in request:

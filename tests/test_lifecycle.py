@@ -153,7 +153,7 @@ def test_a_dropped_client_keeps_the_generation_for_the_grace_then_it_is_cancelle
                                                               "RESUME_GRACE_SECONDS": "0.6"}) as gw:
         with httpx.Client(timeout=10) as client, client.stream("POST", gw.url + "/chat/stream", json=BODY) as response:
             read_events(response, 2)
-        dropped = time.monotonic()
+            dropped = time.monotonic()  # just before the close: the grace starts after it, never before
         assert upstream.wait_for(lambda: upstream.seen[0].closed_by_client is not None, 30)
         waited = upstream.seen[0].closed_by_client - dropped
         assert 0.5 < waited < 15  # the 0.6 s grace, then cancelled: not the 40 s the reply lasts
