@@ -517,7 +517,7 @@ def test_a_resume_storm_then_everyone_leaving_cancels_the_generation_after_the_g
     with serve_probed(env) as gw:
         host, port = host_port(gw.url)
 
-        async def storm() -> None:
+        async def storm() -> float:
             body = json.dumps({"messages": [{"role": "user", "content": "shared"}]}).encode()
             reader, first = await asyncio.open_connection(host, port)
             first.write(post_head(len(body)) + body)
@@ -534,11 +534,12 @@ def test_a_resume_storm_then_everyone_leaving_cancels_the_generation_after_the_g
 
             writers = [first, *await asyncio.gather(*(resume() for _ in range(60)))]
             assert probe(gw.served).readers == 61
+            leaving = time.monotonic()  # before the aborts: the grace starts after them, never before
             for writer in writers:
                 writer.transport.abort()
+            return leaving
 
-        asyncio.run(storm())
-        left_at = time.monotonic()
+        left_at = asyncio.run(storm())
         assert upstream.wait_for(lambda: upstream.open_connections == 0, 30)
         assert time.monotonic() - left_at >= 0.25  # the grace was honoured, then the upstream closed
         assert len(upstream.seen) == 1  # sixty resumes started no generation
