@@ -441,7 +441,7 @@ def message_record(key_name: str | None, call: MessagesCall) -> StreamRecord:
 async def messages(services: Services, exchange: Exchange) -> None:
     """Answer one authenticated Messages request; refusals raise Refusal."""
     call = parse_messages_request(exchange.body, services.config)
-    exchange = exchange.parsed()  # this frame lives as long as the stream: the raw body is let go
+    exchange = exchange.parsed()  # this frame lives as long as the stream: the raw body and header dict are let go
     record = message_record(exchange.key_name, call)
     framer = cast(MessageFramer, record.framer)
     await answer(services, exchange, record, call.stream, framer.message_object, failure_object)

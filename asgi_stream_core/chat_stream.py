@@ -31,6 +31,7 @@ def chat_stream(services: Services, exchange: Exchange) -> Awaitable[None]:
 async def start_stream(services: Services, exchange: Exchange) -> None:
     cfg = services.config
     request = await read_chat_request(services, exchange)
+    exchange = exchange.parsed()  # this frame lives as long as the stream: the header dict is let go
     record = StreamRecord(secrets.token_urlsafe(16), exchange.key_name, request, cfg.stream_buffer_bytes)
     await services.admission.hold(record)
     generation = generation_for(services, record)
@@ -65,6 +66,7 @@ async def resume_stream(services: Services, exchange: Exchange, last_event_id: s
     limit = services.config.max_readers_per_stream
     if services.store.readers(record) >= limit:  # checked and counted with no await between: one reader past it, never two
         raise Refusal(429, "rate_limited", f"this stream is at its limit of {limit} readers", RETRY_SOON)
+    exchange = exchange.parsed()  # this frame lives as long as the reader: the header dict is let go
     await Reader(services, record, int(position)).serve(exchange.receive, exchange.send, record.resumed_opening(), cors)
 
 

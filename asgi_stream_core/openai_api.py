@@ -358,7 +358,7 @@ def completion_record(key_name: str | None, completion: Completion) -> StreamRec
 async def chat_completions(services: Services, exchange: Exchange) -> None:
     """Answer one authenticated request; refusals raise Refusal."""
     completion = parse_completion_request(exchange.body, services.config)
-    exchange = exchange.parsed()  # this frame lives as long as the stream: the raw body is let go
+    exchange = exchange.parsed()  # this frame lives as long as the stream: the raw body and header dict are let go
     record = completion_record(exchange.key_name, completion)
     framer = cast(CompletionFramer, record.framer)
     await answer(services, exchange, record, completion.stream, framer.completion_object, failure_object)

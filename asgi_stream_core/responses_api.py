@@ -502,7 +502,7 @@ async def create_response(services: Services, exchange: Exchange) -> None:
     """Answer one authenticated request; refusals raise Refusal."""
     state = services.responses
     call = await parse_response_request(exchange.body, services.config, state, exchange.key_name)
-    exchange = exchange.parsed()  # this frame lives as long as the stream: the raw body is let go
+    exchange = exchange.parsed()  # this frame lives as long as the stream: the raw body and header dict are let go
     record = response_record(exchange.key_name, call)
     framer = cast(ResponseFramer, record.framer)
     await answer(services, exchange, record, call.stream, framer.whole, failure_object, lambda: keep(state, record, framer))
