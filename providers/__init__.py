@@ -15,7 +15,7 @@ import random
 import secrets
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
-from contextlib import aclosing, asynccontextmanager
+from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from email.utils import parsedate_to_datetime
 from functools import lru_cache
@@ -293,10 +293,8 @@ parsed_url = lru_cache(maxsize=64)(httpx.URL)  # parsing one costs ~20 us per re
 USER_AGENT = "asgi-stream"
 
 
-@asynccontextmanager
-async def open_stream(http: httpx.AsyncClient, url: str, body: dict[str, Any], headers: dict[str, str]
-                      ) -> AsyncIterator[httpx.Response]:
-    """POST `body` and yield the 2xx streaming response; a failure to connect
+def open_stream(http: httpx.AsyncClient, url: str, body: dict[str, Any], headers: dict[str, str]) -> UpstreamResponse:
+    """POST `body`: `async with` it, the 2xx streaming response; a failure to connect
     or an HTTP error is an UpstreamError, marked retryable when it is one."""
     content = bytes(memoryview(orjson.dumps(body)))  # a right-sized copy: orjson's own buffer is 4 KiB, held all stream long
     # Not http.build_request: merging the client's defaults into every request was 5% of a
@@ -305,29 +303,48 @@ async def open_stream(http: httpx.AsyncClient, url: str, body: dict[str, Any], h
     # the client's timeouts are kept.
     request = httpx.Request("POST", parsed_url(url), content=content, headers={"user-agent": USER_AGENT, **headers},
                             extensions={"timeout": http.timeout.as_dict()})
-    # This frame lives as long as the stream: the request holds all it needs, so the body's
-    # dicts and the header dict we were given are let go now (~0.5 KiB per open stream).
-    del url, body, headers
-    try:
-        response = await http.send(request, stream=True)
-    except httpx.ConnectTimeout:
-        raise UpstreamError("timeout", "connect timeout: no connection to the upstream", retryable=True) from None
-    except httpx.RemoteProtocolError as exc:
-        # Includes the keep-alive race: a pooled connection the upstream closed
-        # just as it was reused. Nothing was answered, so a retry is safe.
-        raise UpstreamError("protocol_error", f"the upstream broke the connection before answering: {exc}", retryable=True) from None
-    except httpx.NetworkError as exc:
-        message = f"cannot connect to the upstream: {type(exc).__name__}"
-        raise UpstreamError("upstream_unavailable", message, retryable=True) from None
-    try:
-        if not response.is_success:
-            body_read = await read_at_most(response, ERROR_BODY_LIMIT)
-            failure = error_from_body(response.status_code, body_read, parse_retry_after(response.headers))
-            failure.retryable = response.status_code in RETRY_STATUSES and failure.code != "insufficient_quota"
-            raise failure
-        yield response
-    finally:
-        await response.aclose()
+    return UpstreamResponse(http, request)
+
+
+class UpstreamResponse:
+    """The response to an upstream request, open for the `async with` block. A class, not an
+    @asynccontextmanager: that one's generator (a frame holding the body's dicts, an entry
+    in the loop's set of async generators) and wrapper were ~1 KiB of every open stream
+    (bench/stream_memory.py)."""
+
+    __slots__ = ("http", "request", "response")
+
+    def __init__(self, http: httpx.AsyncClient, request: httpx.Request) -> None:
+        self.http, self.request = http, request
+        self.response: httpx.Response | None = None
+
+    async def __aenter__(self) -> httpx.Response:
+        try:
+            response = await self.http.send(self.request, stream=True)
+        except httpx.ConnectTimeout:
+            raise UpstreamError("timeout", "connect timeout: no connection to the upstream", retryable=True) from None
+        except httpx.RemoteProtocolError as exc:
+            # Includes the keep-alive race: a pooled connection the upstream closed
+            # just as it was reused. Nothing was answered, so a retry is safe.
+            raise UpstreamError("protocol_error", f"the upstream broke the connection before answering: {exc}", retryable=True) from None
+        except httpx.NetworkError as exc:
+            message = f"cannot connect to the upstream: {type(exc).__name__}"
+            raise UpstreamError("upstream_unavailable", message, retryable=True) from None
+        try:
+            if not response.is_success:
+                body_read = await read_at_most(response, ERROR_BODY_LIMIT)
+                failure = error_from_body(response.status_code, body_read, parse_retry_after(response.headers))
+                failure.retryable = response.status_code in RETRY_STATUSES and failure.code != "insufficient_quota"
+                raise failure
+        except BaseException:
+            await response.aclose()
+            raise
+        self.response = response
+        return response
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self.response is not None
+        await self.response.aclose()
 
 
 def body_pieces(response: httpx.Response) -> AsyncIterator[bytes]:
