@@ -65,7 +65,9 @@ def main(argv: list[str]) -> int:
     # The image's CMD and the README's uvicorn line set the same: connections bounded (asgi_stream_core/connections.py)
     options: dict[str, Any] = {"timeout_graceful_shutdown": 5, "log_level": "info", "http": HTTP_PROTOCOL}
     if workers > 1:  # a socket per worker, not uvicorn's shared one: asgi_stream_core/workers.py says why
-        return supervise(listening_sockets(host, port, workers), {"app": "asgi_stream:app", **options})
+        listeners = listening_sockets(host, port, workers)
+        print(f"asgi-stream: {workers} workers on http://{host}:{port}", file=sys.stderr)  # uvicorn, given sockets, names no address
+        return supervise(listeners, {"app": "asgi_stream:app", **options})
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -81,7 +81,7 @@ def test_open_streams_are_served_by_every_worker(two_workers: Process) -> None:
 
 def test_sigterm_ends_every_worker_and_the_command_with_zero(two_workers: Process) -> None:
     pids = worker_pids(two_workers.popen.pid)
-    assert len(pids) == 2
+    assert len(pids) == 2 and f"asgi-stream: 2 workers on {two_workers.url}" in two_workers.output()
     two_workers.popen.send_signal(signal.SIGTERM)
     assert two_workers.popen.wait(30) == 0
     assert not any(Path(f"/proc/{pid}").exists() for pid in pids)
