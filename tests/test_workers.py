@@ -34,8 +34,15 @@ def two_workers(tmp_path: Path) -> Iterator[Process]:
 
 def worker_pids(pid: int) -> list[int]:
     """The worker processes `pid` started (not multiprocessing's resource tracker beside them)."""
-    found = [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    return [child for child in found if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes()]
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):  # not /proc/PID/task/PID/children: a kernel option
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])  # after "pid (name)": state, ppid
+            if parent == pid and b"spawn_main" in (stat.parent / "cmdline").read_bytes():
+                found.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):  # a process that ended meanwhile
+            continue
+    return found
 
 
 def established_on(port: int) -> set[str]:
