@@ -63,6 +63,8 @@ def supervise(listeners: list[socket.socket], uvicorn_options: dict[str, Any]) -
     try:
         for worker in workers:
             worker.start()
+        if stopping:  # asked to stop while they were starting: those not yet started then are stopped now
+            stop(signal.SIGTERM, None)
         for listener in listeners:
             listener.close()  # the workers hold their copies
         wait([worker.sentinel for worker in workers])

@@ -8,6 +8,8 @@ workers, and a signal that arrives before they started."""
 from __future__ import annotations
 
 import json
+import multiprocessing
+import multiprocessing.context
 import os
 import signal
 import socket
@@ -16,6 +18,7 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -112,6 +115,20 @@ def test_supervise_stops_the_workers_on_sigterm_and_gives_back_the_handlers(monk
     assert workers.supervise(listeners, {}) == 0
     assert time.monotonic() - started < 30 and signal.getsignal(signal.SIGTERM) is before
     assert all(listener.fileno() == -1 for listener in listeners)  # the parent's copies closed
+
+
+class StartsAfterAStop(multiprocessing.context.SpawnProcess):
+    def start(self) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)  # the stop arrives before this worker has a process
+        super().start()
+
+
+def test_a_stop_while_the_workers_start_stops_them_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(workers, "serve_worker", sleep_a_minute)
+    monkeypatch.setattr(workers.multiprocessing, "get_context", lambda method: SimpleNamespace(Process=StartsAfterAStop))
+    started = time.monotonic()
+    assert workers.supervise(workers.listening_sockets("127.0.0.1", 0, 1), {}) == 0
+    assert time.monotonic() - started < 30  # not the minute the worker would sleep
 
 
 def test_supervise_ends_with_one_when_a_worker_ends_by_itself(monkeypatch: pytest.MonkeyPatch) -> None:
