@@ -49,6 +49,18 @@ def _close_sdk_clients() -> Iterator[None]:
         SDK_CLIENTS.pop().close()
 
 
+NODE_SCRIPTS = Path(__file__).parent / "node"
+
+
+def run_agent_script(script: str, base_url: str, prompt: str) -> dict[str, Any]:
+    """A tests/node client script against the echo backend (key k1), given its plan as JSON
+    on stdin; what it printed, as JSON."""
+    plan = json.dumps({"baseURL": base_url, "apiKey": "k1", "model": "echo/echo", "prompt": prompt})
+    done = subprocess.run(["node", str(NODE_SCRIPTS / script)], input=plan, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return dict(json.loads(done.stdout))
+
+
 BASE_ENV = {"USAGE_DB": "", "RESUME_GRACE_SECONDS": "0", "HEARTBEAT_SECONDS": "15", "ECHO_DELAY_SECONDS": "0"}
 
 

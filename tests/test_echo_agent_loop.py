@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import serve, stream
+from tests.conftest import run_agent_script, serve, stream
 
 TOOLS: list[Any] = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
 PROMPT = "weather in Paris"
@@ -49,11 +48,7 @@ def test_openai_python_runs_a_two_turn_tool_loop_on_v1(url: str, request: pytest
 
 
 def test_the_openai_npm_package_runs_the_same_loop(url: str) -> None:
-    script = Path(__file__).parent / "node" / "agent_loop.mjs"
-    plan = json.dumps({"baseURL": url + "/v1", "apiKey": "k1", "model": "echo/echo", "prompt": PROMPT})
-    done = subprocess.run(["node", str(script)], input=plan, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    result = json.loads(done.stdout)
+    result = run_agent_script("agent_loop.mjs", url + "/v1", PROMPT)
     assert (result["finish"], result["name"], json.loads(result["arguments"])) == ("tool_calls", "lookup", {"text": PROMPT})
     # The npm helper keeps the last piece of a field it does not know (reasoning_content), where
     # openai-python joins them: present either way, and the loop needs no more.

@@ -14,20 +14,17 @@ classes."""
 from __future__ import annotations
 
 import json
-import subprocess
 from collections import defaultdict
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import serve
+from tests.conftest import run_agent_script, serve
 
 PROMPT = "weather in Paris"
 ECHO_REASONING = "The user said 3 words; I answer in kind."
 ANSWER = f"looked up: {PROMPT}"  # the scripts' tool result, which echo answers with
-NODE = Path(__file__).parent / "node"
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +34,7 @@ def url() -> Iterator[str]:
 
 
 def run(script: str, base_url: str) -> dict[str, Any]:
-    plan = json.dumps({"baseURL": base_url, "apiKey": "k1", "model": "echo/echo", "prompt": PROMPT})
-    done = subprocess.run(["node", str(NODE / script)], input=plan, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    return dict(json.loads(done.stdout))
+    return run_agent_script(script, base_url, PROMPT)
 
 
 @pytest.fixture(scope="module")

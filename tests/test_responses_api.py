@@ -11,8 +11,6 @@ trio: the event sequence and its sequence numbers, and a failure mid-stream."""
 from __future__ import annotations
 
 import json
-import subprocess
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -23,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from asgi_stream import Gateway
-from tests.conftest import serve
+from tests.conftest import run_agent_script, serve
 from tests.test_inprocess import ENV, post_json, request, sse_events
 from tests.upstream import FakeUpstream, Reply, sse_tokens
 
@@ -192,11 +190,7 @@ def test_the_text_the_sdk_accumulates_is_echos_text(url: str, prompt: str) -> No
 
 
 def test_the_ai_sdk_default_provider_runs_three_turns_with_a_tool_call(url: str) -> None:
-    script = Path(__file__).parent / "node" / "ai_sdk_responses.mjs"
-    plan = json.dumps({"baseURL": url + "/v1", "apiKey": "k1", "model": "echo/echo", "prompt": PROMPT})
-    done = subprocess.run(["node", str(script)], input=plan, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    result = json.loads(done.stdout)
+    result = run_agent_script("ai_sdk_responses.mjs", url + "/v1", PROMPT)
     steps = [(s["finish"], s["text"], s["calls"]) for s in result["steps"]]
     assert steps == [("tool-calls", "", [{"name": "lookup", "input": {"text": PROMPT}}]), ("stop", f"looked up: {PROMPT}", []),
                      ("stop", "and once more", [])]  # fmt: skip
