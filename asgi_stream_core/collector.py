@@ -1,45 +1,99 @@
-"""Python's cyclic garbage collector, run less often while the gateway serves
-(GC_THRESHOLD). Issue 25: with thousands of streams held open, the collector
-was the one cost per held stream that grew with their number.
+"""Python's cyclic garbage collector while the gateway serves (issue 25): the
+youngest objects collected every GC_INTERVAL_SECONDS as well as after every
+GC_THRESHOLD allocations, and everything collected once the heap has grown by
+a quarter, in at most 1% of the time. Given back to Python at shutdown.
 
-CPython collects its youngest objects after every 700 net allocations in the
-whole process, and a held stream leaves about 16 objects alive between two
-upstream keep-alives (httpx's, httpcore's and anyio's per-read objects:
-coroutines, a cancel scope, a future): with 5,000 streams nearly all of them
-are examined and promoted, and older collections follow, each walking the
-~274 tracked objects of every stream. Measured (bench/held_cost.py, in
-process, 45 s holding): collection 1.1 us per stream per second of 28.3 at
-1,000 streams, 7.5 of 38.2 at 5,000. With the youngest threshold at 10,000
-(shared harness, `held`, 5,000 streams, hold 30): 28.2 and 28.2 us per stream
-per second against 30.2 and 38.4, and a new stream's first token p99 while
-they are held 6.0 and 4.9 ms against 21.3 and 66.2 (a collection pauses
-every stream). The cost: cyclic garbage waits for up to 10,000 allocations
-instead of 700 before it is freed; memory freed by reference counting, most
-of it, is not affected.
+Why by time. A held stream waits in an upstream read, and each read (a
+keep-alive comment every few seconds) replaces the ~46 objects its suspended
+call stack is made of (httpx's, httpcore's and anyio's coroutines, async
+generator steps, context managers) with new ones. The old ones die, so
+CPython's count of net allocations barely moves while its youngest generation
+fills with every held stream's new stack, and the collection the count
+finally starts walks them all: with 1,000 streams held, 46,229 young objects
+in 14.7-23 ms (logged in the gateway with `gc.callbacks` during the shared
+harness's `held`), started by whichever request allocated last. Collected
+every 0.1 s, a collection walks a tenth of a second of new stacks instead.
 
-The threshold is the process's, so it is set for the lifespan and given back
-at its end (a process that embeds the app gets its own setting back).
+Why by growth, not by CPython's rule. CPython collects everything when the
+objects promoted since its last full collection reach a quarter of the old
+generation. The replaced stacks are promoted too, though they die soon after,
+so promotions overstate growth: with the young collected by time, a full
+collection by heap growth alone ran a dozen times in a 5,000-stream ramp, the
+last ones 300-535 ms each. The heap's size (`sys.getallocatedblocks()`) says
+whether cyclic garbage is piling up; a full collection that took D is not run
+again for D / 1%. Figures: docs/benchmarks.md, "Issue 25".
+
+GC_INTERVAL_SECONDS=0 keeps CPython's own schedule, with GC_THRESHOLD (0:
+Python's 700) as its youngest threshold.
 """
 
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterator
-from contextlib import contextmanager
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
-__all__ = ["youngest_threshold"]
+import anyio
+
+__all__ = ["FullCollections", "collecting"]
+
+GROWTH = 1.25  # a full collection once the heap is a quarter larger than after the last one (CPython's proportion)
+SHARE = 0.01  # at most this share of the time in full collections
+LOOK_EVERY = 1.0  # s between two looks at the heap's size (0.1 ms each with 6 million blocks allocated)
+NEVER = 2**31 - 1  # CPython's own full collections, off while ours run
 
 
-@contextmanager
-def youngest_threshold(allocations: int) -> Iterator[None]:
-    """The collector's youngest-generation threshold at `allocations` while inside
-    (0: Python's own, untouched); the older generations' thresholds are kept."""
-    if not allocations:
-        yield
-        return
+@dataclass(frozen=True, slots=True)
+class FullCollections:
+    """When the next full collection may run: the heap's size (allocated
+    blocks) after the last one, and the time before which none runs again."""
+
+    heap_after_last: int
+    not_before: float = 0.0
+
+    def due(self, now: float, heap: int) -> bool:
+        return now >= self.not_before and heap > self.heap_after_last * GROWTH
+
+    def after(self, started: float, ended: float, heap: int) -> FullCollections:
+        """The schedule after a full collection from `started` to `ended` that left `heap` blocks."""
+        return FullCollections(heap, ended + (ended - started) / SHARE)
+
+
+async def collect_by_time(interval: float) -> None:
+    """Every `interval` the two younger generations; when due, everything."""
+    full = FullCollections(sys.getallocatedblocks())
+    next_look = 0.0
+    while True:
+        await anyio.sleep(interval)
+        gc.collect(1)
+        now = time.perf_counter()
+        if now >= next_look:
+            next_look = now + LOOK_EVERY
+            if full.due(now, sys.getallocatedblocks()):
+                gc.collect()
+                full = full.after(now, time.perf_counter(), sys.getallocatedblocks())
+
+
+@asynccontextmanager
+async def collecting(threshold: int, interval: float) -> AsyncIterator[None]:
+    """While inside: the youngest threshold at `threshold` allocations (0: Python's)
+    and, with an `interval`, the collections above in a task of their own. The
+    process's own thresholds come back at the end (a process that embeds the app
+    gets its setting back)."""
     before = gc.get_threshold()
-    gc.set_threshold(allocations, *before[1:])
+    gc.set_threshold(threshold or before[0], before[1], NEVER if interval else before[2])
     try:
-        yield
+        if not interval:
+            yield
+            return
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(collect_by_time, interval)
+            try:
+                yield
+            finally:
+                tasks.cancel_scope.cancel()
     finally:
         gc.set_threshold(*before)

@@ -88,6 +88,7 @@ NUMBERS: dict[str, tuple[str, float, float]] = {
     "owner_lease": ("OWNER_LEASE_SECONDS", 10.0, 0.1),  # with REDIS_URL: a dead owner's streams end within this
     "responses_ttl": ("RESPONSES_TTL_SECONDS", 3600.0, 0),  # /v1/responses keeps each stored response this long; 0: none
     "gc_threshold": ("GC_THRESHOLD", 10_000, 0),  # the collector's youngest threshold while serving; 0: Python's (collector.py)
+    "gc_interval": ("GC_INTERVAL_SECONDS", 0.1, 0),  # the young collected this often too, the old by heap growth; 0: Python's schedule
 }
 
 
@@ -119,6 +120,7 @@ class Config:
     owner_lease: float
     responses_ttl: float
     gc_threshold: int
+    gc_interval: float
     redis_url: str
     log_level: int = logging.INFO  # of the per-stream log line (LOG_LEVEL)
     routing: Routing = field(default_factory=Routing)  # CONFIG_FILE's named upstreams and aliases

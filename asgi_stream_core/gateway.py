@@ -15,7 +15,7 @@ from urllib.parse import parse_qsl, urlencode
 import anyio
 
 from asgi_stream_core import access_log
-from asgi_stream_core.collector import youngest_threshold
+from asgi_stream_core.collector import collecting
 from asgi_stream_core.config import Config, ConfigError, load_config
 from asgi_stream_core.metrics import Metrics
 from asgi_stream_core.routes import Route, route_for
@@ -97,7 +97,7 @@ class Gateway:
                     try:
                         services = self.start()
                         await running.enter_async_context(services.store.running())
-                        running.enter_context(youngest_threshold(services.config.gc_threshold))
+                        await running.enter_async_context(collecting(services.config.gc_threshold, services.config.gc_interval))
                     except (ConfigError, Refusal) as exc:
                         await send({"type": "lifespan.startup.failed", "message": f"asgi-stream: {exc}"})
                         return

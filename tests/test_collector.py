@@ -1,15 +1,26 @@
-"""GC_THRESHOLD (asgi_stream_core/collector.py): while the gateway serves, the
-collector's youngest threshold is the setting's (10,000 by default), and the
-process's own comes back when the lifespan ends; 0 leaves it alone."""
+"""The collector while the gateway serves (asgi_stream_core/collector.py): the
+youngest threshold at GC_THRESHOLD, the two younger generations collected
+every GC_INTERVAL_SECONDS, everything once the heap has grown by a quarter
+(CPython's own full collections off meanwhile, at most 1% of the time in
+ours), and the process's own thresholds given back when the lifespan ends."""
 
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterator
+import sys
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
+import anyio
 import httpx
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from asgi_stream_core.collector import GROWTH, NEVER, SHARE, FullCollections, collecting
 from tests.conftest import serve
 
 
@@ -21,12 +32,94 @@ def pythons_own() -> Iterator[tuple[int, int, int]]:
     gc.set_threshold(*before)
 
 
-@pytest.mark.parametrize(("env", "serving"), [({}, (10_000, 10, 10)), ({"GC_THRESHOLD": "2500"}, (2500, 10, 10)),
-                                               ({"GC_THRESHOLD": "0"}, (700, 10, 10))])  # fmt: skip
-def test_the_threshold_is_the_settings_while_serving_and_given_back_after(
+@contextmanager
+def counted_collections() -> Iterator[Callable[[int], int]]:
+    """How many collections of each generation ended while inside (any thread's)."""
+    ended: list[int] = []
+
+    def count(phase: str, info: dict[str, Any]) -> None:
+        if phase == "stop":
+            ended.append(info["generation"])
+
+    gc.callbacks.append(count)
+    try:
+        yield ended.count
+    finally:
+        gc.callbacks.remove(count)
+
+
+@pytest.mark.parametrize(("env", "serving"), [({}, (10_000, 10, NEVER)), ({"GC_THRESHOLD": "2500"}, (2500, 10, NEVER)),
+                                               ({"GC_INTERVAL_SECONDS": "0"}, (10_000, 10, 10)),
+                                               ({"GC_THRESHOLD": "0", "GC_INTERVAL_SECONDS": "0"}, (700, 10, 10))])  # fmt: skip
+def test_the_thresholds_are_the_settings_while_serving_and_given_back_after(
     pythons_own: tuple[int, int, int], env: dict[str, str], serving: tuple[int, int, int]
 ) -> None:
     with serve(env) as served:
         assert httpx.get(served.url + "/healthz", timeout=10).status_code == 200
         assert gc.get_threshold() == serving
+    assert gc.get_threshold() == pythons_own
+
+
+@pytest.mark.parametrize(("interval", "at_least", "at_most"), [("0.05", 8, None), ("0", None, 3)])
+def test_the_younger_generations_are_collected_by_time_while_serving_and_not_after(
+    pythons_own: tuple[int, int, int], interval: str, at_least: int | None, at_most: int | None
+) -> None:
+    with serve({"GC_INTERVAL_SECONDS": interval}):
+        with counted_collections() as ended:
+            time.sleep(1.0)  # 20 intervals of 0.05 s: at least 8 even on a machine five times slower
+        if at_least is not None:
+            assert ended(1) >= at_least
+        if at_most is not None:  # by count alone an idle server allocates too little for any
+            assert ended(1) <= at_most
+    with counted_collections() as ended:
+        time.sleep(0.5)
+    assert ended(1) <= 1  # the task stopped with the lifespan
+
+
+class Cycle:
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_old_cyclic_garbage_is_collected_once_the_heap_grows_by_a_quarter(pythons_own: tuple[int, int, int]) -> None:
+    """The garbage is in the oldest generation, where only a full collection finds it,
+    and the heap grows by objects the collector does not track (bytes): CPython's own
+    schedule, driven by tracked allocations, would never collect it."""
+    with serve({"GC_INTERVAL_SECONDS": "0.05"}):
+        cycle = Cycle()
+        gone = weakref.ref(cycle)
+        time.sleep(0.3)  # promoted by the collections by time
+        del cycle
+        time.sleep(0.3)
+        assert gone() is not None, "collected without a full collection"
+        growth = [i.to_bytes(4, "little") for i in range(int(sys.getallocatedblocks() * (GROWTH - 1) * 2))]
+        deadline = time.monotonic() + 20  # a full collection of this test process: up to a second on a slow machine
+        while gone() is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert gone() is None
+        del growth
+
+
+@given(st.integers(1, 10**8), st.integers(0, 10**8), st.floats(0, 1e6), st.floats(0, 10), st.floats(0, 1e6))
+def test_a_full_collection_is_due_past_a_quarter_of_growth_and_its_cost_a_hundredfold_after(
+    heap_after: int, heap: int, started: float, took: float, later: float
+) -> None:
+    schedule = FullCollections(heap_after).after(started, started + took, heap_after)
+    now, wait = started + took + later, took / SHARE
+    if later > wait * (1 + 1e-9) + 1e-6:  # off the boundary, where rounding decides
+        assert schedule.due(now, heap) == (heap > heap_after * GROWTH)
+    elif later < wait * (1 - 1e-9) - 1e-6:
+        assert not schedule.due(now, heap)
+
+
+@pytest.mark.anyio
+async def test_in_process_on_both_loops_the_task_collects_and_stops(anyio_backend: str, pythons_own: tuple[int, int, int]) -> None:
+    with counted_collections() as ended:
+        async with collecting(5000, 0.02):
+            assert gc.get_threshold() == (5000, 10, NEVER)
+            await anyio.sleep(0.5)
+        collected = ended(1)
+        await anyio.sleep(0.2)
+    assert collected >= 5
+    assert ended(1) == collected
     assert gc.get_threshold() == pythons_own

@@ -47,7 +47,7 @@ def test_every_setting_is_read() -> None:
         "USAGE_DB": " /tmp/x.db ", "BODY_TIMEOUT_SECONDS": "11", "SEND_TIMEOUT_SECONDS": "12", "STREAM_BUFFER_BYTES": "1024",
         "ECHO_DELAY_SECONDS": "0.25", "LOG_LEVEL": " warning ",
         "OWNER_LEASE_SECONDS": "3", "REDIS_URL": " redis://:pw@h:1/2 ", "RESPONSES_TTL_SECONDS": "13",
-        "GC_THRESHOLD": "0",
+        "GC_THRESHOLD": "0", "GC_INTERVAL_SECONDS": "0.5",
     })  # fmt: skip
     assert config == Config(
         upstreams=config.upstreams, default_backend="echo", default_model="m", max_tokens=5, max_tokens_limit=6,
@@ -56,7 +56,7 @@ def test_every_setting_is_read() -> None:
         idle_timeout=3, total_timeout=4,
         heartbeat=0.5, resume_grace=0, resume_ttl=0, usage_db="/tmp/x.db", body_timeout=11, send_timeout=12,
         stream_buffer_bytes=1024, echo_delay=0.25, log_level=logging.WARNING, owner_lease=3, responses_ttl=13,
-        gc_threshold=0, redis_url="redis://:pw@h:1/2",
+        gc_threshold=0, gc_interval=0.5, redis_url="redis://:pw@h:1/2",
     )  # fmt: skip
     assert config.upstreams["echo"].token_delay == 0.25
 
