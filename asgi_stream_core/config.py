@@ -88,7 +88,7 @@ NUMBERS: dict[str, tuple[str, float, float]] = {
     "owner_lease": ("OWNER_LEASE_SECONDS", 10.0, 0.1),  # with REDIS_URL: a dead owner's streams end within this
     "responses_ttl": ("RESPONSES_TTL_SECONDS", 3600.0, 0),  # /v1/responses keeps each stored response this long; 0: none
     "gc_threshold": ("GC_THRESHOLD", 10_000, 0),  # the collector's youngest threshold while serving; 0: Python's (collector.py)
-    "gc_interval": ("GC_INTERVAL_SECONDS", 0.1, 0),  # the young collected this often too, the old by heap growth; 0: Python's schedule
+    "gc_interval": ("GC_INTERVAL_SECONDS", 0.02, 0),  # the young collected this often too, the old by heap growth; 0: Python's schedule
 }
 
 
