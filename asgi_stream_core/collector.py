@@ -25,6 +25,11 @@ full collections in a 5,000-stream ramp, the last ones 300-535 ms each, and
 one of 135 ms after a 1,000-stream ramp; doubling, two to four. A full
 collection that took D is not run again for D / 1%.
 
+The interval is for 1,000 streams open or more; with fewer, whose stacks are
+made more slowly, it is proportionally longer, at most 1 s: at 20 ms always,
+the collections cost a gateway serving one stream 53 k instructions per token
+30 ms apart (bench/instructions.py, `spaced`: 357 k against 304 k).
+
 GC_INTERVAL_SECONDS=0 keeps CPython's own schedule, with GC_THRESHOLD (0:
 Python's 700) as its youngest threshold. Figures: docs/benchmarks.md, "Issue 25".
 """
@@ -34,18 +39,26 @@ from __future__ import annotations
 import gc
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import anyio
 
-__all__ = ["FullCollections", "collecting"]
+__all__ = ["FullCollections", "collecting", "young_period"]
 
 GROWTH = 2.0  # a full collection once the heap has doubled since the last one (Go's default, GOGC=100)
 SHARE = 0.01  # at most this share of the time in full collections
 LOOK_EVERY = 1.0  # s between two looks at the heap's size (0.1 ms each with 6 million blocks allocated)
 NEVER = 2**31 - 1  # CPython's own full collections, off while ours run
+STREAMS_AT_INTERVAL = 1000  # GC_INTERVAL_SECONDS is the period with this many streams open or more
+LONGEST = 1.0  # s: the period with one stream open, or none (unless the interval is longer)
+
+
+def young_period(interval: float, streams: int) -> float:
+    """The time to the next collection of the young: `interval` with STREAMS_AT_INTERVAL
+    streams open or more, proportionally longer with fewer, at most LONGEST."""
+    return min(max(interval, LONGEST), interval * max(1.0, STREAMS_AT_INTERVAL / max(streams, 1)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,12 +77,12 @@ class FullCollections:
         return FullCollections(heap, ended + (ended - started) / SHARE)
 
 
-async def collect_by_time(interval: float) -> None:
-    """Every `interval` the two younger generations; when due, everything."""
+async def collect_by_time(interval: float, streams: Callable[[], int]) -> None:
+    """Every young period the two younger generations; when due, everything."""
     full = FullCollections(sys.getallocatedblocks())
     next_look = 0.0
     while True:
-        await anyio.sleep(interval)
+        await anyio.sleep(young_period(interval, streams()))
         gc.collect(1)
         now = time.perf_counter()
         if now >= next_look:
@@ -80,9 +93,10 @@ async def collect_by_time(interval: float) -> None:
 
 
 @asynccontextmanager
-async def collecting(threshold: int, interval: float) -> AsyncIterator[None]:
+async def collecting(threshold: int, interval: float, streams: Callable[[], int]) -> AsyncIterator[None]:
     """While inside: the youngest threshold at `threshold` allocations (0: Python's)
-    and, with an `interval`, the collections above in a task of their own. The
+    and, with an `interval`, the collections above in a task of their own, at the
+    pace of `streams()` open. The
     process's own thresholds come back at the end (a process that embeds the app
     gets its setting back)."""
     before = gc.get_threshold()
@@ -92,7 +106,7 @@ async def collecting(threshold: int, interval: float) -> AsyncIterator[None]:
             yield
             return
         async with anyio.create_task_group() as tasks:
-            tasks.start_soon(collect_by_time, interval)
+            tasks.start_soon(collect_by_time, interval, streams)
             try:
                 yield
             finally:

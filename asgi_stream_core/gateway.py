@@ -97,7 +97,8 @@ class Gateway:
                     try:
                         services = self.start()
                         await running.enter_async_context(services.store.running())
-                        await running.enter_async_context(collecting(services.config.gc_threshold, services.config.gc_interval))
+                        cfg = services.config
+                        await running.enter_async_context(collecting(cfg.gc_threshold, cfg.gc_interval, services.metrics.active_streams))
                     except (ConfigError, Refusal) as exc:
                         await send({"type": "lifespan.startup.failed", "message": f"asgi-stream: {exc}"})
                         return

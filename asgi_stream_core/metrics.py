@@ -48,6 +48,10 @@ class Metrics:
         self.time_to_first_token = Histogram()
         self.stream_duration = Histogram()
 
+    def active_streams(self) -> int:
+        """Streams admitted and not yet done (what the collector paces itself by)."""
+        return self.active
+
     def count_finished(self, record: StreamRecord, duration: float) -> None:
         backend = record.request.backend
         self.streams[backend, record.finish_reason or "error"] += 1

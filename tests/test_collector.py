@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from asgi_stream_core.collector import GROWTH, NEVER, SHARE, FullCollections, collecting
+from asgi_stream_core.collector import GROWTH, LONGEST, NEVER, SHARE, STREAMS_AT_INTERVAL, FullCollections, collecting, young_period
 from tests.conftest import serve
 
 
@@ -59,13 +59,14 @@ def test_the_thresholds_are_the_settings_while_serving_and_given_back_after(
     assert gc.get_threshold() == pythons_own
 
 
-@pytest.mark.parametrize(("interval", "at_least", "at_most"), [("0.05", 8, None), ("0", None, 3)])
+@pytest.mark.parametrize(("interval", "at_least", "at_most"), [("0.0001", 5, None), ("0", None, 3)])
 def test_the_younger_generations_are_collected_by_time_while_serving_and_not_after(
     pythons_own: tuple[int, int, int], interval: str, at_least: int | None, at_most: int | None
 ) -> None:
+    """With no stream open the period is 1,000 times the interval: 0.1 s here."""
     with serve({"GC_INTERVAL_SECONDS": interval}):
         with counted_collections() as ended:
-            time.sleep(1.0)  # 20 intervals of 0.05 s: at least 8 even on a machine five times slower
+            time.sleep(1.0)  # 10 periods: at least 5 even on a machine five times slower
         if at_least is not None:
             assert ended(1) >= at_least
         if at_most is not None:  # by count alone an idle server allocates too little for any
@@ -73,6 +74,49 @@ def test_the_younger_generations_are_collected_by_time_while_serving_and_not_aft
     with counted_collections() as ended:
         time.sleep(0.5)
     assert ended(1) <= 1  # the task stopped with the lifespan
+
+
+def test_open_streams_shorten_the_period(pythons_own: tuple[int, int, int]) -> None:
+    """The gateway paces the collector by its open streams: with the interval at 1 ms,
+    1 s with none open, 0.1 s with ten (echo streams held between two slow tokens),
+    from the end of the period in progress when they opened."""
+    with serve({"GC_INTERVAL_SECONDS": "0.001", "ECHO_DELAY_SECONDS": "30"}) as served:
+
+        async def held_open(streams: int) -> int:
+            async with httpx.AsyncClient(base_url=served.url, timeout=10) as client, anyio.create_task_group() as tasks:
+                opened = anyio.Semaphore(0)
+
+                async def hold() -> None:
+                    async with client.stream("POST", "/chat/stream", json={"messages": [{"role": "user", "content": "a b c"}]}) as response:
+                        assert response.status_code == 200
+                        opened.release()
+                        await anyio.sleep_forever()
+
+                for _ in range(streams):
+                    tasks.start_soon(hold)
+                for _ in range(streams):
+                    await opened.acquire()
+                await anyio.sleep(LONGEST * 1.1)  # the period in progress when they opened ends
+                with counted_collections() as ended:
+                    await anyio.sleep(1.0)
+                tasks.cancel_scope.cancel()
+            return ended(1)
+
+        assert anyio.run(held_open, 10) >= 5  # 10 periods: 5 even on a machine five times slower
+        assert anyio.run(held_open, 0) <= 2
+
+
+@given(st.floats(0.001, 10), st.integers(0, 10**6), st.integers(0, 10**6))
+def test_the_young_period_is_the_interval_from_a_thousand_streams_and_longer_with_fewer_up_to_a_second(
+    interval: float, streams: int, more: int
+) -> None:
+    period = young_period(interval, streams)
+    assert young_period(interval, streams + more) <= period  # more streams, never a longer period
+    assert interval <= period <= max(interval, LONGEST)
+    if streams >= STREAMS_AT_INTERVAL:
+        assert period == interval
+    elif interval * STREAMS_AT_INTERVAL / max(streams, 1) <= LONGEST:
+        assert period == pytest.approx(interval * STREAMS_AT_INTERVAL / max(streams, 1))
 
 
 class Cycle:
@@ -85,7 +129,7 @@ def test_old_cyclic_garbage_is_collected_once_the_heap_has_doubled(pythons_own: 
     and the heap grows by objects the collector does not track (bare objects, the
     smallest blocks, 16 bytes and a list slot each): CPython's own
     schedule, driven by tracked allocations, would never collect it."""
-    with serve({"GC_INTERVAL_SECONDS": "0.05"}):
+    with serve({"GC_INTERVAL_SECONDS": "0.00005"}):  # every 50 ms with no stream open
         cycle = Cycle()
         gone = weakref.ref(cycle)
         time.sleep(0.3)  # promoted by the collections by time
@@ -115,7 +159,7 @@ def test_a_full_collection_is_due_past_the_growth_and_its_cost_a_hundredfold_aft
 @pytest.mark.anyio
 async def test_in_process_on_both_loops_the_task_collects_and_stops(anyio_backend: str, pythons_own: tuple[int, int, int]) -> None:
     with counted_collections() as ended:
-        async with collecting(5000, 0.02):
+        async with collecting(5000, 0.02, lambda: STREAMS_AT_INTERVAL):
             assert gc.get_threshold() == (5000, 10, NEVER)
             await anyio.sleep(0.5)
         collected = ended(1)
