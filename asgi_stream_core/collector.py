@@ -95,10 +95,9 @@ async def collect_by_time(interval: float, streams: Callable[[], int]) -> None:
 @asynccontextmanager
 async def collecting(threshold: int, interval: float, streams: Callable[[], int]) -> AsyncIterator[None]:
     """While inside: the youngest threshold at `threshold` allocations (0: Python's)
-    and, with an `interval`, the collections above in a task of their own, at the
-    pace of `streams()` open. The
-    process's own thresholds come back at the end (a process that embeds the app
-    gets its setting back)."""
+    and, with an `interval`, the collections above in a task of their own, paced by
+    the number of `streams()` open. The process's own thresholds come back at the
+    end (a process that embeds the app gets its setting back)."""
     before = gc.get_threshold()
     gc.set_threshold(threshold or before[0], before[1], NEVER if interval else before[2])
     try:

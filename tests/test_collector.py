@@ -1,7 +1,8 @@
 """The collector while the gateway serves (asgi_stream_core/collector.py): the
 youngest threshold at GC_THRESHOLD, the two younger generations collected
-every GC_INTERVAL_SECONDS, everything once the heap has doubled (CPython's
-own full collections off meanwhile, at most 1% of the time in ours), and the process's own thresholds given back when the lifespan ends."""
+every GC_INTERVAL_SECONDS (paced by the open streams), everything once the
+heap has doubled (CPython's own full collections off meanwhile, at most 1% of
+the time in ours), and the process's own thresholds given back at the end."""
 
 from __future__ import annotations
 
