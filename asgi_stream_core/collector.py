@@ -13,8 +13,8 @@ finally starts walks them all: with 1,000 streams held, 46,229 young objects
 in 14.7-23 ms (logged in the gateway with `gc.callbacks` during the shared
 harness's `held`), started by whichever request allocated last: a new
 stream's first token p99 17.5-17.8 ms against 4.4-6.1 idle. Collected every
-20 ms, a collection walks 20 ms of new stacks (at 0.1 s, the 5,000-stream
-probe p99 was 2.3x idle: the collections were long enough to meet a probe).
+20 ms, a collection walks 20 ms of new stacks: the probe p99 with 1,000 held
+4.1-5.6 ms against 4.7-5.8 idle.
 
 Why by growth, not by CPython's rule. CPython collects everything once the
 objects promoted since its last full collection reach a quarter of the old
