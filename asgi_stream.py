@@ -27,7 +27,7 @@ a job; read it in the order a request walks through it:
     upstream_client.py        the one shared httpx client
     connections.py            uvicorn's HTTP protocol with a head deadline and a connection bound
     access_log.py             uvicorn's access log without the query (no prompt, no key)
-    collector.py              GC_THRESHOLD: Python's cyclic collector run less often while serving
+    collector.py              Python's cyclic collector while serving: the young by time, everything by heap growth
     workers.py                WORKERS=N: a process per core, each with a listening socket of its own
     ../providers/             one module per upstream wire format
 """

@@ -18,7 +18,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import tracemalloc
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import anyio
 
@@ -51,14 +52,14 @@ async def asyncio_task(future: asyncio.Future[None]) -> None:
     await task
 
 
-async def held(kind: Callable[[asyncio.Future[None]], Awaitable[None]]) -> float:
+async def held(kind: Callable[[asyncio.Future[None]], Coroutine[Any, Any, None]]) -> float:
     """Bytes per outer task while N of them wait in `kind`."""
     loop = asyncio.get_running_loop()
     futures = [loop.create_future() for _ in range(N)]
     gc.collect()
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
-    outer = [loop.create_task(kind(future)) for future in futures]  # type: ignore[arg-type]
+    outer = [loop.create_task(kind(future)) for future in futures]
     for _ in range(5):
         await asyncio.sleep(0)
     grown = tracemalloc.get_traced_memory()[0] - before

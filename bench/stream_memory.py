@@ -25,6 +25,7 @@ import os
 import subprocess
 import sys
 import tracemalloc
+from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -176,22 +177,19 @@ def print_by_caller(stats: list[tracemalloc.StatisticDiff], count: int, top: int
     that made it: a task group, a spawn, an upstream request), with the library lines that
     allocated the most under it. Small dicts, lists and tuples come from free lists without
     a new trace, so a line may be charged with a block another line later took over."""
-    by_line: dict[str, list[int]] = {}
-    under: dict[str, dict[str, int]] = {}
+    sizes: Counter[str] = Counter()
+    blocks: Counter[str] = Counter()
+    under: defaultdict[str, Counter[str]] = defaultdict(Counter)
     for stat in stats:
         frames = list(stat.traceback)  # oldest first
         ours = next((f for f in reversed(frames) if app_frame(f)), None)
         line = f"{ours.filename}:{ours.lineno}".replace(str(ROOT) + "/", "") if ours else "(no app frame: the bench, the loop, sockets)"
-        sizes = by_line.setdefault(line, [0, 0])
-        sizes[0] += stat.size_diff
-        sizes[1] += stat.count_diff
-        where = frames[-1]
-        allocator = f"{Path(where.filename).name}:{where.lineno}"
-        under.setdefault(line, {})[allocator] = under.get(line, {}).get(allocator, 0) + stat.size_diff
-    for line, (size, blocks) in sorted(by_line.items(), key=lambda item: -item[1][0])[:top]:
-        print(f"  {size / count:8.0f} B  {blocks / count:5.1f} blocks  {line}")
-        biggest = sorted(under[line].items(), key=lambda item: -item[1])[:4]
-        print("      " + ", ".join(f"{allocator} {size / count:.0f}" for allocator, size in biggest if size > 0))
+        sizes[line] += stat.size_diff
+        blocks[line] += stat.count_diff
+        under[line][f"{Path(frames[-1].filename).name}:{frames[-1].lineno}"] += stat.size_diff
+    for line, size in sizes.most_common(top):
+        print(f"  {size / count:8.0f} B  {blocks[line] / count:5.1f} blocks  {line}")
+        print("      " + ", ".join(f"{allocator} {size / count:.0f}" for allocator, size in under[line].most_common(4) if size > 0))
 
 
 def main() -> None:
