@@ -62,11 +62,11 @@ class EventLog:
         name = EVENT_INDEX.get(event)
         if name is None:
             name = name_index(event)
-        start = len(self._data)
         self._data += data
         self._ends.append(len(self._data))
         self._names.append(name)
-        self._held += self._framed_size(name, self.count, len(self._data) - start)
+        # the new event's number spelled out, not through `count`: a property costs a call per token
+        self._held += self._framed_size(name, self._first + len(self._ends), len(data))
         if self._held > self.max_bytes:
             self._drop_oldest()
 

@@ -130,6 +130,13 @@ class Generation:
             raise UpstreamError("timeout", f"upstream {type(exc).__name__}") from None
         except (httpx.HTTPError, LineTooLong) as exc:
             raise UpstreamError("protocol_error", f"the upstream stream broke: {str(exc) or type(exc).__name__}") from None
+        except UpstreamError:
+            raise
+        except Exception as exc:
+            # A provider failing on bytes it did not expect is a bug of ours, but it is this stream's
+            # error event (with its usage), not a response cut off: logged whole, for whoever mends it.
+            log.exception("the %s provider failed reading the upstream stream", record.request.backend)
+            raise UpstreamError("protocol_error", f"the upstream stream could not be read ({type(exc).__name__})") from None
         if scope.cancelled_caught:
             if cut or record.cut:  # past max_tokens, or past the bound of a record that drops nothing
                 return CUT

@@ -47,7 +47,7 @@ def instructions(pid: int, out: Path) -> int:
     raise SystemExit("no total in the callgrind dump")
 
 
-async def measure(app: str, app_dir: Path, direct: bool) -> dict[str, float]:
+async def measure(app: str, app_dir: Path, direct: bool, windows: list[str]) -> dict[str, float]:
     work = Path(tempfile.mkdtemp(prefix="instructions-"))
     up_port, gw_port = free_port(), free_port()
     upstream = subprocess.Popen([sys.executable, str(ROOT / "bench" / "fake_upstream.py"), "--port", str(up_port)],
@@ -72,7 +72,8 @@ async def measure(app: str, app_dir: Path, direct: bool) -> dict[str, float]:
         for i in range(5):
             await stream(20, 0, f"warm{i}")
         results = {}
-        for window, (count, n, ms, close_after) in WINDOWS.items():
+        for window in windows:
+            count, n, ms, close_after = WINDOWS[window]
             subprocess.run(["callgrind_control", "--zero", str(gateway.pid)], check=True, capture_output=True)
             for i in range(count):
                 await stream(n, ms, f"{window}{i}", close_after)
@@ -91,14 +92,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--relay", help="measure this relay app file (the shared harness's) instead of the project")
     parser.add_argument("--project", default=str(ROOT), help="the checkout to measure (default: this one)")
+    parser.add_argument("--windows", nargs="+", choices=list(WINDOWS), default=list(WINDOWS), help="measure only these windows")
     args = parser.parse_args()
     if args.relay:
         relay = Path(args.relay).resolve()
-        results = asyncio.run(measure(f"{relay.stem}:app", relay.parent, direct=True))
+        results = asyncio.run(measure(f"{relay.stem}:app", relay.parent, direct=True, windows=args.windows))
     else:
-        results = asyncio.run(measure("asgi_stream:app", Path(args.project).resolve(), direct=False))
+        results = asyncio.run(measure("asgi_stream:app", Path(args.project).resolve(), direct=False, windows=args.windows))
     units = {window: "request" if WINDOWS[window][0] > 1 else "token" for window in results}
-    print("  ".join(f"{window}: {value / 1000:,.0f} k instr/{units[window]}" for window, value in results.items()))
+    print("  ".join(f"{window}: {value / 1000:,.1f} k instr/{units[window]}" for window, value in results.items()))
 
 
 if __name__ == "__main__":

@@ -147,7 +147,9 @@ class ChunkReader:
             raise protocol_error("the upstream sent a JSON value that is not a chunk object")
         if chunk.get("error") or chunk.get("object") == "error":
             raise in_band_error(chunk)
-        usage = chunk.get("usage") or (chunk.get("x_groq") or {}).get("usage")
+        usage = chunk.get("usage")
+        if not usage and isinstance(groq := chunk.get("x_groq"), dict):  # Groq's own place for it; any other shape is ignored
+            usage = groq.get("usage")
         if isinstance(usage, dict):
             self.usage = usage
         choices = chunk.get("choices")

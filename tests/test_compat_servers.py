@@ -181,6 +181,17 @@ def test_groq_usage_only_under_x_groq_is_read(rig: Rig) -> None:
     assert run(rig, body, agrees_with_sdk=False) == Outcome(["Hola"], "stop", (11, 4, 15))
 
 
+@pytest.mark.parametrize("x_groq", ["req_01", ["req_01"], 7, None])
+def test_an_x_groq_that_is_not_an_object_is_ignored(rig: Rig, x_groq: Any) -> None:
+    # an extension field of a shape no server sends: the chunk's text and usage still count
+    body = b"".join([
+        data(chunk({"content": "Hola"}, x_groq=x_groq)),
+        data(chunk({}, "stop", x_groq=x_groq, usage={"prompt_tokens": 11, "completion_tokens": 4, "total_tokens": 15})),
+        b"data: [DONE]\n\n",
+    ])  # fmt: skip
+    assert run(rig, body) == Outcome(["Hola"], "stop", (11, 4, 15))
+
+
 @pytest.mark.parametrize("reason", ["eos", "eos_token", "end"])
 def test_together_tgi_and_gateway_end_of_sequence_reasons_are_stop(rig: Rig, reason: str) -> None:
     together = {"token": {"id": 2, "text": "", "logprob": 0, "special": True}, "generated_text": "Hi", "stats": {}}

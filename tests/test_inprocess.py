@@ -498,6 +498,9 @@ def raising_provider(exc: BaseException, tokens: int = 1) -> Any:
     (httpx.RemoteProtocolError("peer closed connection"), "protocol_error", "the upstream stream broke: peer closed connection"),
     (httpx.ReadError(""), "protocol_error", "the upstream stream broke: ReadError"),
     (LineTooLong("a line exceeded 9 bytes"), "protocol_error", "the upstream stream broke: a line exceeded 9 bytes"),
+    # a provider failing on a shape it did not expect (a bug of ours, met by some upstream's bytes)
+    (KeyError("choices"), "protocol_error", "the upstream stream could not be read (KeyError)"),
+    (AttributeError("'list' object has no attribute 'get'"), "protocol_error", "the upstream stream could not be read (AttributeError)"),
 ])  # fmt: skip
 async def test_upstream_failures_become_a_typed_error_event(exc: BaseException, error_type: str, message: str) -> None:
     app = Gateway(ENV)
@@ -507,6 +510,17 @@ async def test_upstream_failures_become_a_typed_error_event(exc: BaseException, 
     names, error, reason = ending_of(record.read(0) or b"")
     assert (names, reason) == (["usage", "error", "done"], "error")
     assert error == {"type": error_type, "message": message}
+    await app.aclose()
+
+
+async def test_a_provider_failing_unexpectedly_is_logged_with_its_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    app = Gateway(ENV)
+    record = StreamRecord("s", None, ChatRequest([{"role": "user", "content": "hi"}], "echo", "echo", 9), 1 << 20)
+    app.start().admission.admit(None)
+    await Generation(app.start(), record, raising_provider(KeyError("choices")), app.start().config.upstreams["echo"]).run()
+    failure = next(r for r in caplog.records if r.levelname == "ERROR")
+    assert failure.exc_info is not None and failure.exc_info[0] is KeyError  # for whoever mends the provider
+    assert "echo" in failure.getMessage()
     await app.aclose()
 
 

@@ -93,6 +93,21 @@ def test_any_split_of_a_byte_stream_decodes_as_the_whole(case: tuple[bytes, list
     )
 
 
+WHOLE_DATA_EVENT = VALUE.map(lambda value: b"data: " + value + b"\n\n")  # as OpenAI-style servers send each chunk
+
+
+@settings(max_examples=400)
+@given(pieces=st.lists(st.one_of(WHOLE_DATA_EVENT, SSE_LINE, LINE_ENDS, st.just(b"\xef\xbb\xbf")), max_size=25))
+def test_reads_of_one_whole_event_each_decode_as_the_whole(pieces: list[bytes]) -> None:
+    """The decoder's fast path (a read that is exactly one `data:` event) gives
+    what the line-by-line path gives, whatever came before it: a line cut
+    short, an event name, data lines not yet dispatched, a BOM, an id."""
+    whole_events, whole_decoder = decode([b"".join(pieces)])
+    read_events, read_decoder = decode(pieces)
+    assert read_events == whole_events
+    assert read_decoder.last_event_id == whole_decoder.last_event_id
+
+
 NDJSON_LINE = st.tuples(
     st.sampled_from([b"", b"  ", b'{"a": ']), VALUE, st.sampled_from([b"", b"}", b" \t"]), LINE_ENDS
 ).map(b"".join)
