@@ -126,8 +126,8 @@ class UpstreamError(Exception):
     @classmethod
     def reported(cls, message: Any, kind: Any = None, code: Any = None, usage: dict[str, Any] | None = None) -> UpstreamError:
         """An error the upstream reported in its stream, from its fields as sent."""
-        return cls("upstream_error", str(message or "the upstream reported an error"),
-                   upstream_type=kind if isinstance(kind, str) else None, code=code, usage=usage)
+        return cls("upstream_error", upstream_text(message) if message else "the upstream reported an error",
+                   upstream_type=kind if isinstance(kind, str) else None, code=writable(code), usage=usage)
 
     def as_event_data(self) -> dict[str, Any]:
         data: dict[str, Any] = {"type": self.type, "message": self.message}
@@ -153,6 +153,40 @@ class Provider(Protocol):
 
 def protocol_error(message: str) -> UpstreamError:
     return UpstreamError("protocol_error", message)
+
+
+# --- upstream values passed on ------------------------------------------------
+# orjson reads JSON nested up to 1,024 levels but writes only 254, and `str()`
+# of a value nested about a thousand deep overflows the stack (RecursionError):
+# what an upstream sent is passed on through these, never through `str()`.
+
+
+def upstream_text(value: Any) -> str:
+    """An upstream's value where text goes (a message, a reason): a string as
+    is, any other value as its JSON, its type's name when nested too deep."""
+    if isinstance(value, str):
+        return value
+    try:
+        return orjson.dumps(value).decode()
+    except orjson.JSONEncodeError:
+        return type(value).__name__
+
+
+def writable(value: Any) -> Any:
+    """`value` if orjson can write it again (the error event carries it), else None."""
+    try:
+        orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        return None
+    return value
+
+
+def arguments_json(arguments: Any) -> str:
+    """A tool call's arguments sent as a JSON value (Gemini, Ollama), as the JSON text a call carries."""
+    try:
+        return orjson.dumps(arguments).decode()
+    except orjson.JSONEncodeError:
+        raise protocol_error("the upstream sent tool call arguments nested too deep") from None
 
 
 def json_object(data: bytes, what: str) -> dict[str, Any]:
@@ -274,13 +308,13 @@ def error_from_body(status: int, body: bytes, retry_after: float | None) -> Upst
     if isinstance(parsed, list) and len(parsed) == 1:  # Gemini without alt=sse
         parsed = parsed[0]
     error = field_of(parsed, "error")
-    message = error if isinstance(error, str) else str(field_of(error, "message") or "")
+    message = error if isinstance(error, str) else upstream_text(field_of(error, "message") or "")
     if not message:
         snippet = body[:200].decode("utf-8", "replace").strip()
         message = f"upstream answered HTTP {status}" + (f": {snippet}" if snippet else "")
     kind = field_of(error, "type") or field_of(error, "status")
     upstream_type = kind if isinstance(kind, str) else None
-    return UpstreamError("upstream_error", message, status, retry_after, upstream_type, field_of(error, "code"))
+    return UpstreamError("upstream_error", message, status, retry_after, upstream_type, writable(field_of(error, "code")))
 
 
 def backoff_delay(attempt: int, retry_after: float | None) -> float:

@@ -58,6 +58,7 @@ from . import (
     Unsupported,
     Upstream,
     UpstreamError,
+    arguments_json,
     body_pieces,
     field_of,
     final_for,
@@ -295,7 +296,7 @@ class ChunkReader:
                     continue
                 index, self.calls = self.calls, self.calls + 1
                 name, args = call.get("name"), call.get("args")
-                arguments = orjson.dumps(args if isinstance(args, dict) else {}).decode()
+                arguments = arguments_json(args if isinstance(args, dict) else {})
                 pieces.append(ToolCallDelta(index, new_call_id(), name if isinstance(name, str) else "", arguments))
                 if isinstance(signature := part.get("thoughtSignature"), str) and signature:
                     self.call_extras[index] = {"google": {"thought_signature": signature}}

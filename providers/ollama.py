@@ -52,6 +52,7 @@ from . import (
     Unsupported,
     Upstream,
     UpstreamError,
+    arguments_json,
     body_pieces,
     field_of,
     final_for,
@@ -60,6 +61,7 @@ from . import (
     new_call_id,
     open_stream,
     text_of,
+    upstream_text,
 )
 from .lines import LineSplitter, ReadToEOF, split_ndjson
 
@@ -174,7 +176,7 @@ def tool_calls_of(calls: Any, first: int) -> list[ToolCallDelta]:
     for call in calls if isinstance(calls, list) else []:
         name, arguments = field_of(call, "function", "name"), field_of(call, "function", "arguments")
         given = field_of(call, "id")
-        text = arguments if isinstance(arguments, str) else orjson.dumps(arguments if arguments is not None else {}).decode()
+        text = arguments if isinstance(arguments, str) else arguments_json(arguments if arguments is not None else {})
         deltas.append(ToolCallDelta(first + len(deltas), given if isinstance(given, str) and given else new_call_id(),
                                     name if isinstance(name, str) else "", text))  # fmt: skip
     return deltas
@@ -192,7 +194,7 @@ async def stream_ollama(http: httpx.AsyncClient, upstream: Upstream, request: Ch
                     continue  # after the done line: read to EOF, ignore
                 data = json_object(line, "a line")
                 if error := data.get("error"):  # after a 200: the stream's only failure report
-                    raise UpstreamError("upstream_error", str(error))
+                    raise UpstreamError("upstream_error", upstream_text(error))
                 message = data.get("message")
                 if isinstance(message, dict) and len(message) > 2:  # beyond {role, content}: thinking, tool calls
                     thinking = message.get("thinking")

@@ -47,6 +47,7 @@ from . import (
     make_usage,
     open_stream,
     protocol_error,
+    upstream_text,
 )
 from .lines import ReadToEOF, SSEDecoder
 
@@ -159,7 +160,7 @@ class ChunkReader:
         if not isinstance(choice, dict):
             raise protocol_error("the upstream sent a choice that is not an object")
         if reason := choice.get("finish_reason"):
-            self.finish_reason = str(reason)
+            self.finish_reason = upstream_text(reason)
         delta = choice.get("delta")
         if not isinstance(delta, dict):
             return None
@@ -214,7 +215,8 @@ class ChunkReader:
                 if value is None:
                     continue
                 if key in JOINED and isinstance(value, str):
-                    entry[key] = entry.get(key, "") + value
+                    joined = entry.get(key)
+                    entry[key] = (joined if isinstance(joined, str) else "") + value  # a first fragment of another type is no text
                     if key != "data":
                         said.append(value)
                 elif key == "signature" or key not in entry:
