@@ -71,7 +71,11 @@ class Generation:
                 for event, data in turn.close():
                     self.record.append(event, data)
                 message = turn.message(self.record.text, outcome.round_trip)
-            conclude(self.services, self.record, outcome, message)
+            try:
+                conclude(self.services, self.record, outcome, message)
+            except Exception:  # a bug of ours (a value orjson cannot write): the stream still ends, and is accounted
+                log.exception("the ending of stream %s could not be written", self.record.id)
+                conclude(self.services, self.record, UpstreamError("protocol_error", "the stream's ending could not be written"))
             with anyio.CancelScope(shield=True):
                 await account(self.services, self.record)
 

@@ -48,6 +48,7 @@ from . import (
     open_stream,
     protocol_error,
     upstream_text,
+    writable,
 )
 from .lines import ReadToEOF, SSEDecoder
 
@@ -195,7 +196,7 @@ class ChunkReader:
         index = call.get("index", position)
         if not isinstance(index, int):
             raise protocol_error("the upstream sent a tool call whose index is not an integer")
-        if isinstance(extra := call.get("extra_content"), dict):
+        if isinstance(extra := call.get("extra_content"), dict) and writable(extra) is not None:  # the turn's message carries it
             self.extras[index] = extra
         function = call.get("function")
         function = function if isinstance(function, dict) else {}
@@ -212,7 +213,7 @@ class ChunkReader:
             index = fragment.get("index", position)
             entry = self.details.setdefault(index if isinstance(index, int) else position, {})
             for key, value in fragment.items():
-                if value is None:
+                if value is None or (isinstance(value, dict | list) and writable(value) is None):  # the message carries it
                     continue
                 if key in JOINED and isinstance(value, str):
                     joined = entry.get(key)

@@ -192,6 +192,26 @@ def test_an_x_groq_that_is_not_an_object_is_ignored(rig: Rig, x_groq: Any) -> No
     assert run(rig, body) == Outcome(["Hola"], "stop", (11, 4, 15))
 
 
+DEEP = "[" * 300 + "0" + "]" * 300  # JSON orjson reads (1,024 levels) but does not write (254)
+
+
+@pytest.mark.parametrize("delta", [
+    '{"reasoning_details": [{"type": "reasoning.text", "index": 0, "text": "Hm", "format": ' + DEEP + "}]}",
+    '{"tool_calls": [{"index": 0, "id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}, '
+    '"extra_content": {"google": {"thought_signature": ' + DEEP + "}}}]}",
+], ids=["reasoning_details", "extra_content"])  # fmt: skip
+def test_a_round_trip_value_nested_past_what_json_writes_ends_the_stream_cleanly(rig: Rig, delta: str) -> None:
+    # kept for the turn's `message` event, written at the end of the stream: it must end with done, never cut off
+    body = b'data: {"choices": [{"index": 0, "delta": ' + delta.encode() + b', "finish_reason": null}]}\n\n'
+    body += data(chunk({}, "stop")) + b"data: [DONE]\n\n"
+    rig.reset(Reply(pieces=[body]))
+    result = rig.chat("openai")
+    assert result.of("error") == []
+    assert result.of("done") == ["stop"]
+    message = json.loads(result.of("message")[0])  # the turn's message, without the value it could not write
+    assert "format" not in json.dumps(message) and "extra_content" not in message.get("tool_calls", [{}])[0]
+
+
 @pytest.mark.parametrize("reason", ["eos", "eos_token", "end"])
 def test_together_tgi_and_gateway_end_of_sequence_reasons_are_stop(rig: Rig, reason: str) -> None:
     together = {"token": {"id": 2, "text": "", "logprob": 0, "special": True}, "generated_text": "Hi", "stats": {}}

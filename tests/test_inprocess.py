@@ -27,7 +27,7 @@ from asgi_stream_core.generation import Generation
 from asgi_stream_core.record import StreamRecord
 from asgi_stream_core.sse import FIRST_CHUNK, HEARTBEAT
 from asgi_stream_core.stores.memory import StreamRegistry
-from providers import ChatRequest, UpstreamError
+from providers import ChatRequest, Final, RoundTrip, UpstreamError
 from providers.echo import echo_tokens
 from providers.lines import LineTooLong
 
@@ -521,6 +521,28 @@ async def test_a_provider_failing_unexpectedly_is_logged_with_its_traceback(capl
     failure = next(r for r in caplog.records if r.levelname == "ERROR")
     assert failure.exc_info is not None and failure.exc_info[0] is KeyError  # for whoever mends the provider
     assert "echo" in failure.getMessage()
+    await app.aclose()
+
+
+async def test_an_ending_that_cannot_be_written_still_ends_the_stream_and_is_accounted() -> None:
+    # a provider bug: a round trip holding a value orjson cannot write (nested past 254 levels)
+    nested: list[Any] = []
+    for _ in range(300):
+        nested = [nested]
+
+    async def provider(http: Any, upstream: Any, request: Any) -> AsyncIterator[Any]:
+        yield "a"
+        yield Final("stop", None, RoundTrip([{"type": "reasoning.text", "text": "t", "format": nested}]))
+
+    app = Gateway(ENV)
+    record = StreamRecord("s", None, ChatRequest([{"role": "user", "content": "hi"}], "echo", "echo", 9), 1 << 20)
+    app.start().admission.admit(None)
+    unaccounted = app.start().admission.unaccounted
+    await Generation(app.start(), record, provider, app.start().config.upstreams["echo"]).run()
+    names, error, reason = ending_of(record.read(0) or b"")
+    assert (names, reason) == (["usage", "error", "done"], "error")
+    assert error == {"type": "protocol_error", "message": "the stream's ending could not be written"}
+    assert record.finished and app.start().admission.unaccounted == unaccounted - 1  # accounted: the ledger row, the slot
     await app.aclose()
 
 
