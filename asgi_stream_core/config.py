@@ -10,9 +10,11 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
+import orjson
+
 from asgi_stream_core.ledger import target_problem
 from asgi_stream_core.routing import Routing, RoutingError, read_routing
-from asgi_stream_core.types import unsupported
+from asgi_stream_core.types import invalid, unsupported
 from providers import ChatRequest, Provider, Unsupported, Upstream, anthropic, echo, gemini, ollama, openai
 
 
@@ -45,7 +47,13 @@ BACKENDS: dict[str, Backend] = {
 }  # fmt: skip
 def check_request(request: ChatRequest, config: Config) -> ChatRequest:
     """The request, once its backend (through an alias: every target) says it
-    can honour every field (else a 400 naming it)."""
+    can honour every field (else a 400 naming it), and once what is sent on as
+    given can be written again: orjson reads JSON nested 1,024 levels deep but
+    writes only 254, and the upstream request is written with it."""
+    try:
+        orjson.dumps((request.messages, request.tools, request.tool_choice, request.response_format))
+    except orjson.JSONEncodeError:
+        raise invalid("the request nests JSON deeper than 254 levels, which cannot be sent upstream") from None
     targets = config.routing.aliases.get(request.backend)
     asked = [replace(request, backend=t.upstream, model=t.model) for t in targets] if targets else [request]
     try:

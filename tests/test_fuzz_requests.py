@@ -510,3 +510,33 @@ async def test_a_resume_of_a_live_stream_at_any_position_is_answered_below_500(p
     if position.isdigit() and len(position) <= 20 and int(position) < 4:  # one two: two tokens, usage and done
         assert resumed.status_code == 200  # a position the record holds is replayed
     event(f"HTTP {resumed.status_code}")
+
+
+DEEP = "[" * 300 + "0" + "]" * 300  # orjson reads it (1,024 levels) but does not write it (254): it cannot go upstream
+TOOL = '{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "x": ' + DEEP + "}}}"
+HI = '"messages": [{"role": "user", "content": "hi"}]'
+NESTED_TOO_DEEP = [
+    ("/chat/stream", '{"backend": "openai", ' + HI + ', "tools": [' + TOOL + "]}"),
+    ("/chat/stream", '{"backend": "openai", ' + HI + ', "response_format": {"type": "json_schema", "json_schema": '
+                     '{"name": "a", "schema": {"x": ' + DEEP + "}}}}"),
+    ("/v1/chat/completions", '{"model": "openai/m", ' + HI + ', "tools": [' + TOOL + "]}"),
+    ("/v1/responses", '{"model": "openai/m", "input": "hi", "tools": [{"type": "function", "name": "f", '
+                      '"parameters": {"type": "object", "x": ' + DEEP + "}}]}"),
+    ("/v1/messages", '{"model": "openai/m", "max_tokens": 9, ' + HI + ', "tools": [{"name": "f", '
+                     '"input_schema": {"type": "object", "x": ' + DEEP + "}}]}"),
+]  # fmt: skip
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("path", "body"), NESTED_TOO_DEEP, ids=["tools", "response_format", "v1 chat", "v1 responses", "v1 messages"])
+async def test_a_request_nesting_json_deeper_than_can_be_forwarded_is_a_400_before_any_upstream_call(path: str, body: str) -> None:
+    # the upstream's address takes no connection: were it called, the answer would be upstream_unavailable
+    app = asgi_stream.Gateway({"USAGE_DB": "", "OPENAI_API_KEY": "sk-x", "OPENAI_BASE_URL": "http://127.0.0.1:9/v1"})
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http", "path": path,
+             "raw_path": path.encode(), "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2),
+             "headers": [(b"content-type", b"application/json")]}  # fmt: skip
+    sent = await call_app(app, scope, body.encode())
+    assert sent[0]["status"] == 400, sent[:2]
+    error = orjson.loads(sent[1]["body"])["error"]
+    assert error["message"] == "the request nests JSON deeper than 254 levels, which cannot be sent upstream"
+    await app.aclose()
