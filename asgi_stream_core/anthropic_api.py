@@ -35,7 +35,7 @@ from asgi_stream_core.record import StreamRecord
 from asgi_stream_core.services import Services
 from asgi_stream_core.types import Refusal, invalid, shown, unsupported
 from asgi_stream_core.web import Exchange
-from providers import ChatRequest, UpstreamError
+from providers import ChatRequest, UpstreamError, writable
 
 # --- errors in Anthropic's shape ------------------------------------------------------
 
@@ -301,12 +301,13 @@ def signed_details(turn: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dic
 
 def tool_use_input(arguments: str) -> Any:
     """A call's arguments as the input object; arguments the model wrote that are
-    no JSON object stay whole, as text, rather than being dropped."""
+    no JSON object, or one nested deeper than it can be written again (orjson
+    reads 1,024 levels, writes 254), stay whole, as text, rather than being dropped."""
     try:
         value = orjson.loads(arguments) if arguments.strip() else {}
     except orjson.JSONDecodeError:
         value = None
-    return value if isinstance(value, dict) else {"arguments": arguments}
+    return value if isinstance(value, dict) and writable(value) is not None else {"arguments": arguments}
 
 
 class MessageFramer:

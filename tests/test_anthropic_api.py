@@ -254,6 +254,25 @@ def test_upstream_failures_keep_their_status_or_end_the_stream_with_an_error_eve
         assert raised.value.body == {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
 
 
+DEEP_ARGUMENTS = '{"a": ' * 1000 + "{}" + "}" * 1000  # JSON text orjson reads (1,024 levels) but writes only 254 of
+
+
+def deep_arguments_upstream(seen: Seen) -> Reply:
+    call = block(0, {"type": "tool_use", "id": "toolu_1", "name": "lookup", "input": {}},
+                 {"type": "input_json_delta", "partial_json": DEEP_ARGUMENTS})  # fmt: skip
+    return anthropic_turn(call, stop="tool_use")
+
+
+def test_tool_arguments_nested_past_what_json_writes_stay_whole_as_text() -> None:
+    # the non-streaming answer parses a call's arguments into its input; these it could not write: kept as text,
+    # like arguments that are no JSON object
+    with FakeUpstream(deep_arguments_upstream) as upstream, serve(anthropic_env(upstream)) as gw:
+        message = client(gw.url).messages.create(model="anthropic/claude-sonnet-4-5", max_tokens=50, tools=TOOLS,
+                                                 messages=[{"role": "user", "content": "now"}])  # fmt: skip
+        call = message.content[0]
+        assert (call.type, message.stop_reason, call.input) == ("tool_use", "tool_use", {"arguments": DEEP_ARGUMENTS})
+
+
 # --- in-process, on asyncio and trio ------------------------------------------------------
 
 
