@@ -40,7 +40,7 @@ async def start_stream(services: Services, exchange: Exchange) -> None:
     async with anyio.create_task_group() as tasks:
         tasks.start_soon(generation.run)
         reader = Reader(services, record, 0)
-        await reader.serve(exchange.receive, exchange.send, record.opening(), cors_headers(cfg, exchange.scope))
+        await reader.serve(exchange.receive, exchange.send, record.opening, cors_headers(cfg, exchange.scope))
         await generation.linger()
 
 
@@ -67,7 +67,7 @@ async def resume_stream(services: Services, exchange: Exchange, last_event_id: s
     if services.store.readers(record) >= limit:  # checked and counted with no await between: one reader past it, never two
         raise Refusal(429, "rate_limited", f"this stream is at its limit of {limit} readers", RETRY_SOON)
     exchange = exchange.parsed()  # this frame lives as long as the reader: the header dict is let go
-    await Reader(services, record, int(position)).serve(exchange.receive, exchange.send, record.resumed_opening(), cors)
+    await Reader(services, record, int(position)).serve(exchange.receive, exchange.send, record.resumed_opening, cors)
 
 
 async def cancel_stream(services: Services, exchange: Exchange) -> None:

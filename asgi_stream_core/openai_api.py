@@ -394,13 +394,16 @@ async def respond(services: Services, record: StreamRecord, exchange: Exchange, 
                   before_ending: Callable[[], Awaitable[None]] | None = None) -> None:  # fmt: skip
     """The status waits for the first output (or the end): a failure before it
     answers with the upstream's status, so the SDKs raise their usual exception."""
-    if not await until(lambda: record.finished or (streaming and bool(record.tokens)), record, exchange.receive):
-        return
-    error = record.error
-    if streaming and (record.tokens or error is None):
+    if streaming:
         cors = cors_headers(services.config, exchange.scope)
         send = exchange.send if before_ending is None else waiting_before_the_end(exchange.send, record, before_ending)
-        return await Reader(services, record, 0).serve(exchange.receive, send, record.opening(), cors)
+        if await Reader(services, record, 0).serve(exchange.receive, send, record.opening, cors, lambda: streams(record)):
+            return
+        if record.ever_disconnected:
+            return
+    elif not await until(lambda: record.finished, record, exchange.receive):
+        return
+    error = record.error
     try:
         with anyio.move_on_after(services.config.send_timeout):  # a client that takes no bytes is let go
             if error is not None:
@@ -411,6 +414,14 @@ async def respond(services: Services, record: StreamRecord, exchange: Exchange, 
                 await send_json(services, exchange, 200, whole(record))
     except OSError:  # ASGI 2.4 servers raise it on a send to a gone client
         record.ever_disconnected = True
+
+
+def streams(record: StreamRecord) -> bool | None:
+    """None until the first output or the end; then whether the answer is the
+    stream (else it failed before any output, and is answered with its status)."""
+    if record.tokens:
+        return True
+    return record.error is None if record.finished else None
 
 
 def waiting_before_the_end(send: Send, record: StreamRecord, before_ending: Callable[[], Awaitable[None]]) -> Send:

@@ -7,6 +7,7 @@ is in the record and how its sends go are this object's own fields."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import anyio
 
@@ -36,20 +37,30 @@ class Reader:
         self.beat = False  # whether a heartbeat is due
         self.gone = False  # whether the client is gone
 
-    async def serve(self, receive: Receive, send: Send, opening: bytes, cors: Headers) -> None:
-        record = self.record
+    async def serve(self, receive: Receive, send: Send, opening: Callable[[], bytes], cors: Headers,
+                    streams: Callable[[], bool | None] | None = None) -> bool:  # fmt: skip
+        """The response: its head and `opening()`, then the record's events. With
+        `streams` (a door that answers a failure before any output with a status
+        of its own), the head waits until it says True; False, and nothing is
+        sent, for the door to answer. The wait is the writer's, under the watcher
+        that serves the whole response: a watcher of its own before it (`until`)
+        took a loop turn to stop, which the generation spent on the rest of its
+        read: a 5-token answer's first token 0.4 ms later (bench/door_first_token.py).
+        Returns whether the response was this stream."""
+        record, head_sent = self.record, False
         may_leave_response_unfinished()  # a client dropped (stalled, fell behind): uvicorn logs it as INFO, not ERROR
         record.readers += 1
         record.readers_changed()  # O(1): only the resume grace and a replica's announcer wait on it, no other reader
         try:
-            # the header list built in the message, not held in this frame for as long as the stream (200 B)
-            await send({"type": "http.response.start", "status": 200,
-                        "headers": [*SSE_HEADERS, (b"x-stream-id", record.id.encode()), *cors]})  # fmt: skip
-            await send({"type": "http.response.body", "body": opening, "more_body": True})
+            if streams is None:
+                head_sent = await self.send_head(send, opening(), cors)
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(self.watch, receive, tasks.cancel_scope)
                 try:
-                    await self.write(send)
+                    if streams is not None and await self.first_output(streams):
+                        head_sent = await self.send_head(send, opening(), cors)
+                    if head_sent:
+                        await self.write(send)
                 except OSError:  # as below; caught here, or the task group wraps it in an ExceptionGroup
                     record.ever_disconnected = True
                 tasks.cancel_scope.cancel()
@@ -61,12 +72,26 @@ class Reader:
             with anyio.CancelScope(shield=True), anyio.move_on_after(1):
                 conclude(self.services, record, SHUTDOWN)
                 rest = record.read(self.position)
-                if rest:
+                if rest and head_sent:
                     await send({"type": "http.response.body", "body": rest, "more_body": False})
             raise
         finally:
             record.readers -= 1
             record.readers_changed()
+        return head_sent
+
+    async def send_head(self, send: Send, opening: bytes, cors: Headers) -> bool:
+        # the header list built in the message, not held in a frame for as long as the stream (200 B)
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [*SSE_HEADERS, (b"x-stream-id", self.record.id.encode()), *cors]})  # fmt: skip
+        await send({"type": "http.response.body", "body": opening, "more_body": True})
+        return True
+
+    async def first_output(self, streams: Callable[[], bool | None]) -> bool:
+        """Until `streams()` decides (at the first output, or the end) or the client leaves: whether to stream."""
+        while (decided := streams()) is None and not self.gone:
+            await self.record.wait()
+        return bool(decided) and not self.gone
 
     async def write(self, send: Send) -> None:
         """Send everything pending in one body message per wake-up, heartbeat

@@ -1,7 +1,10 @@
-"""A 5-token stream's first token, in process, on each front door that streams
-OpenAI's way or ours: /chat/stream against /v1/chat/completions, and when /v1's
-`until` (its wait for the first output) returned. bench/fake_upstream.py serves
-the whole answer in one read, as a probe in the shared harness gets it.
+"""A 5-token stream's first token, in process, on /chat/stream and on
+/v1/chat/completions, which holds its status until the first output.
+bench/fake_upstream.py serves the whole answer in one read, as a probe in the
+shared harness gets it: the generation yields once after its first token,
+then parses the rest of the read, so a door that needs more than that one
+loop turn to send the token sends it after the whole answer (ninth session:
+/v1's `until` did; docs/benchmarks.md).
 
     python bench/door_first_token.py [--streams 200]
 """
@@ -21,24 +24,9 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stream_memory import chat_scope, fake_upstream, load_app, start_lifespan
 
-import asgi_stream_core.openai_api as openai_api
-
-marks: dict[str, float] = {}
-waited = openai_api.until
-
-
-async def until(*args: Any) -> bool:
-    try:
-        return await waited(*args)
-    finally:
-        marks["until returned"] = time.perf_counter()
-
-
-openai_api.until = until
-
 
 async def first_token(app: Any, path: str, body: bytes) -> dict[str, float]:
-    """ms after the app was called: the first token sent, and /v1's until."""
+    """ms after the app was called until the first token was sent."""
     scope = {**chat_scope(body), "path": path, "raw_path": path.encode()}
     request, gone, sent = [{"type": "http.request", "body": body, "more_body": False}], anyio.Event(), {}
 
@@ -52,10 +40,9 @@ async def first_token(app: Any, path: str, body: bytes) -> dict[str, float]:
         if message["type"] == "http.response.body" and b"w0" in message.get("body", b"") and not sent:
             sent["first token sent"] = time.perf_counter()
 
-    marks.clear()
     called = time.perf_counter()
     await app(scope, receive, send)
-    return {name: (at - called) * 1000 for name, at in {**sent, **marks}.items()}
+    return {name: (at - called) * 1000 for name, at in sent.items()}
 
 
 async def measure(streams: int) -> None:

@@ -4,6 +4,8 @@ before the first token or while the answer is sent."""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -11,7 +13,9 @@ import orjson
 import pytest
 
 from asgi_stream import Gateway
-from tests.test_inprocess import ENV, exchange, post_json, request
+from asgi_stream_core import config
+from providers import Chunk, Final
+from tests.test_inprocess import ENV, exchange, make_scope, post_json, request
 from tests.upstream import FakeUpstream, Reply, sse_tokens
 
 pytestmark = pytest.mark.anyio
@@ -69,8 +73,9 @@ async def test_a_body_that_is_no_json_object_is_a_400_without_a_param(body: byte
     assert ex.status == 400 and error["param"] is None and error["type"] == "invalid_request_error" and "JSON" in error["message"]
 
 
-async def test_a_client_leaving_before_the_first_token_ends_the_generation_at_once() -> None:
-    app = Gateway({**KEYED, "ECHO_DELAY_SECONDS": "30", "RESUME_GRACE_SECONDS": "30"})
+@pytest.mark.parametrize("grace", ["30", "0"])  # the watcher stops the writer itself, or lets the generation's end wake it
+async def test_a_client_leaving_before_the_first_token_ends_the_generation_at_once(grace: str) -> None:
+    app = Gateway({**KEYED, "ECHO_DELAY_SECONDS": "30", "RESUME_GRACE_SECONDS": grace})
     async with exchange(app, "POST", "/v1/chat/completions", **completion("never arrives", stream=True)) as ex:
         with anyio.fail_after(10):
             while app.metrics.active == 0:
@@ -79,6 +84,38 @@ async def test_a_client_leaving_before_the_first_token_ends_the_generation_at_on
         with anyio.fail_after(10):  # not the 30 s resume grace, nor the 30 s token delay
             await ex.done.wait()
     assert ex.sent == [] and app.metrics.active == 0 and app.metrics.streams["echo", "cancelled"] == 1
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # trio may run the ready tasks of a loop turn in either order
+async def test_the_first_token_is_sent_before_the_generation_reads_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The status waits for the first output; then the token goes out in the loop turn the
+    generation yields after it, before the provider is asked for more (its next chunk may be
+    the rest of a large read, parsed without a pause). It was sent after the whole read."""
+    order: list[str] = []
+
+    async def provider(http: Any, upstream: Any, request: Any) -> AsyncIterator[Chunk]:
+        yield "first"
+        order.append("provider asked for more")
+        yield Final("stop")
+
+    monkeypatch.setitem(config.BACKENDS, "echo", dataclasses.replace(config.BACKENDS["echo"], stream=provider))
+    app, request_body = Gateway(KEYED), completion("hi", stream=True)
+    pieces = list(request_body["pieces"])
+
+    async def receive() -> dict[str, Any]:
+        if pieces:
+            return {"type": "http.request", "body": pieces.pop(), "more_body": False}
+        await anyio.sleep_forever()
+        raise AssertionError
+
+    async def send(message: dict[str, Any]) -> None:  # as uvicorn's: no pause while the client takes the bytes
+        if b"first" in message.get("body", b""):
+            order.append("token sent")
+
+    with anyio.fail_after(10):
+        await app(make_scope("POST", "/v1/chat/completions", headers=request_body["headers"]), receive, send)
+    assert order == ["token sent", "provider asked for more"]
+    await app.aclose()
 
 
 async def test_a_client_gone_while_the_answer_is_sent_ends_quietly() -> None:
