@@ -53,12 +53,14 @@ class Reader:
         record.readers_changed()  # O(1): only the resume grace and a replica's announcer wait on it, no other reader
         try:
             if streams is None:
-                head_sent = await self.send_head(send, opening(), cors)
+                await self.send_head(send, opening(), cors)
+                head_sent = True
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(self.watch, receive, tasks.cancel_scope)
                 try:
                     if streams is not None and await self.first_output(streams):
-                        head_sent = await self.send_head(send, opening(), cors)
+                        await self.send_head(send, opening(), cors)
+                        head_sent = True
                     if head_sent:
                         await self.write(send)
                 except OSError:  # as below; caught here, or the task group wraps it in an ExceptionGroup
@@ -80,12 +82,11 @@ class Reader:
             record.readers_changed()
         return head_sent
 
-    async def send_head(self, send: Send, opening: bytes, cors: Headers) -> bool:
+    async def send_head(self, send: Send, opening: bytes, cors: Headers) -> None:
         # the header list built in the message, not held in a frame for as long as the stream (200 B)
         await send({"type": "http.response.start", "status": 200,
                     "headers": [*SSE_HEADERS, (b"x-stream-id", self.record.id.encode()), *cors]})  # fmt: skip
         await send({"type": "http.response.body", "body": opening, "more_body": True})
-        return True
 
     async def first_output(self, streams: Callable[[], bool | None]) -> bool:
         """Until `streams()` decides (at the first output, or the end) or the client leaves: whether to stream."""
