@@ -397,9 +397,8 @@ async def respond(services: Services, record: StreamRecord, exchange: Exchange, 
     if streaming:
         cors = cors_headers(services.config, exchange.scope)
         send = exchange.send if before_ending is None else waiting_before_the_end(exchange.send, record, before_ending)
-        if await Reader(services, record, 0).serve(exchange.receive, send, record.opening, cors, lambda: streams(record)):
-            return
-        if record.ever_disconnected:
+        streamed = await Reader(services, record, 0).serve(exchange.receive, send, record.opening, cors, lambda: streams(record))
+        if streamed or record.ever_disconnected:  # else it failed before any output: answered below with its status
             return
     elif not await until(lambda: record.finished, record, exchange.receive):
         return
